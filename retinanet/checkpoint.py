@@ -1,0 +1,74 @@
+"""Checkpoint files: atomic writes, validated reads (SPEC section 3)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from .config import FORMAT_VERSION, ModelConfig
+from .errors import UserError
+
+REQUIRED = ("format_version", "backbone", "classes", "config", "state_dict", "category_ids")
+
+
+def save(path: str, state: dict) -> None:
+    """Write `state` so that `path` always holds either the old or the new file.
+
+    A temp file in the same folder is written, flushed to disk, then renamed
+    over the target; a crash at any point leaves the previous checkpoint intact.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def load(path: str) -> dict:
+    """Read and check a checkpoint; UserError with the path on any problem."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+        raise UserError(f"{path}: not a retinanet checkpoint (missing {', '.join(missing)})")
+    if state["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format {state['format_version']} is newer than this "
+                        f"retinanet understands ({FORMAT_VERSION}); upgrade retinanet")
+    try:
+        state["config"] = ModelConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad model config in checkpoint ({e})") from None
+    return state
+
+
+def model_state(config: ModelConfig, model: torch.nn.Module, category_ids: list[int]) -> dict:
+    """The model part of a checkpoint (what inference needs)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": config.backbone,
+        "classes": config.classes,
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "category_ids": list(category_ids),
+    }

@@ -1,0 +1,130 @@
+"""Command line: parse flags and call train / infer. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
+        if low is not None and (v <= low if low_open else v < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return v
+
+    return parse
+
+
+positive = _number(int, 1)
+non_negative = _number(int, 0)
+positive_float = _number(float, 0, low_open=True)
+unit = _number(float, 0, 1)
+
+
+def build_parser() -> Parser:
+    from .model.backbones import names
+
+    p = Parser(prog="retinanet", description="Fast single-stage object detection (RetinaNet)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="train or resume a model")
+    t.add_argument("model", help="checkpoint to write (resumed if it exists, unless --override)")
+    t.add_argument("--backbone", choices=names(), help="backbone [ResNet50FPN; demo: ResNet18FPN]")
+    t.add_argument("--images", default=".", help="training image folder [.]")
+    t.add_argument("--annotations", help="COCO JSON of the training set; none: the embedded demo data")
+    t.add_argument("--val-images", help="validation image folder")
+    t.add_argument("--val-annotations", help="COCO JSON of the validation set")
+    t.add_argument("--classes", type=positive, help="class count [the annotations' category count]")
+    t.add_argument("--batch", type=positive, help="global batch [2 per GPU; demo: 8]")
+    t.add_argument("--resize", type=positive, help="shorter side at validation [800; demo: 128]")
+    t.add_argument("--max-size", type=positive, help="longer side cap [1333; demo: 128]")
+    t.add_argument("--jitter", type=positive, nargs=2, metavar=("MIN", "MAX"),
+                   help="random shorter side in training [640 1024; demo: 96 128]")
+    t.add_argument("--iters", type=positive, help="iterations [90000; demo: 400]")
+    t.add_argument("--milestones", type=positive, nargs="+", help="lr x gamma at these [60000 80000]")
+    t.add_argument("--schedule", type=positive_float, help="scale iters and milestones [1]")
+    t.add_argument("--lr", type=positive_float, help="learning rate [0.01]")
+    t.add_argument("--warmup", type=non_negative, help="linear warmup iterations [1000; demo: 50]")
+    t.add_argument("--gamma", type=positive_float, help="lr factor at each milestone [0.1]")
+    t.add_argument("--regularization-l2", type=_number(float, 0), dest="weight_decay",
+                   help="weight decay on conv weights [1e-4]")
+    t.add_argument("--val-iters", type=positive, help="validate and checkpoint every N iterations [8000]")
+    t.add_argument("--logdir", help="TensorBoard log folder")
+    t.add_argument("--override", action="store_true", help="start fresh even if MODEL exists")
+    t.add_argument("--full-precision", action="store_true", default=None, help="disable mixed precision")
+    t.add_argument("--amp-dtype", choices=["fp16", "bf16"], help="mixed precision type [bf16 where supported]")
+    t.add_argument("--fine-tune", metavar="MODEL.pth",
+                   help="start from this checkpoint's weights, except the last classification conv")
+    t.add_argument("--backbone-weights", metavar="FILE", help="ImageNet state dict for the backbone")
+    t.add_argument("--no-pretrained", action="store_true", default=None,
+                   help="train the backbone from scratch (default for the demo)")
+    for name in ("rotate", "brightness", "contrast", "hue", "saturation"):
+        t.add_argument(f"--augment-{name}", action="store_true", default=None, help=f"random {name} augmentation")
+    t.add_argument("--anchor-ious", type=unit, nargs=2, metavar=("BG", "FG"), help="matching IoUs [0.4 0.5]")
+    t.add_argument("--anchor-ratios", type=positive_float, nargs="+", help="anchor h/w ratios [0.5 1 2]")
+    t.add_argument("--anchor-scales", type=positive_float, nargs="+",
+                   help="anchor sizes in strides [4*2^(0/3) 4*2^(1/3) 4*2^(2/3)]")
+    t.add_argument("--seed", type=non_negative, help="random seed [0]")
+    t.add_argument("--workers", type=non_negative, help="data loader processes [2]")
+
+    i = sub.add_parser("infer", help="detect objects in images, optionally measure COCO mAP")
+    i.add_argument("model", help="checkpoint (.pth)")
+    i.add_argument("--images", default=".", help="image folder [.]")
+    i.add_argument("--annotations", help="COCO JSON; when given, only its images are inferred and mAP is printed")
+    i.add_argument("--output", default="detections.json", help="COCO results JSON [detections.json]")
+    i.add_argument("--batch", type=positive, help="batch size [2 per GPU]")
+    i.add_argument("--resize", type=positive, help="shorter side [the model's, 800]")
+    i.add_argument("--max-size", type=positive, help="longer side cap [the model's, 1333]")
+    i.add_argument("--full-precision", action="store_true", help="float32 on the GPU (default: fp16)")
+    i.add_argument("--workers", type=non_negative, default=2, help="data loader processes [2]")
+    i.add_argument("--override", action="store_true", help="replace an existing --output file")
+    return p
+
+
+def run_train(ns) -> None:
+    from . import train
+
+    given = {k: v for k, v in vars(ns).items() if v is not None and k not in ("command", "debug", "model")}
+    model_cfg, train_cfg, paths, pretrained = train.resolve_settings(given)
+    train.train(ns.model, model_cfg, train_cfg, paths, override=ns.override, fine_tune=ns.fine_tune,
+                pretrained=pretrained, backbone_weights=ns.backbone_weights, logdir=ns.logdir)
+
+
+def run_infer(ns) -> None:
+    from . import infer, runtime
+    from .runtime.pytorch import default_batch
+
+    detector = runtime.load(ns.model, full_precision=ns.full_precision)
+    infer.infer(detector, ns.images, ns.annotations, ns.output, ns.batch or default_batch(), ns.resize,
+                ns.max_size, workers=ns.workers, override=ns.override)
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        {"train": run_train, "infer": run_infer}[ns.command](ns)
+    except UserError as e:
+        if ns.debug:
+            raise
+        print(f"retinanet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("retinanet: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The one definition of model and inference settings.
+
+A :class:`ModelConfig` is saved in every checkpoint (as a plain dict) and read
+back by training, inference, the torch ops, the ONNX export and the TensorRT
+plugin fields. No other module defines a default for any of these values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+
+
+def _default_scales() -> list[float]:
+    # size = stride * scale, so 4 * 2^(k/3) gives anchors of 32..512 px on P3..P7.
+    return [4.0 * 2 ** (k / 3) for k in range(3)]
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "ResNet50FPN"
+    classes: int = 80
+    # Anchors (SPEC section 2). Ratios are h/w.
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    anchor_scales: list[float] = field(default_factory=_default_scales)
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    # Width of the FPN and heads, and conv layers per head tower. SPEC values;
+    # the CPU demo uses a narrow model so that it trains in minutes.
+    channels: int = 256
+    head_depth: int = 4
+    # Matching: IoU < bg is background, >= fg foreground, between ignored.
+    anchor_ious: list[float] = field(default_factory=lambda: [0.4, 0.5])
+    # Loss.
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    smooth_l1_beta: float = 0.11
+    prior_probability: float = 0.01
+    # Preprocessing.
+    resize: int = 800
+    max_size: int = 1333
+    pad_multiple: int = 128
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Inference (decode + NMS).
+    score_threshold: float = 0.05
+    top_n: int = 1000
+    nms_iou: float = 0.5
+    detections: int = 100
+    # dw/dh are clamped here before exp() so a wild regression cannot overflow.
+    box_clamp: float = math.log(1000.0 / 16)
+    # Backbone BatchNorm is frozen when the backbone starts from trained weights;
+    # from scratch it has to learn its statistics.
+    freeze_bn: bool = True
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchor_ratios) * len(self.anchor_scales)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**d)
+
+# Target rows are (x1, y1, x2, y2, label); these labels mark the non-objects.
+LABEL_PAD = -1  # padding row of a batch
+LABEL_CROWD = -2  # crowd box: an ignored region, never a match
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and data settings of a training run (saved in checkpoints)."""
+
+    batch: int = 2  # global batch: 2 per GPU by default (the CLI multiplies)
+    iters: int = 90000
+    milestones: list[int] = field(default_factory=lambda: [60000, 80000])
+    schedule: float = 1.0  # scales iters and milestones
+    lr: float = 0.01
+    warmup: int = 1000
+    gamma: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    val_iters: int = 8000
+    checkpoint_iters: int = 1000
+    jitter: list[int] = field(default_factory=lambda: [640, 1024])
+    augment_rotate: bool = False
+    augment_brightness: bool = False
+    augment_contrast: bool = False
+    augment_hue: bool = False
+    augment_saturation: bool = False
+    seed: int = 0
+    workers: int = 2
+    amp_dtype: str = "auto"  # fp16 | bf16 | auto (bf16 where supported)
+    full_precision: bool = False
+
+    @property
+    def total_iters(self) -> int:
+        return int(round(self.iters * self.schedule))
+
+    @property
+    def scaled_milestones(self) -> list[int]:
+        return [int(round(m * self.schedule)) for m in self.milestones]
+
+    def lr_factor(self, iteration: int) -> float:
+        """Linear warmup from 0.1*lr, then x gamma at each milestone."""
+        factor = self.gamma ** sum(iteration >= m for m in self.scaled_milestones)
+        if iteration < self.warmup:
+            factor *= 0.1 + 0.9 * iteration / self.warmup
+        return factor
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# The embedded demo (SPEC section 6) trains a narrow ResNet18FPN from scratch on
+# 128 px images, so that a 2-core CPU gets a useful mAP in a few minutes. These
+# values apply when no --annotations are given and the flag was not set.
+DEMO_MODEL = dict(backbone="ResNet18FPN", channels=128, resize=128, max_size=128, freeze_bn=False)
+DEMO_TRAIN = dict(batch=8, iters=400, milestones=[300, 370], warmup=50, val_iters=200, jitter=[96, 128])

@@ -1,0 +1,57 @@
+"""COCO mAP of detections: pycocotools, or faster-coco-eval when installed."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+STAT_NAMES = [
+    ("AP", "0.50:0.95", "all", 100), ("AP", "0.50", "all", 100), ("AP", "0.75", "all", 100),
+    ("AP", "0.50:0.95", "small", 100), ("AP", "0.50:0.95", "medium", 100), ("AP", "0.50:0.95", "large", 100),
+    ("AR", "0.50:0.95", "all", 1), ("AR", "0.50:0.95", "all", 10), ("AR", "0.50:0.95", "all", 100),
+    ("AR", "0.50:0.95", "small", 100), ("AR", "0.50:0.95", "medium", 100), ("AR", "0.50:0.95", "large", 100),
+]
+
+
+def _coco_classes():
+    try:  # same API, several times faster
+        from faster_coco_eval import COCO, COCOeval_faster as COCOeval
+
+        return COCO, COCOeval
+    except ImportError:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+
+
+def coco_stats(annotations_file: str, detections: list[dict], image_ids: list[int] | None = None) -> list[float]:
+    """The 12 COCO bbox stats of `detections` (COCO result records) against the file.
+
+    With no detections at all every stat is 0 (pycocotools cannot load an empty list).
+    """
+    if not detections:
+        return [0.0] * 12
+    COCO, COCOeval = _coco_classes()
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(annotations_file)
+        dt = gt.loadRes(detections)
+        ev = COCOeval(gt, dt, "bbox")
+        if image_ids is not None:
+            ev.params.imgIds = sorted(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(s) for s in ev.stats[:12]]
+
+
+def format_stats(stats: list[float]) -> str:
+    lines = ["metric  IoU        area    maxDets  value", "-" * 40]
+    for (kind, iou, area, dets), v in zip(STAT_NAMES, stats):
+        lines.append(f"{kind:<7} {iou:<10} {area:<7} {dets:>7}  {v:6.3f}")
+    return "\n".join(lines)
+
+
+def load_detections(path: str) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)

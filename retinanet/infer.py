@@ -1,0 +1,75 @@
+"""Batched inference over an image folder, COCO results JSON, optional mAP."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import evaluate
+from .data.coco import Collate, CocoAnnotations, DetectionDataset, mean_pixel
+from .errors import UserError
+from .runtime import Detector
+
+
+def detection_records(detector: Detector, loader, log=None) -> list[dict]:
+    """Run the detector over a loader of Batches; COCO result records in original pixels."""
+    records = []
+    done, start = 0, time.perf_counter()
+    for batch in loader:
+        if not batch.image_ids:
+            continue
+        dets = detector.to_original(*detector.run(batch.images), batch.scales, batch.sizes)
+        for image_id, d in zip(batch.image_ids, dets):
+            xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2]], dim=1)
+            for box, score, cat in zip(xywh.tolist(), d.scores.tolist(), d.category_ids.tolist()):
+                records.append({"image_id": image_id, "category_id": cat,
+                                "bbox": [round(v, 2) for v in box], "score": round(score, 5)})
+        done += len(batch.image_ids)
+        if log is not None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            log(f"\rinfer {done}/{len(loader.dataset)} images, {rate:.1f} img/s")
+    if log is not None and done:
+        log("\n")
+    return records
+
+
+def make_loader(detector: Detector, images: str, annotations: CocoAnnotations | None, batch: int,
+                resize: int, max_size: int, workers: int) -> DataLoader:
+    dataset = DetectionDataset(images, annotations, resize, max_size)
+    collate = Collate(detector.config.pad_multiple, mean_pixel(detector.config.mean))
+    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate,
+                      pin_memory=detector.device.type == "cuda")
+
+
+def infer(detector: Detector, images: str, annotations: str | None, output: str, batch: int,
+          resize: int | None, max_size: int | None, workers: int = 2, override: bool = False,
+          quiet: bool = False) -> list[float] | None:
+    """Write COCO result records to `output`; return the 12 stats when annotated."""
+    if os.path.exists(output) and not override:
+        raise UserError(f"{output}: output file exists; pass --override to replace it or choose another --output")
+    coco = None
+    if annotations is not None:
+        coco = CocoAnnotations(annotations, category_ids=None)
+        if sorted(coco.category_ids) != sorted(detector.category_ids.tolist()):
+            raise UserError(f"{annotations}: categories {coco.category_ids} differ from the model's "
+                            f"{detector.category_ids.tolist()}")
+    loader = make_loader(detector, images, coco, batch, resize or detector.config.resize,
+                         max_size or detector.config.max_size, workers)
+    log = None if quiet else (lambda s: print(s, end="", file=sys.stderr, flush=True))
+    records = detection_records(detector, loader, log)
+    tmp = output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f)
+    os.replace(tmp, output)
+    if not quiet:
+        print(f"wrote {len(records)} detections to {output}")
+    if coco is None:
+        return None
+    stats = evaluate.coco_stats(annotations, records, [r.id for r in coco.images])
+    if not quiet:
+        print(evaluate.format_stats(stats))
+    return stats

@@ -1,0 +1,3 @@
+from .detector import RetinaNet
+
+__all__ = ["RetinaNet"]

@@ -1,0 +1,70 @@
+"""The RetinaNet module: backbone + FPN + heads, loss and batched detection."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import ops
+from ..config import ModelConfig
+from . import backbones
+from .anchors import all_anchors, level_base_anchors
+from .fpn import FPN
+from .heads import box_head, classification_head
+from .loss import detection_loss
+
+
+class RetinaNet(nn.Module):
+    """Input: images [B, 3, H, W] as float pixels 0..255 (RGB), H and W
+    multiples of config.pad_multiple; normalisation happens inside, so every
+    runtime (ONNX, TensorRT) takes the same raw-pixel input."""
+
+    def __init__(self, config: ModelConfig, pretrained: bool = False, weights_file: str | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbones.build(config.backbone, pretrained=pretrained, weights_file=weights_file,
+                                        freeze_bn=config.freeze_bn)
+        self.fpn = FPN(self.backbone.out_channels, config.channels)
+        self.cls_head = classification_head(config.num_anchors, config.classes, config.prior_probability,
+                                            config.channels, config.head_depth)
+        self.box_head = box_head(config.num_anchors, config.channels, config.head_depth)
+        mean = torch.tensor(config.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(config.std).view(1, 3, 1, 1) * 255
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+        self._anchor_cache: dict = {}
+        for i, base in enumerate(level_base_anchors(config)):
+            self.register_buffer(f"base_anchors_{i}", base, persistent=False)
+
+    def base_anchors(self) -> list[Tensor]:
+        return [getattr(self, f"base_anchors_{i}") for i in range(len(self.config.strides))]
+
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Raw head outputs per level: class logits [B, A*C, h, w], box deltas [B, A*4, h, w]."""
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        features = self.fpn(self.backbone(x.to(images.dtype if images.is_floating_point() else x.dtype)))
+        return [self.cls_head(f) for f in features], [self.box_head(f) for f in features]
+
+    def loss(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        return self.loss_from_heads(*self(images), targets)
+
+    def loss_from_heads(self, cls_heads: list[Tensor], box_heads: list[Tensor], targets: Tensor) -> dict[str, Tensor]:
+        """Focal + smooth L1 of head outputs against targets [B, M, 5] in input pixels."""
+        shapes = tuple(tuple(c.shape[-2:]) for c in cls_heads)
+        key = (shapes, targets.device)
+        if key not in self._anchor_cache:  # input sizes repeat, anchors with them
+            self._anchor_cache[key] = all_anchors(self.config, list(shapes), device=targets.device)
+        return detection_loss(cls_heads, box_heads, self._anchor_cache[key], targets, self.config)
+
+    def postprocess(self, cls_heads: list[Tensor], box_heads: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Sigmoid, per-level decode, class-aware NMS: scores [B, D], boxes [B, D, 4], classes [B, D]."""
+        c = self.config
+        decoded = [ops.decode(torch.sigmoid(cls), box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp)
+                   for cls, box, anchors, stride in zip(cls_heads, box_heads, self.base_anchors(), c.strides)]
+        scores, boxes, classes = (torch.cat(parts, dim=1) for parts in zip(*decoded))
+        return ops.nms(scores, boxes, classes, c.nms_iou, c.detections)
+
+    @torch.no_grad()
+    def detect(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Detections in input-pixel coordinates, fixed size and padded (score 0)."""
+        return self.postprocess(*self(images))

@@ -1,0 +1,83 @@
+"""Anchor matching, sigmoid focal loss and smooth L1 (SPEC section 2)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import LABEL_CROWD, ModelConfig
+from ..ops import box as box_ops
+
+IGNORE = -1  # per-anchor label of the ignored IoU band and crowd regions
+BACKGROUND = -2
+
+
+def match(anchors: Tensor, targets: Tensor, ious: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """Assign each anchor a class, BACKGROUND or IGNORE, and its box.
+
+    anchors [N, 4]; targets [B, M, 5] rows (x1, y1, x2, y2, label) with label
+    >= 0 for objects, LABEL_CROWD for crowd regions and anything else negative
+    for padding. Returns labels [B, N] and matched boxes [B, N, 4].
+    """
+    bg_iou, fg_iou = ious
+    batch, m = targets.shape[:2]
+    n = anchors.shape[0]
+    labels = torch.full((batch, n), BACKGROUND, dtype=torch.long, device=anchors.device)
+    matched = torch.zeros(batch, n, 4, device=anchors.device)
+    if m == 0:
+        return labels, matched
+    boxes = targets[..., :4].float()
+    cls = targets[..., 4].long()
+    is_object = cls >= 0
+    iou = box_ops.box_iou(anchors[None], boxes)  # [B, N, M]
+    iou = torch.where(is_object[:, None, :], iou, torch.full_like(iou, -1.0))
+    best_iou, best = iou.max(dim=2)
+    labels = torch.where(best_iou >= fg_iou, cls.gather(1, best), labels)
+    labels = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), IGNORE, labels)
+    matched = boxes.gather(1, best[..., None].expand(-1, -1, 4))
+
+    is_crowd = cls == LABEL_CROWD
+    if bool(is_crowd.any()):
+        # A background anchor mostly inside a crowd region may cover unlabelled
+        # objects: ignore it rather than teach "background" there.
+        inside = box_ops.intersection(anchors[None], boxes) / box_ops.area(anchors)[None, :, None]
+        in_crowd = ((inside > 0.5) & is_crowd[:, None, :]).any(dim=2)
+        labels = torch.where((labels == BACKGROUND) & in_crowd, IGNORE, labels)
+    return labels, matched
+
+
+def focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+    """Elementwise sigmoid focal loss, FL = -alpha_t (1 - p_t)^gamma log(p_t)."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return alpha_t * (1 - p_t) ** gamma * ce
+
+
+def flatten_heads(outputs: list[Tensor], width: int) -> Tensor:
+    """[B, A*K, H, W] per level -> [B, sum(A*H*W), K], matching all_anchors order."""
+    flat = []
+    for o in outputs:
+        b, ak, h, w = o.shape
+        flat.append(o.reshape(b, ak // width, width, h, w).permute(0, 1, 3, 4, 2).reshape(b, -1, width))
+    return torch.cat(flat, dim=1)
+
+
+def detection_loss(cls_heads: list[Tensor], box_heads: list[Tensor], anchors: Tensor,
+                   targets: Tensor, config: ModelConfig) -> dict[str, Tensor]:
+    """Focal + smooth L1, each summed and divided by max(1, #foreground) over the batch."""
+    cls_logits = flatten_heads(cls_heads, config.classes).float()
+    deltas = flatten_heads(box_heads, 4).float()
+    with torch.no_grad():
+        labels, matched = match(anchors, targets, tuple(config.anchor_ious))
+        foreground = labels >= 0
+        num_fg = foreground.sum().clamp(min=1).float()
+        onehot = torch.zeros_like(cls_logits)
+        onehot[foreground] = F.one_hot(labels[foreground], config.classes).to(onehot.dtype)
+    counted = labels != IGNORE
+    cls_loss = focal_loss(cls_logits[counted], onehot[counted], config.focal_alpha, config.focal_gamma).sum()
+    anchors_b = anchors[None].expand(labels.shape[0], -1, -1)
+    box_targets = box_ops.encode(matched[foreground], anchors_b[foreground])
+    box_loss = F.smooth_l1_loss(deltas[foreground], box_targets, beta=config.smooth_l1_beta, reduction="sum")
+    return {"cls_loss": cls_loss / num_fg, "box_loss": box_loss / num_fg}

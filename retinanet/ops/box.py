@@ -1,0 +1,87 @@
+"""Box math on tensors: anchors, encode/decode, IoU. Continuous coordinates, no +1.
+
+Boxes are (x1, y1, x2, y2). These plain functions are shared by training (the
+loss), the reference decode and the ONNX export, so the formulas exist once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def base_anchors(stride: int, ratios: Sequence[float], scales: Sequence[float]) -> Tensor:
+    """Anchors of one level centred on (0, 0): [A, 4], A = len(ratios) * len(scales).
+
+    Anchor a = ratio_index * len(scales) + scale_index; size = stride * scale,
+    ratio = h / w at constant area size^2.
+    """
+    rows = []
+    for r in ratios:
+        for s in scales:
+            size = stride * s
+            w = size / math.sqrt(r)
+            h = size * math.sqrt(r)
+            rows.append([-w / 2, -h / 2, w / 2, h / 2])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def grid_anchors(base: Tensor, stride: int, height: int, width: int) -> Tensor:
+    """All anchors of a level for an H x W feature map: [A, H, W, 4].
+
+    Anchor-major order matches the head channel layout (channel = a * K + k),
+    so anchors.reshape(-1, 4) lines up with the head output flattened as [A, H, W].
+    """
+    device = base.device
+    cx = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+    cy = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+    cy, cx = torch.meshgrid(cy, cx, indexing="ij")
+    shift = torch.stack([cx, cy, cx, cy], dim=-1)  # [H, W, 4]
+    return base[:, None, None, :] + shift[None]
+
+
+def to_center(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
+def encode(boxes: Tensor, anchors: Tensor) -> Tensor:
+    """Regression targets (dx, dy, dw, dh) of boxes relative to anchors."""
+    acx, acy, aw, ah = to_center(anchors)
+    cx, cy, w, h = to_center(boxes)
+    return torch.stack(
+        [(cx - acx) / aw, (cy - acy) / ah, torch.log(w / aw), torch.log(h / ah)], dim=-1
+    )
+
+
+def decode(deltas: Tensor, anchors: Tensor, clamp: float) -> Tensor:
+    """Boxes from (dx, dy, dw, dh); dw, dh clamped at ``clamp`` before exp."""
+    acx, acy, aw, ah = to_center(anchors)
+    dx, dy, dw, dh = deltas.unbind(-1)
+    cx = acx + dx * aw
+    cy = acy + dy * ah
+    w = aw * torch.exp(dw.clamp(max=clamp))
+    h = ah * torch.exp(dh.clamp(max=clamp))
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def area(boxes: Tensor) -> Tensor:
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def intersection(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise intersection areas, a [..., N, 4] x b [..., M, 4] -> [..., N, M]."""
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise IoU, a [..., N, 4] x b [..., M, 4] -> [..., N, M]."""
+    inter = intersection(a, b)
+    union = area(a)[..., :, None] + area(b)[..., None, :] - inter
+    return inter / union.clamp(min=torch.finfo(inter.dtype).tiny)

@@ -1,0 +1,112 @@
+"""Backends that run a model file, and the user-facing Detector.
+
+`retinanet.load(path)` and `retinanet infer` both come through here, so every
+model format behaves alike.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..data import transforms as T
+from ..data.coco import CorruptImage, mean_pixel, read_image
+from ..errors import UserError
+
+
+@dataclass
+class Detections:
+    boxes: Tensor  # [N, 4] x1 y1 x2 y2 in the image's pixels
+    scores: Tensor  # [N]
+    category_ids: Tensor  # [N] original category ids
+
+
+class Detector:
+    """Callable on one image or a list: paths, HxWx3 uint8 arrays or CHW tensors."""
+
+    def __init__(self, backend, config: ModelConfig, category_ids: list[int]):
+        self.backend = backend
+        self.config = config
+        self.category_ids = torch.tensor(category_ids, dtype=torch.long)
+        self.fill = mean_pixel(config.mean)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    def run(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Padded uint8 batch [B, 3, H, W] -> scores [B, D], boxes [B, D, 4], classes [B, D]."""
+        return self.backend(images)
+
+    def to_original(self, scores: Tensor, boxes: Tensor, classes: Tensor, scales: Tensor,
+                    sizes: list[tuple[int, int]]) -> list[Detections]:
+        """Per image: drop padding, undo the resize, clip to the image, map category ids."""
+        scores, boxes, classes, scales = (t.float().cpu() if t.is_floating_point() else t.cpu()
+                                          for t in (scores, boxes, classes, scales))
+        out = []
+        for i, (h, w) in enumerate(sizes):
+            keep = scores[i] > 0
+            b = boxes[i][keep] / scales[i].repeat(2)
+            b = torch.minimum(b.clamp(min=0), torch.tensor([w, h, w, h], dtype=b.dtype))
+            out.append(Detections(b, scores[i][keep], self.category_ids[classes[i][keep].long()]))
+        return out
+
+    def __call__(self, images, resize: int | None = None, max_size: int | None = None):
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        resize = resize or self.config.resize
+        max_size = max_size or self.config.max_size
+        tensors, scales, sizes = [], [], []
+        for item in items:
+            img = _as_chw_uint8(item)
+            h, w = img.shape[-2:]
+            img, _, scale = T.resize(img, torch.zeros(0, 4), resize, max_size)
+            tensors.append(img)
+            scales.append(scale)
+            sizes.append((int(h), int(w)))
+        m = self.config.pad_multiple
+        ph = -(-max(t.shape[1] for t in tensors) // m) * m
+        pw = -(-max(t.shape[2] for t in tensors) // m) * m
+        batch = torch.tensor(self.fill, dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(tensors), 1, ph, pw)
+        for i, t in enumerate(tensors):
+            batch[i, :, : t.shape[1], : t.shape[2]] = t
+        dets = self.to_original(*self.run(batch), torch.tensor(scales), sizes)
+        return dets[0] if single else dets
+
+
+def _as_chw_uint8(item) -> Tensor:
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            return read_image(os.fspath(item))
+        except CorruptImage as e:
+            raise UserError(str(e)) from None
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise UserError(f"image array must be HxWx3 uint8, got {item.shape} {item.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1)
+    if isinstance(item, Tensor):
+        if item.ndim != 3 or item.shape[0] != 3:
+            raise UserError(f"image tensor must be 3xHxW, got {tuple(item.shape)}")
+        if item.is_floating_point():  # 0..1 floats, the torchvision convention
+            item = (item.clamp(0, 1) * 255).round()
+        return item.to(torch.uint8).cpu()
+    raise UserError(f"cannot read an image from {type(item).__name__}")
+
+
+def load(path: str, device=None, full_precision: bool = False) -> Detector:
+    """Open a checkpoint (.pth); ONNX and TensorRT backends come with export.
+
+    full_precision: run the network in float32 on the GPU (default: fp16 autocast).
+    """
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".pth", ".pt"):
+        from .pytorch import TorchBackend
+
+        backend = TorchBackend.from_checkpoint(path, device, full_precision)
+        return Detector(backend, backend.config, backend.category_ids)
+    raise UserError(f"{path}: unknown model format {suffix!r} (expected a .pth checkpoint)")
