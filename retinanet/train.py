@@ -70,6 +70,12 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
 
     model_kw = {k: given[k] for k in MODEL_FLAGS if k in given}
     train_kw = {k: given[k] for k in TRAIN_FLAGS if k in given}
+    if "max_size" in model_kw and "resize" in model_kw and model_kw["max_size"] < model_kw["resize"]:
+        raise UserError(f"--max-size {model_kw['max_size']} is smaller than --resize {model_kw['resize']}")
+    if "jitter" in train_kw and train_kw["jitter"][0] > train_kw["jitter"][1]:
+        raise UserError(f"--jitter {train_kw['jitter'][0]} {train_kw['jitter'][1]}: MIN is larger than MAX")
+    if "anchor_ious" in model_kw and model_kw["anchor_ious"][0] > model_kw["anchor_ious"][1]:
+        raise UserError("--anchor-ious BG FG: BG must not exceed FG")
     demo_mode = "annotations" not in given
     if demo_mode:
         if "val_annotations" in given or "val_images" in given:
@@ -87,18 +93,22 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
                           given.get("val_annotations"))
         pretrained = not given.get("no_pretrained", False)
         model_kw.setdefault("freeze_bn", pretrained or "backbone_weights" in given)
+    if "fine_tune" in given:
+        # The architecture comes from the checkpoint being fine-tuned; only the
+        # class count (from the annotations) and explicit flags change.
+        source = checkpoint.load(given["fine_tune"])["config"].to_dict()
+        source.pop("classes")
+        if "backbone" in model_kw and model_kw["backbone"] != source["backbone"]:
+            raise UserError(f"{given['fine_tune']}: --fine-tune checkpoint is a {source['backbone']}, "
+                            f"not a {model_kw['backbone']}")
+        model_kw = {**source, **{k: model_kw[k] for k in MODEL_FLAGS if k in given}}
+        pretrained = False
     if "batch" not in train_kw:
         from .runtime.pytorch import default_batch
 
         train_kw["batch"] = default_batch()
     if "classes" not in model_kw:
         model_kw["classes"] = CocoAnnotations(paths.annotations).classes
-    if "max_size" in model_kw and "resize" in model_kw and model_kw["max_size"] < model_kw["resize"]:
-        raise UserError(f"--max-size {model_kw['max_size']} is smaller than --resize {model_kw['resize']}")
-    if "jitter" in train_kw and train_kw["jitter"][0] > train_kw["jitter"][1]:
-        raise UserError(f"--jitter {train_kw['jitter'][0]} {train_kw['jitter'][1]}: MIN is larger than MAX")
-    if "anchor_ious" in model_kw and model_kw["anchor_ious"][0] > model_kw["anchor_ious"][1]:
-        raise UserError("--anchor-ious BG FG: BG must not exceed FG")
     return ModelConfig(**model_kw), TrainConfig(**train_kw), paths, pretrained
 
 

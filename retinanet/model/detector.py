@@ -26,8 +26,8 @@ class RetinaNet(nn.Module):
                                         freeze_bn=config.freeze_bn)
         self.fpn = FPN(self.backbone.out_channels, config.channels)
         self.cls_head = classification_head(config.num_anchors, config.classes, config.prior_probability,
-                                            config.channels, config.head_depth)
-        self.box_head = box_head(config.num_anchors, config.channels, config.head_depth)
+                                            config.channels, config.head_depth, config.head_norm)
+        self.box_head = box_head(config.num_anchors, config.channels, config.head_depth, config.head_norm)
         mean = torch.tensor(config.mean).view(1, 3, 1, 1) * 255
         std = torch.tensor(config.std).view(1, 3, 1, 1) * 255
         self.register_buffer("pixel_mean", mean, persistent=False)

@@ -9,11 +9,15 @@ import torch.nn as nn
 class Head(nn.Module):
     """4 x (3x3 conv + ReLU), then a 3x3 conv to `outputs` channels."""
 
-    def __init__(self, outputs: int, channels: int = 256, depth: int = 4, bias_init: float = 0.0):
+    def __init__(self, outputs: int, channels: int = 256, depth: int = 4, bias_init: float = 0.0,
+                 norm: bool = False):
         super().__init__()
         layers = []
         for _ in range(depth):
-            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+            layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+            if norm:
+                layers.append(nn.GroupNorm(32, channels))
+            layers.append(nn.ReLU(inplace=True))
         self.tower = nn.Sequential(*layers)
         self.out = nn.Conv2d(channels, outputs, 3, padding=1)
         for m in self.modules():
@@ -27,11 +31,11 @@ class Head(nn.Module):
 
 
 def classification_head(num_anchors: int, classes: int, prior: float, channels: int = 256,
-                        depth: int = 4) -> Head:
+                        depth: int = 4, norm: bool = False) -> Head:
     # Start every anchor at score ~prior so the background flood does not
     # swamp the focal loss in the first iterations.
-    return Head(num_anchors * classes, channels, depth, bias_init=-math.log((1 - prior) / prior))
+    return Head(num_anchors * classes, channels, depth, bias_init=-math.log((1 - prior) / prior), norm=norm)
 
 
-def box_head(num_anchors: int, channels: int = 256, depth: int = 4) -> Head:
-    return Head(num_anchors * 4, channels, depth)
+def box_head(num_anchors: int, channels: int = 256, depth: int = 4, norm: bool = False) -> Head:
+    return Head(num_anchors * 4, channels, depth, norm=norm)

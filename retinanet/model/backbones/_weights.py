@@ -1,11 +1,16 @@
 """Loading ImageNet weights for torchvision-defined backbones."""
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 import torch.nn as nn
 
+from ...errors import UserError
 
-class WeightsUnavailable(RuntimeError):
+
+class WeightsUnavailable(UserError):
     """ImageNet weights were requested but cannot be had."""
 
 
@@ -29,7 +34,8 @@ def load_imagenet(model: nn.Module, weights_enum, name: str, weights_file: str |
                 f"{weights_file}: not a {name} state dict (missing {len(missing)} keys, e.g. {missing[0]})")
         return
     try:
-        state = weights_enum.get_state_dict(progress=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # torch hub prints "Downloading: ..."
+            state = weights_enum.get_state_dict(progress=False)
     except Exception as e:  # network errors come in many types
         raise WeightsUnavailable(
             f"ImageNet weights for {name} are not cached and cannot be downloaded ({type(e).__name__}); "

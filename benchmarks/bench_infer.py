@@ -1,0 +1,73 @@
+"""End-to-end inference latency: ours vs torchvision's retinanet_resnet50_fpn, same run.
+
+Image tensor in (uint8 480x640 on the GPU), detections out: resize to 800 and
+pad on the GPU, fp16 network, decode + NMS. Random weights for both (the same
+init scheme: few scores pass 0.05, so NMS load is light for both; see
+bench_postprocess.py for realistic score distributions). Medians of CUDA-synced
+wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def time_calls(fn, iters, warmup):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_infer: no CUDA device, skipped")
+        return
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    from retinanet.config import ModelConfig
+    from retinanet.model import RetinaNet
+    from retinanet.runtime.pytorch import TorchBackend
+
+    torch.backends.cudnn.benchmark = True
+    cfg = ModelConfig()
+    backend = TorchBackend(RetinaNet(cfg), list(range(80)), "cuda")
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80).cuda().eval()
+    rows = []
+    for batch in (1, 16):
+        images = torch.randint(0, 256, (batch, 3, 480, 640), dtype=torch.uint8, device="cuda")
+
+        def run_ours():
+            x = F.interpolate(images.float(), size=(800, 1067), mode="bilinear", align_corners=False)
+            x = F.pad(x, (0, 1152 - 1067, 0, 896 - 800), value=120.0)
+            return backend(x)
+
+        def run_tv():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+                return tv([im.float() / 255 for im in images])
+
+        t_ours = time_calls(run_ours, a.iters, a.warmup)
+        t_tv = time_calls(run_tv, a.iters, a.warmup)
+        rows.append((batch, t_ours, t_tv))
+    print(f"\ninference end to end, ResNet50FPN, 480x640 -> 800, fp16, {torch.cuda.get_device_name()}")
+    print(f"{'batch':>5}{'ours ms/img':>14}{'torchvision ms/img':>20}{'speedup':>10}")
+    for batch, t_ours, t_tv in rows:
+        print(f"{batch:>5}{t_ours * 1e3 / batch:>14.2f}{t_tv * 1e3 / batch:>20.2f}{t_tv / t_ours:>9.2f}x")
+
+
+if __name__ == "__main__":
+    main()

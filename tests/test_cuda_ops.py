@@ -1,0 +1,422 @@
+"""The CUDA custom operators (csrc/) against the reference decode/NMS (acceptance 1, 2).
+
+GPU tests are marked `gpu` and skipped without a CUDA device or without the
+built extension; test_extension_* run on the CPU too when the extension is built.
+"""
+import glob
+import math
+import os
+
+import pytest
+import torch
+
+from retinanet.config import ModelConfig
+from retinanet.ops import box as box_ops
+from retinanet.ops import reference
+
+try:
+    from retinanet import _C  # noqa: F401
+
+    EXTENSION_ERROR = None
+except ImportError as e:  # not built, or built for another torch
+    EXTENSION_ERROR = str(e)
+
+CLAMP = math.log(1000 / 16)
+BUILT = glob.glob(os.path.join(os.path.dirname(__file__), "..", "retinanet", "_C*.so")) + glob.glob(
+    os.path.join(os.path.dirname(__file__), "..", "retinanet", "_C*.pyd"))
+
+gpu = pytest.mark.gpu
+needs_extension = pytest.mark.skipif(
+    EXTENSION_ERROR is not None or not torch.cuda.is_available(),
+    reason="no CUDA device" if not torch.cuda.is_available() else f"retinanet._C not importable: {EXTENSION_ERROR}",
+)
+
+
+# --------------------------------------------------------------------------- import / tracing (any machine)
+
+def test_extension_imports_when_built():
+    if not BUILT:
+        pytest.skip("retinanet._C is not built (pure-Python install)")
+    assert EXTENSION_ERROR is None, f"retinanet._C is built but does not import: {EXTENSION_ERROR}"
+    from retinanet import ops
+
+    assert ops.HAVE_EXTENSION
+    assert callable(torch.ops.retinanet.decode) and callable(torch.ops.retinanet.nms)
+
+
+def test_extension_meta_shapes():
+    """The Meta kernels give the output shapes, as FakeTensor tracing needs."""
+    if EXTENSION_ERROR is not None:
+        pytest.skip(f"retinanet._C not importable: {EXTENSION_ERROR}")
+    for dtype in (torch.float32, torch.float16):
+        cls = torch.empty(3, 9 * 5, 7, 11, device="meta", dtype=dtype)
+        deltas = torch.empty(3, 9 * 4, 7, 11, device="meta", dtype=dtype)
+        anchors = torch.empty(9, 4, device="meta")
+        s, b, c = torch.ops.retinanet.decode(cls, deltas, anchors, 8, 0.05, 123, CLAMP)
+        assert (s.shape, b.shape, c.shape) == ((3, 123), (3, 123, 4), (3, 123))
+        assert s.dtype == b.dtype == dtype and c.dtype == torch.int32
+        s, b, c = torch.ops.retinanet.nms(torch.empty(3, 500, device="meta", dtype=dtype),
+                                          torch.empty(3, 500, 4, device="meta", dtype=dtype),
+                                          torch.empty(3, 500, device="meta", dtype=torch.int32), 0.5, 100)
+        assert (s.shape, b.shape, c.shape) == ((3, 100), (3, 100, 4), (3, 100))
+        assert s.dtype == b.dtype == dtype and c.dtype == torch.int32
+
+
+def test_extension_traces_with_torch_export():
+    """torch.export traces decode + NMS through the Meta kernels, batch dynamic."""
+    if EXTENSION_ERROR is not None:
+        pytest.skip(f"retinanet._C not importable: {EXTENSION_ERROR}")
+
+    class Detect(torch.nn.Module):
+        def forward(self, cls, deltas, anchors):
+            s, b, c = torch.ops.retinanet.decode(cls, deltas, anchors, 8, 0.05, 100, CLAMP)
+            return torch.ops.retinanet.nms(s, b, c, 0.5, 10)
+
+    batch = torch.export.Dim("batch")
+    args = (torch.rand(2, 9 * 3, 6, 7), torch.rand(2, 36, 6, 7), torch.rand(9, 4))
+    ep = torch.export.export(Detect(), args, dynamic_shapes=({0: batch}, {0: batch}, None))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"retinanet.decode.default", "retinanet.nms.default"} <= targets
+    out = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
+    assert [tuple(o.meta["val"].shape[1:]) for o in out] == [(10,), (10, 4), (10,)]
+
+
+# --------------------------------------------------------------------------- inputs
+
+def level_anchors(stride, device):
+    cfg = ModelConfig()
+    return box_ops.base_anchors(stride, cfg.anchor_ratios, cfg.anchor_scales).to(device)
+
+
+def make_scores(gen, shape, mode, threshold):
+    """Sigmoid-like scores [B, A*C, H, W] (float32, CPU) of a given kind."""
+    batch = shape[0]
+    u = torch.rand(shape, generator=gen)
+    if mode == "uniform":
+        return u
+    if mode == "sparse":  # a few % above the threshold, most just under it
+        hot = torch.rand(shape, generator=gen) < 0.03
+        return torch.where(hot, threshold + (1 - threshold) * u ** 3, u * threshold)
+    if mode == "ties":  # few distinct values, the threshold itself among them
+        return torch.where(u < 0.2, torch.full_like(u, threshold), (u * 8).floor() / 8)
+    if mode == "empty":  # nothing strictly above the threshold
+        return torch.where(u < 0.3, torch.full_like(u, threshold), u * threshold)
+    if mode == "equal":  # one value everywhere: the order is the flat index alone
+        return torch.full(shape, 0.5)
+    if mode == "mixed":  # images with very different candidate counts
+        out = torch.empty(shape)
+        for i in range(batch):
+            rate = [0.0, 1.0, 0.002, 0.2][i % 4]
+            hot = torch.rand(shape[1:], generator=gen) < rate
+            out[i] = torch.where(hot, threshold + (1 - threshold) * u[i], u[i] * threshold)
+        return out
+    raise ValueError(mode)
+
+
+def make_deltas(gen, shape):
+    d = torch.randn(shape, generator=gen) * 0.5
+    wild = torch.rand(shape, generator=gen) < 0.01  # some beyond the dw/dh clamp
+    return torch.where(wild, d * 20, d)
+
+
+DECODE_MODES = ["uniform", "sparse", "ties", "empty", "equal", "mixed"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def decode_case(case):
+    g = torch.Generator().manual_seed(1000 + case)
+    mode = DECODE_MODES[case % len(DECODE_MODES)]
+    dtype = DTYPES[(case // len(DECODE_MODES)) % 3] if case % 5 else torch.float16
+    batch = [1, 2, 3, 4][case % 4]
+    anchors_n = [9, 1, 3][case % 3]
+    classes = [1, 4, 7, 80][(case // 3) % 4]
+    h = int(torch.randint(1, 30, (1,), generator=g))
+    w = int(torch.randint(1, 30, (1,), generator=g))
+    top_n = [1, 10, 100, 1000, 57][case % 5]
+    threshold = [0.05, 0.0, 0.3, 0.05][case % 4]
+    stride = [8, 16, 32, 64, 128][case % 5]
+    shape = (batch, anchors_n * classes, h, w)
+    scores = make_scores(g, shape, mode, threshold)
+    deltas = make_deltas(g, (batch, anchors_n * 4, h, w))
+    return scores, deltas, anchors_n, stride, threshold, top_n, dtype
+
+
+def assert_decode_equal(ours, ref, limit):
+    s, b, c = ours
+    rs, rb, rc = ref
+    assert s.dtype == rs.dtype and b.dtype == rb.dtype and c.dtype == torch.int32
+    assert s.shape == rs.shape and b.shape == rb.shape and c.shape == rc.shape
+    assert torch.equal(c, rc), "classes (selection or order) differ"
+    assert torch.equal(s, rs), "scores (selection or order) differ"
+    rtol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[b.dtype]
+    torch.testing.assert_close(b.float(), rb.float(), rtol=rtol, atol=rtol * limit)
+
+
+def run_decode(scores, deltas, anchors, stride, threshold, top_n):
+    return torch.ops.retinanet.decode(scores, deltas, anchors, stride, threshold, top_n, CLAMP)
+
+
+# --------------------------------------------------------------------------- decode
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("case", range(120))
+def test_decode_equals_reference(case):
+    scores, deltas, a, stride, threshold, top_n, dtype = decode_case(case)
+    if a == 9:
+        anchors = level_anchors(stride, "cuda")
+    else:  # any anchor table works
+        wh = torch.rand(a, 2, generator=torch.Generator().manual_seed(case)) * 60 + 4
+        anchors = torch.cat([-wh / 2, wh / 2], dim=1).cuda()
+    scores, deltas = scores.to("cuda", dtype), deltas.to("cuda", dtype)
+    ours = run_decode(scores, deltas, anchors, stride, threshold, top_n)
+    ref = reference.decode(scores, deltas, anchors, stride, threshold, top_n, CLAMP)
+    limit = max(scores.shape[2], scores.shape[3]) * stride
+    assert_decode_equal(ours, ref, limit)
+
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("mode", ["sparse", "equal", "ties", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_full_size_level(mode, dtype):
+    """P3 of an 800x1088 input: many more candidates than top_n; 'equal' and 'ties'
+    overflow the boundary bucket and use every refinement pass."""
+    g = torch.Generator().manual_seed(7)
+    shape = (4 if mode == "mixed" else 2, 9 * 80, 100, 136)
+    scores = make_scores(g, shape, mode, 0.05).to("cuda", dtype)
+    deltas = make_deltas(g, (shape[0], 36, 100, 136)).to("cuda", dtype)
+    anchors = level_anchors(8, "cuda")
+    ours = run_decode(scores, deltas, anchors, 8, 0.05, 1000)
+    ref = reference.decode(scores, deltas, anchors, 8, 0.05, 1000, CLAMP)
+    assert_decode_equal(ours, ref, 1088)
+
+
+@gpu
+@needs_extension
+def test_decode_unaligned_and_mixed_dtypes():
+    """A view at an odd offset takes the scalar path; float64 and mixed dtypes
+    compute in float32 and come back in the scores' dtype, as the reference does."""
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 9 * 3, 13, 17)
+    base = make_scores(g, (2 * 9 * 3 * 13 * 17 + 1,), "uniform", 0.05).cuda()
+    scores = base[1:].view(shape)
+    deltas = make_deltas(g, (2, 36, 13, 17)).cuda()
+    anchors = level_anchors(16, "cuda")
+    for s, d in [(scores, deltas), (scores.double(), deltas.double()), (scores.half(), deltas)]:
+        ours = run_decode(s, d, anchors, 16, 0.05, 100)
+        ref = reference.decode(s, d, anchors, 16, 0.05, 100, CLAMP)
+        assert_decode_equal(ours, ref, 17 * 16)
+
+
+@gpu
+@needs_extension
+def test_decode_degenerate_sizes():
+    anchors = level_anchors(8, "cuda")
+    scores = torch.rand(2, 36, 0, 5, device="cuda")  # an empty feature map: all padding
+    deltas = torch.zeros(2, 36, 0, 5, device="cuda")
+    assert_decode_equal(run_decode(scores, deltas, anchors, 8, 0.05, 10),
+                        reference.decode(scores, deltas, anchors, 8, 0.05, 10, CLAMP), 40)
+    s, b, c = run_decode(torch.rand(0, 36, 5, 5, device="cuda"), torch.zeros(0, 36, 5, 5, device="cuda"),
+                         anchors, 8, 0.05, 10)  # no images
+    assert s.shape == (0, 10) and b.shape == (0, 10, 4) and c.shape == (0, 10)
+    scores = torch.rand(2, 36, 5, 5, device="cuda")
+    s, b, c = run_decode(scores, torch.zeros(2, 36, 5, 5, device="cuda"), anchors, 8, 0.05, 0)
+    assert s.shape == (2, 0) and b.shape == (2, 0, 4) and c.shape == (2, 0)
+
+
+# --------------------------------------------------------------------------- NMS
+
+def make_nms_inputs(gen, batch, n, classes, mode):
+    """Clustered boxes (many overlaps), scores with ties, padding and non-positive scores."""
+    clusters = max(1, n // 8)
+    centre = torch.rand(batch, clusters, 2, generator=gen) * 400
+    pick = torch.randint(0, clusters, (batch, n), generator=gen)
+    c = torch.gather(centre, 1, pick[..., None].expand(-1, -1, 2)) + torch.randn(batch, n, 2, generator=gen) * 6
+    wh = torch.rand(batch, n, 2, generator=gen) * 60 + 4
+    boxes = torch.cat([c - wh / 2, c + wh / 2], dim=-1)
+    if mode == "grid":  # integer boxes: exact-IoU values are common
+        boxes = boxes.round()
+    scores = torch.rand(batch, n, generator=gen)
+    if mode in ("ties", "grid"):
+        scores = (scores * 6).floor() / 6
+    cls = torch.randint(0, classes, (batch, n), generator=gen, dtype=torch.int32)
+    for i in range(batch):  # images with very different counts: trailing padding
+        keep = int(torch.randint(0, n + 1, (1,), generator=gen)) if i % 2 else n
+        scores[i, keep:] = 0
+        boxes[i, keep:] = 0
+        cls[i, keep:] = -1
+    neg = torch.rand(batch, n, generator=gen) < 0.05
+    scores[neg] = -scores[neg]
+    return scores, boxes, cls
+
+
+def same_class_iou_at_threshold(scores, boxes, cls, threshold):
+    """Does any same-class pair have an IoU within float rounding of the threshold?"""
+    iou = box_ops.box_iou(boxes.float(), boxes.float())
+    same = cls[..., :, None] == cls[..., None, :]
+    return bool(((iou - threshold).abs() <= 1e-6)[same].any())
+
+
+def assert_nms_equal(ours, ref, inputs, threshold):
+    s, b, c = ours
+    rs, rb, rc = ref
+    assert s.dtype == rs.dtype and b.dtype == rb.dtype and c.dtype == torch.int32
+    assert s.shape == rs.shape and b.shape == rb.shape and c.shape == rc.shape
+    if torch.equal(s, rs) and torch.equal(b, rb) and torch.equal(c, rc):
+        return
+    # Only an IoU exactly at the threshold may decide differently.
+    assert same_class_iou_at_threshold(*inputs, threshold), "kept sets differ"
+
+
+NMS_SIZES = [1, 7, 63, 64, 65, 200, 1000, 5000]
+
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("case", range(100))
+def test_nms_equals_reference(case):
+    g = torch.Generator().manual_seed(2000 + case)
+    mode = ["plain", "ties", "grid", "plain"][case % 4]
+    batch = [1, 2, 3, 4, 16][case % 5]
+    n = NMS_SIZES[case % len(NMS_SIZES)]
+    if n == 5000:
+        batch = min(batch, 4)
+    classes = [1, 3, 80, 2][(case // 3) % 4]
+    detections = [100, 1, 10, 300, 100][(case // 2) % 5]
+    threshold = [0.5, 0.3, 0.7, 0.5][(case // 4) % 4]
+    dtype = DTYPES[case % 3] if case % 7 else torch.float16
+    scores, boxes, cls = make_nms_inputs(g, batch, n, classes, mode)
+    scores, boxes, cls = scores.to("cuda", dtype), boxes.to("cuda", dtype), cls.cuda()
+    ours = torch.ops.retinanet.nms(scores, boxes, cls, threshold, detections)
+    ref = reference.nms(scores, boxes, cls, threshold, detections)
+    assert_nms_equal(ours, ref, (scores, boxes, cls), threshold)
+
+
+@gpu
+@needs_extension
+def test_nms_edge_cases():
+    dev = "cuda"
+    # no candidates at all, detections > N, all scores <= 0, int64 classes
+    for n, det, fill in [(0, 5, 0.5), (3, 10, 0.5), (20, 5, 0.0), (20, 5, -1.0)]:
+        scores = torch.full((2, n), fill, device=dev)
+        boxes = torch.rand(2, n, 4, device=dev).sort(-1).values[..., [0, 1, 2, 3]] * 100
+        cls = torch.zeros(2, n, dtype=torch.int64, device=dev)
+        ours = torch.ops.retinanet.nms(scores, boxes, cls, 0.5, det)
+        ref = reference.nms(scores, boxes, cls, 0.5, det)
+        assert_nms_equal(ours, ref, (scores, boxes, cls), 0.5)
+    # the reference's own hand-made example
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [0, 0, 10, 10.5], [0, 0, 10, 10], [0, 0, 10, 20.1]]], device=dev)
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6]], device=dev)
+    cls = torch.tensor([[0, 0, 1, 0]], dtype=torch.int32, device=dev)
+    s, _, c = torch.ops.retinanet.nms(scores, boxes, cls, 0.5, 10)
+    assert s[0, :3].tolist() == pytest.approx([0.9, 0.7, 0.6]) and c[0, :4].tolist() == [0, 1, 0, -1]
+
+
+# --------------------------------------------------------------------------- detect step
+
+LEVELS = [(100, 136), (50, 68), (25, 34), (13, 17), (7, 9)]
+STRIDES = [8, 16, 32, 64, 128]
+
+
+def detect_inputs(gen, batch, dtype, classes=80, levels=LEVELS):
+    out = []
+    for h, w in levels:
+        scores = make_scores(gen, (batch, 9 * classes, h, w), "sparse", 0.05)
+        deltas = make_deltas(gen, (batch, 36, h, w))
+        out.append((scores.to("cuda", dtype), deltas.to("cuda", dtype)))
+    return out
+
+
+def detect(levels, anchors, decode, nms):
+    decoded = [decode(s, d, a, stride, 0.05, 1000, CLAMP) for (s, d), a, stride in zip(levels, anchors, STRIDES)]
+    scores, boxes, classes = (torch.cat([o[k] for o in decoded], dim=1) for k in range(3))
+    return nms(scores, boxes, classes, 0.5, 100)
+
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_detect_step_equals_reference(dtype):
+    g = torch.Generator().manual_seed(11)
+    anchors = [level_anchors(s, "cuda") for s in STRIDES]
+    levels = detect_inputs(g, 3, dtype)
+    ours = detect(levels, anchors, torch.ops.retinanet.decode, torch.ops.retinanet.nms)
+    ref = detect(levels, anchors, reference.decode, reference.nms)
+    s, b, c = ours
+    rs, rb, rc = ref
+    assert torch.equal(s, rs) and torch.equal(c, rc)
+    torch.testing.assert_close(b.float(), rb.float(), rtol=1e-4 if dtype == torch.float32 else 2e-3, atol=0.1)
+    assert (s[:, :10] > 0).all()  # the sparse scores do give detections
+
+
+@gpu
+@needs_extension
+def test_retinanet_ops_dispatch_to_extension():
+    from retinanet import ops
+
+    g = torch.Generator().manual_seed(5)
+    (scores, deltas), = detect_inputs(g, 2, torch.float32, levels=[(25, 34)])
+    anchors = level_anchors(32, "cpu")  # ops.decode moves it to the device
+    ours = ops.decode(scores, deltas, anchors, 32, 0.05, 1000, CLAMP)
+    direct = torch.ops.retinanet.decode(scores, deltas, anchors.cuda(), 32, 0.05, 1000, CLAMP)
+    assert all(torch.equal(x, y) for x, y in zip(ours, direct))
+    kept = ops.nms(*ours, 0.5, 100)
+    assert all(torch.equal(x, y) for x, y in zip(kept, torch.ops.retinanet.nms(*direct, 0.5, 100)))
+
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_detect_step_cuda_graph(dtype):
+    """Decode of 5 levels + concat + NMS captured in one CUDA graph; replays with
+    new inputs copied into the static buffers equal eager runs."""
+    g = torch.Generator().manual_seed(13)
+    anchors = [level_anchors(s, "cuda") for s in STRIDES]
+    static = detect_inputs(g, 2, dtype)
+    ops = (torch.ops.retinanet.decode, torch.ops.retinanet.nms)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            detect(static, anchors, *ops)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = detect(static, anchors, *ops)
+
+    for trial in range(3):
+        fresh = detect_inputs(g, 2, dtype)
+        if trial == 2:  # an image with nothing above the threshold
+            for scores, _ in fresh:
+                scores[1].mul_(0.01)
+        for (s, d), (fs, fd) in zip(static, fresh):
+            s.copy_(fs)
+            d.copy_(fd)
+        graph.replay()
+        eager = detect(fresh, anchors, *ops)
+        torch.cuda.synchronize()
+        for x, y in zip(captured, eager):
+            assert torch.equal(x, y), f"graph replay {trial} differs from eager"
+
+
+@gpu
+@needs_extension
+def test_ops_trace_under_torch_compile():
+    """FakeTensor tracing through the Meta kernels (torch.compile, fullgraph)."""
+    g = torch.Generator().manual_seed(17)
+    anchors = [level_anchors(s, "cuda") for s in STRIDES]
+    levels = detect_inputs(g, 2, torch.float16, levels=LEVELS[2:])
+
+    def step(*flat):
+        lv = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
+        decoded = [torch.ops.retinanet.decode(s, d, a, st, 0.05, 1000, CLAMP)
+                   for (s, d), a, st in zip(lv, anchors, STRIDES[2:])]
+        scores, boxes, classes = (torch.cat([o[k] for o in decoded], dim=1) for k in range(3))
+        return torch.ops.retinanet.nms(scores, boxes, classes, 0.5, 100)
+
+    flat = [t for pair in levels for t in pair]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for x, y in zip(compiled(*flat), step(*flat)):
+        assert torch.equal(x, y)
