@@ -17,7 +17,8 @@ def _number(kind, low=None, high=None, low_open=False):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
         if low is not None and (v <= low if low_open else v < low):
             raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
         if high is not None and v > high:
@@ -53,15 +54,15 @@ def build_parser() -> Parser:
     t.add_argument("--max-size", type=positive, help="longer side cap [1333; demo: 128]")
     t.add_argument("--jitter", type=positive, nargs=2, metavar=("MIN", "MAX"),
                    help="random shorter side in training [640 1024; demo: 96 128]")
-    t.add_argument("--iters", type=positive, help="iterations [90000; demo: 400]")
-    t.add_argument("--milestones", type=positive, nargs="+", help="lr x gamma at these [60000 80000]")
+    t.add_argument("--iters", type=positive, help="iterations [90000; demo: 600]")
+    t.add_argument("--milestones", type=positive, nargs="+", help="lr x gamma at these [60000 80000; demo: 450 550]")
     t.add_argument("--schedule", type=positive_float, help="scale iters and milestones [1]")
-    t.add_argument("--lr", type=positive_float, help="learning rate [0.01]")
+    t.add_argument("--lr", type=positive_float, help="learning rate [0.01; demo: 0.02]")
     t.add_argument("--warmup", type=non_negative, help="linear warmup iterations [1000; demo: 50]")
     t.add_argument("--gamma", type=positive_float, help="lr factor at each milestone [0.1]")
     t.add_argument("--regularization-l2", type=_number(float, 0), dest="weight_decay",
                    help="weight decay on conv weights [1e-4]")
-    t.add_argument("--val-iters", type=positive, help="validate and checkpoint every N iterations [8000]")
+    t.add_argument("--val-iters", type=positive, help="validate and checkpoint every N iterations [8000; demo: 300]")
     t.add_argument("--logdir", help="TensorBoard log folder")
     t.add_argument("--override", action="store_true", help="start fresh even if MODEL exists")
     t.add_argument("--full-precision", action="store_true", default=None, help="disable mixed precision")
@@ -100,7 +101,8 @@ def run_train(ns) -> None:
     given = {k: v for k, v in vars(ns).items() if v is not None and k not in ("command", "debug", "model")}
     model_cfg, train_cfg, paths, pretrained = train.resolve_settings(given)
     train.train(ns.model, model_cfg, train_cfg, paths, override=ns.override, fine_tune=ns.fine_tune,
-                pretrained=pretrained, backbone_weights=ns.backbone_weights, logdir=ns.logdir)
+                pretrained=pretrained, backbone_weights=ns.backbone_weights, logdir=ns.logdir,
+                explicit=frozenset(given))
 
 
 def run_infer(ns) -> None:

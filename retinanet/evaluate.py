@@ -33,8 +33,16 @@ def coco_stats(annotations_file: str, detections: list[dict], image_ids: list[in
     if not detections:
         return [0.0] * 12
     COCO, COCOeval = _coco_classes()
+    with open(annotations_file) as f:
+        doc = json.load(f)
+    # COCOeval reads `area` and `iscrowd`, which the COCO format lets files omit.
+    for a in doc["annotations"]:
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", a["bbox"][2] * a["bbox"][3])
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(annotations_file)
+        gt = COCO()
+        gt.dataset = doc
+        gt.createIndex()
         dt = gt.loadRes(detections)
         ev = COCOeval(gt, dt, "bbox")
         if image_ids is not None:

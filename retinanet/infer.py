@@ -20,6 +20,8 @@ def detection_records(detector: Detector, loader, log=None) -> list[dict]:
     records = []
     done, start = 0, time.perf_counter()
     for batch in loader:
+        if batch.errors:
+            raise UserError(batch.errors[0])
         if not batch.image_ids:
             continue
         dets = detector.to_original(*detector.run(batch.images), batch.scales, batch.sizes)

@@ -6,10 +6,8 @@ has to supply `rank`/`world` and wrap the model.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -194,8 +192,12 @@ def validate(model: RetinaNet, category_ids: list[int], paths: DataPaths, cfg: M
 def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, *,
           override: bool = False, fine_tune: str | None = None, pretrained: bool = True,
           backbone_weights: str | None = None, logdir: str | None = None, device=None,
-          rank: int = 0, world: int = 1) -> list[float] | None:
-    """Train (or resume) and return the final validation stats, if validated."""
+          rank: int = 0, world: int = 1, explicit: frozenset = frozenset()) -> list[float] | None:
+    """Train (or resume) and return the final validation stats, if validated.
+
+    explicit: names of the settings the user gave; on resume those override
+    the checkpoint's, the rest come from the checkpoint.
+    """
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     main = rank == 0
@@ -203,20 +205,22 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
     if os.path.exists(model_path) and not override:
         resume = checkpoint.load(model_path)
 
-    train_coco = CocoAnnotations(paths.annotations,
-                                 category_ids=resume["category_ids"] if resume else None)
+    train_coco = CocoAnnotations(paths.annotations)
+    if resume and train_coco.category_ids != list(resume["category_ids"]):
+        raise UserError(f"{model_path}: checkpoint has {len(resume['category_ids'])} classes (category ids "
+                        f"{resume['category_ids']}), {paths.annotations} has {train_coco.classes} "
+                        f"({train_coco.category_ids}); pass --override to start fresh or --fine-tune")
     if paths.val_annotations:
         CocoAnnotations(paths.val_annotations, category_ids=train_coco.category_ids)  # fail early
     if resume:
         saved = resume["config"]
         for name in ("backbone", "classes"):
-            if getattr(model_cfg, name) != getattr(saved, name):
+            if name in explicit and getattr(model_cfg, name) != getattr(saved, name):
                 raise UserError(f"{model_path}: checkpoint is {name} {getattr(saved, name)}, "
                                 f"not {getattr(model_cfg, name)}; pass --override to start fresh")
         model_cfg = saved
         cfg = TrainConfig.from_dict({**resume.get("train_config", {}),
-                                     **{k: getattr(cfg, k) for k in ("iters", "milestones", "schedule", "val_iters",
-                                                                       "workers")}})
+                                     **{k: getattr(cfg, k) for k in TRAIN_FLAGS if k in explicit}})
     elif model_cfg.classes != train_coco.classes:
         raise UserError(f"{paths.annotations}: has {train_coco.classes} categories but --classes is "
                         f"{model_cfg.classes}")
@@ -306,7 +310,7 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
                 losses = model.loss_from_heads(cls_heads, box_heads, targets)
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"loss is {loss.item()} at iteration {iteration + 1}; "
+                    raise UserError(f"loss is {loss.item()} at iteration {iteration + 1}; "
                                        "lower --lr or use --full-precision")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

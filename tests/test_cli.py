@@ -67,9 +67,24 @@ def test_missing_image_in_inference_names_file_and_record(tmp_path, tiny_checkpo
     doc = {"images": [{"id": 4, "file_name": "gone.jpg"}], "annotations": [],
            "categories": [{"id": 1}, {"id": 3}, {"id": 7}]}
     (tmp_path / "a.json").write_text(json.dumps(doc))
-    proc = cli("infer", str(tiny_checkpoint), "--images", str(tmp_path), "--annotations", "a.json",
-               "--workers", "0", cwd=tmp_path)
+    # Default --workers 2: the error is raised in a loader worker process.
+    proc = cli("infer", str(tiny_checkpoint), "--images", str(tmp_path), "--annotations", "a.json", cwd=tmp_path)
     assert_user_error(proc, "gone.jpg", "not found", "image id 4")
+    (tmp_path / "gone.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    proc = cli("infer", str(tiny_checkpoint), "--images", str(tmp_path), "--annotations", "a.json",
+               "--output", "b.json", cwd=tmp_path)
+    assert_user_error(proc, "gone.jpg", "cannot decode", "image id 4")
+
+
+def test_evaluation_accepts_annotations_without_area_or_iscrowd(tmp_path):
+    from retinanet.evaluate import coco_stats
+
+    doc = {"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 2}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20]}]}
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    stats = coco_stats(str(tmp_path / "a.json"), [{"image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20],
+                                                   "score": 0.9}])
+    assert stats[0] == pytest.approx(1.0)
 
 
 def test_pretrained_weights_unavailable_names_both_ways_out(monkeypatch):

@@ -94,5 +94,7 @@ def test_corrupt_image_skipped_in_training_error_in_inference(tmp_path):
     with pytest.warns(UserWarning, match="a.jpg"):
         assert train[0] is None
     assert Collate(128, (0, 0, 0))([None]).skipped == 1
-    with pytest.raises(UserError, match="a.jpg: cannot decode image"):
-        DetectionDataset(str(tmp_path), ann, 64, 64)[0]
+    # Inference: the error travels back from the loader worker as a message.
+    message = DetectionDataset(str(tmp_path), ann, 64, 64)[0]
+    assert "a.jpg: cannot decode image" in message and "image id 5" in message
+    assert Collate(128, (0, 0, 0))([message]).errors == [message]

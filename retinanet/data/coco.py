@@ -165,7 +165,7 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def __getitem__(self, index: int) -> Sample | str | None:
         rec = self.records[index]
         path = os.path.join(self.images_dir, rec.file_name)
         try:
@@ -174,7 +174,9 @@ class DetectionDataset(Dataset):
             if self.training:
                 warnings.warn(f"skipping {e}", stacklevel=1)
                 return None
-            raise UserError(f"{e} (image id {rec.id})") from None
+            # Raised by the caller: an exception in a loader worker would
+            # reach the user wrapped in the worker's traceback.
+            return f"{e} (image id {rec.id})"
         height, width = image.shape[-2:]
         boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(rec.labels, dtype=torch.float32).reshape(-1, 1)
@@ -195,7 +197,8 @@ class Batch:
     image_ids: list[int]
     scales: Tensor  # [B, 2]
     sizes: list[tuple[int, int]]
-    skipped: int = 0  # corrupt images dropped from this batch
+    skipped: int = 0  # corrupt images dropped from this batch (training)
+    errors: list[str] = field(default_factory=list)  # unreadable images (inference)
 
     def pin_memory(self):
         self.images = self.images.pin_memory()
@@ -210,12 +213,13 @@ class Collate:
         self.multiple = multiple
         self.fill = torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1)
 
-    def __call__(self, samples: list[Sample | None]) -> Batch:
+    def __call__(self, samples: list[Sample | str | None]) -> Batch:
         skipped = sum(s is None for s in samples)
-        samples = [s for s in samples if s is not None]
+        errors = [s for s in samples if isinstance(s, str)]
+        samples = [s for s in samples if isinstance(s, Sample)]
         if not samples:
             return Batch(torch.zeros(0, 3, self.multiple, self.multiple, dtype=torch.uint8),
-                         torch.zeros(0, 0, 5), [], torch.zeros(0, 2), [], skipped)
+                         torch.zeros(0, 0, 5), [], torch.zeros(0, 2), [], skipped, errors)
         h = max(s.image.shape[1] for s in samples)
         w = max(s.image.shape[2] for s in samples)
         h = -(-h // self.multiple) * self.multiple
@@ -228,7 +232,8 @@ class Collate:
             images[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
             targets[i, : s.targets.shape[0]] = s.targets
         scales = torch.tensor([s.scale for s in samples], dtype=torch.float32)
-        return Batch(images, targets, [s.image_id for s in samples], scales, [s.size for s in samples], skipped)
+        return Batch(images, targets, [s.image_id for s in samples], scales, [s.size for s in samples], skipped,
+                     errors)
 
 
 def mean_pixel(mean: list[float]) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-VERSION = 1
+VERSION = 2
 SIZE = 128
 CATEGORIES = [{"id": 1, "name": "square"}, {"id": 3, "name": "disc"}, {"id": 7, "name": "triangle"}]
 SPLITS = {"train": (600, 1), "val": (100, 2)}  # images, seed
@@ -26,9 +26,14 @@ def cache_dir() -> Path:
     return Path(root) / f"demo-v{VERSION}"
 
 
+def _grey(rng: random.Random, low: int, high: int) -> np.ndarray:
+    level = rng.randrange(low, high)
+    return np.array([level + rng.randrange(-20, 21) for _ in range(3)], dtype=np.float32)
+
+
 def _background(rng: random.Random) -> Image.Image:
-    a = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
-    b = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
+    # Low-saturation backgrounds, so that the demo learns in minutes on a CPU.
+    a, b = _grey(rng, 40, 215), _grey(rng, 40, 215)
     t = np.linspace(0, 1, SIZE, dtype=np.float32)[None, :, None]
     if rng.random() < 0.5:
         t = t.transpose(1, 0, 2)
@@ -67,7 +72,10 @@ def _draw_image(rng: random.Random):
     # Large shapes first, so a small one is never hidden under a large one.
     objects.sort(key=lambda o: -(o[0][2] - o[0][0]) * (o[0][3] - o[0][1]))
     for (x1, y1, x2, y2), cat in objects:
-        colour = tuple(rng.randrange(256) for _ in range(3))
+        # Each class leans to one hue (red, green, blue), with wide variation.
+        colour = [rng.randrange(0, 110) for _ in range(3)]
+        colour[cat] = rng.randrange(170, 256)
+        colour = tuple(colour)
         # PIL fills inclusive pixel ranges; -1 makes the drawn extent exactly the box.
         if cat == 0:
             draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)

@@ -1,7 +1,6 @@
 """MobileNetV2 backbone on torchvision's definition."""
 from __future__ import annotations
 
-import torch.nn as nn
 from torchvision import models
 
 from . import Backbone, register
