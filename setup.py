@@ -7,8 +7,46 @@ import sys
 from setuptools import find_packages, setup
 
 
+def _default_arch_list(nvcc):
+    """Every architecture the installed nvcc supports from 7.5 up, plus PTX of the newest."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    arches = sorted({int(m) for m in re.findall(r"compute_(\d+)", out) if int(m) >= 75})
+    try:  # keep the ones this torch's cpp_extension knows
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+    except ImportError:
+        _get_cuda_arch_flags = None
+    names = []
+    for a in arches:
+        name = f"{a // 10}.{a % 10}"
+        if _get_cuda_arch_flags is not None:
+            saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = name
+            try:
+                _get_cuda_arch_flags()
+            except ValueError:
+                continue
+            finally:
+                if saved is None:
+                    del os.environ["TORCH_CUDA_ARCH_LIST"]
+                else:
+                    os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+        names.append(name)
+    return ";".join(names) + "+PTX" if names else None
+
+
 def cuda_extension():
-    """The torch extension for csrc/, or None with a one-line notice."""
+    """The torch extension for csrc/ (retinanet._C), or None with a one-line notice.
+
+    Built when torch has CUDA and nvcc is found under CUDA_HOME. TORCH_CUDA_ARCH_LIST
+    picks the GPU architectures; by default every one the installed nvcc supports
+    from 7.5 up, plus PTX of the newest. RETINANET_NO_CUDA_EXT=1 skips the build.
+    """
     if os.environ.get("RETINANET_NO_CUDA_EXT"):
         return None
     sources = sorted(glob.glob("csrc/kernels/*.cu") + glob.glob("csrc/torch/*.cpp"))
@@ -20,15 +58,23 @@ def cuda_extension():
     except ImportError:
         print("retinanet: torch not importable at build time; installing pure Python", file=sys.stderr)
         return None
-    if torch.version.cuda is None or CUDA_HOME is None or not shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")):
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if torch.version.cuda is None or nvcc is None or not shutil.which(nvcc):
         print("retinanet: no CUDA toolkit (set CUDA_HOME) or torch without CUDA; "
               "installing pure Python, decode/NMS use the PyTorch reference", file=sys.stderr)
         return None
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        arches = _default_arch_list(nvcc)
+        if arches:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arches
     return CUDAExtension(
         "retinanet._C",
         sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        extra_compile_args={
+            "cxx": ["-O3", "-Wall"],
+            "nvcc": ["-O3", "-lineinfo"],
+        },
     )
 
 

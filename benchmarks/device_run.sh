@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One call on the GPU device machine: build the CUDA extension in place, run the
+# GPU tests, run every benchmarks/bench_*.py, print a summary table last.
+# Logs go to $OUT (the device tool's output folder) or ./device_out.
+#   usage: bash benchmarks/device_run.sh        (from the repository root)
+# Environment: TORCH_CUDA_ARCH_LIST [9.0], CUDA_HOME [found from nvcc], PYTEST_ARGS,
+#   BENCH_ONLY (space-separated benchmark names to run, e.g. "bench_postprocess"; default all),
+#   ARGS_<name> (extra arguments for one benchmark, e.g. ARGS_bench_postprocess=--profile).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+
+# CUDA_HOME: the toolkit holding bin/nvcc (nvcc on PATH may be a wrapper script).
+if [ -z "${CUDA_HOME:-}" ] || [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  nvcc_path=$(command -v nvcc || ls -d /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)
+  if [ -n "$nvcc_path" ]; then
+    real=$(sed -n 's/^exec \([^ ]*\/bin\/nvcc\).*/\1/p' "$nvcc_path" 2>/dev/null | head -1)
+    nvcc_path=$(readlink -f "${real:-$nvcc_path}")
+    CUDA_HOME=$(dirname "$(dirname "$nvcc_path")")
+  fi
+fi
+export CUDA_HOME
+
+summary=()
+step() {  # step NAME LOG COMMAND...: run, tee, record status and seconds
+  local name=$1 log=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  summary+=("$(printf '%-28s rc=%-3s %5ss  %s' "$name" "$rc" $((SECONDS - t0)) "$log")")
+  return "$rc"
+}
+
+{
+  echo "host: $(hostname)  CUDA_HOME=${CUDA_HOME:-unset}  TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1
+  python3 -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'torchvision', torchvision.__version__, 'gpu', torch.cuda.get_device_name())"
+  "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -2
+} 2>&1 | tee "$OUT/env.log"
+
+if step build build.log python3 setup.py build_ext --inplace; then
+  step "gpu tests" tests.log python3 -m pytest -m gpu -q -rfEs --continue-on-collection-errors ${PYTEST_ARGS:-} tests/
+  for bench in benchmarks/bench_*.py; do
+    name=$(basename "$bench" .py)
+    if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $name "* ]]; then continue; fi
+    args_var="ARGS_$name"
+    # shellcheck disable=SC2086
+    step "$name" "$name.log" python3 "$bench" ${!args_var:-}
+  done
+fi
+
+echo
+echo "################ device_run summary ################"
+printf '%s\n' "${summary[@]}"
+tail -n 1 "$OUT/tests.log" 2>/dev/null | sed 's/^/tests: /'
+for log in "$OUT"/bench_*.log; do
+  [ -e "$log" ] || continue
+  echo "--- $(basename "$log" .log)"
+  if grep -q '^## results' "$log"; then
+    sed -n '/^## results/,$p' "$log" | awk '/^## results/{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}'
+  else
+    tail -n 20 "$log"
+  fi
+done
