@@ -45,28 +45,33 @@ def main():
 
     torch.backends.cudnn.benchmark = True
     cfg = ModelConfig()
-    backend = TorchBackend(RetinaNet(cfg), list(range(80)), "cuda")
+    model = RetinaNet(cfg)
+    backend = TorchBackend(model, list(range(80)), "cuda", cuda_graphs=False)
+    graphed = TorchBackend(model, list(range(80)), "cuda", cuda_graphs=True)
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=80).cuda().eval()
     rows = []
     for batch in (1, 16):
         images = torch.randint(0, 256, (batch, 3, 480, 640), dtype=torch.uint8, device="cuda")
 
-        def run_ours():
+        def run_ours(b=backend):
             x = F.interpolate(images.float(), size=(800, 1067), mode="bilinear", align_corners=False)
             x = F.pad(x, (0, 1152 - 1067, 0, 896 - 800), value=120.0)
-            return backend(x)
+            return b(x)
 
         def run_tv():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
                 return tv([im.float() / 255 for im in images])
 
         t_ours = time_calls(run_ours, a.iters, a.warmup)
+        t_graph = time_calls(lambda: run_ours(graphed), a.iters, a.warmup)
         t_tv = time_calls(run_tv, a.iters, a.warmup)
-        rows.append((batch, t_ours, t_tv))
+        rows.append((batch, t_ours, t_graph, t_tv))
     print(f"\ninference end to end, ResNet50FPN, 480x640 -> 800, fp16, {torch.cuda.get_device_name()}")
-    print(f"{'batch':>5}{'ours ms/img':>14}{'torchvision ms/img':>20}{'speedup':>10}")
-    for batch, t_ours, t_tv in rows:
-        print(f"{batch:>5}{t_ours * 1e3 / batch:>14.2f}{t_tv * 1e3 / batch:>20.2f}{t_tv / t_ours:>9.2f}x")
+    print(f"{'batch':>5}{'ours eager ms/img':>19}{'ours graph ms/img':>19}{'torchvision ms/img':>20}"
+          f"{'speedup (graph)':>17}")
+    for batch, t_ours, t_graph, t_tv in rows:
+        print(f"{batch:>5}{t_ours * 1e3 / batch:>19.2f}{t_graph * 1e3 / batch:>19.2f}{t_tv * 1e3 / batch:>20.2f}"
+              f"{t_tv / t_graph:>16.2f}x")
 
 
 if __name__ == "__main__":
