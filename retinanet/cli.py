@@ -1,4 +1,4 @@
-"""Command line: parse flags and call train / infer. No logic lives here."""
+"""Command line: parse flags and call train / infer / export. No logic lives here."""
 from __future__ import annotations
 
 import argparse
@@ -82,7 +82,7 @@ def build_parser() -> Parser:
     t.add_argument("--workers", type=non_negative, help="data loader processes [2]")
 
     i = sub.add_parser("infer", help="detect objects in images, optionally measure COCO mAP")
-    i.add_argument("model", help="checkpoint (.pth)")
+    i.add_argument("model", help="checkpoint (.pth) or ONNX model (.onnx, run with ONNX Runtime)")
     i.add_argument("--images", default=".", help="image folder [.]")
     i.add_argument("--annotations", help="COCO JSON; when given, only its images are inferred and mAP is printed")
     i.add_argument("--output", default="detections.json", help="COCO results JSON [detections.json]")
@@ -92,6 +92,26 @@ def build_parser() -> Parser:
     i.add_argument("--full-precision", action="store_true", help="float32 on the GPU (default: fp16)")
     i.add_argument("--workers", type=non_negative, default=2, help="data loader processes [2]")
     i.add_argument("--override", action="store_true", help="replace an existing --output file")
+
+    e = sub.add_parser("export", help="export a checkpoint to ONNX (portable or TensorRT form)")
+    e.add_argument("model", help="checkpoint (.pth)")
+    e.add_argument("output", help="OUTPUT.onnx: an ONNX model (TensorRT engines: not in this version)")
+    e.add_argument("--size", type=positive, nargs="+", metavar="N", default=[1280],
+                   help="input size: N (square) or H W, multiples of 128 [1280]")
+    e.add_argument("--full-precision", action="store_true", help="float32 model (default: float16)")
+    e.add_argument("--int8", action="store_true",
+                   help="INT8 Q/DQ model, scales from --calibration-images or --calibration-table")
+    e.add_argument("--calibration-images", metavar="DIR", help="images to calibrate INT8 activation ranges on")
+    e.add_argument("--calibration-batches", type=positive, default=2,
+                   help="calibration batches of 8 images [2]")
+    e.add_argument("--calibration-table", metavar="FILE",
+                   help="reuse OUTPUT.calibration.json of an earlier --int8 export instead of calibrating")
+    e.add_argument("--plugin-form", action="store_true",
+                   help="TensorRT form: decode and NMS as RetinaNetDecode/RetinaNetNMS plugin nodes "
+                        "(default: portable form with standard ONNX ops, runs in ONNX Runtime)")
+    e.add_argument("--opset", type=positive, help="ONNX opset, 18 to 21 [19]")
+    e.add_argument("--override", action="store_true", help="replace an existing OUTPUT (and calibration table)")
+    e.add_argument("--verbose", action="store_true", help="show the exporter's progress and warnings")
     return p
 
 
@@ -114,10 +134,30 @@ def run_infer(ns) -> None:
                 ns.max_size, workers=ns.workers, override=ns.override)
 
 
+def run_export(ns) -> None:
+    from . import export
+
+    if len(ns.size) > 2:
+        raise UserError(f"--size takes N or H W, got {len(ns.size)} values")
+    precision = "int8" if ns.int8 else "fp32" if ns.full_precision else "fp16"
+    options = export.ExportOptions(size=tuple(ns.size), precision=precision, plugin_form=ns.plugin_form,
+                                   opset=ns.opset or export.DEFAULT_OPSET,
+                                   calibration_images=ns.calibration_images,
+                                   calibration_batches=ns.calibration_batches,
+                                   calibration_table=ns.calibration_table, verbose=ns.verbose)
+    result = export.export(ns.model, ns.output, options, override=ns.override)
+    form = "TensorRT (plugin) form" if ns.plugin_form else "portable form"
+    h, w = ns.size if len(ns.size) == 2 else ns.size * 2
+    print(f"wrote {ns.output}: {form}, {precision}, input {h}x{w}, dynamic batch, "
+          f"{result['export_s']:.1f} s")
+    if result["table"]:
+        print(f"wrote calibration table {result['table']} (calibration {result['calibration_s']:.1f} s)")
+
+
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        {"train": run_train, "infer": run_infer}[ns.command](ns)
+        {"train": run_train, "infer": run_infer, "export": run_export}[ns.command](ns)
     except UserError as e:
         if ns.debug:
             raise

@@ -15,8 +15,11 @@ def test_graph_replay_with_new_inputs_equals_eager(full_precision):
     if not ops.HAVE_EXTENSION:
         pytest.skip("retinanet._C not built: no CUDA ops to capture")
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=5, channels=64, score_threshold=0.0105)
+    cfg = ModelConfig(backbone="ResNet18FPN", classes=5, channels=64)
     model = RetinaNet(cfg)
+    with torch.no_grad():  # scores around the 0.05 threshold: many candidates, a busy NMS
+        model.cls_head.out.bias.fill_(-2.95)
+        model.cls_head.out.weight.normal_(std=0.5)
     eager = TorchBackend(model, list(range(5)), "cuda", full_precision=full_precision, cuda_graphs=False)
     graphed = TorchBackend(model, list(range(5)), "cuda", full_precision=full_precision, cuda_graphs=True)
     for seed in range(3):  # the first call captures, later calls replay with new data
@@ -24,7 +27,7 @@ def test_graph_replay_with_new_inputs_equals_eager(full_precision):
         images = torch.randint(0, 256, (2, 3, 256, 384), generator=g, dtype=torch.uint8)
         want = eager(images)
         got = graphed(images)
-        assert (want[0] > 0).sum() > 0  # the low threshold keeps NMS busy
+        assert (want[0] > 0).sum() > 50
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
         assert torch.equal(got[2], want[2])

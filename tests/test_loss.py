@@ -53,3 +53,25 @@ def test_loss_is_normalised_by_foreground_count():
         assert torch.isfinite(v) and v > 0
     # Background mass is shared: doubling foreground roughly halves the focal term.
     assert l2["cls_loss"] < l1["cls_loss"]
+
+
+def test_batchnorm_folding_keeps_outputs():
+    from retinanet.model.batchnorm import fold_batchnorm
+
+    torch.manual_seed(0)
+    for backbone, freeze in (("ResNet18FPN", True), ("MobileNetV2FPN", False), ("ResNeXt50_32x4dFPN", True)):
+        cfg = ModelConfig(backbone=backbone, classes=3, channels=32, freeze_bn=freeze)
+        model = RetinaNet(cfg)
+        for m in model.modules():  # non-trivial statistics
+            if hasattr(m, "running_var"):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        model.eval()
+        x = torch.rand(1, 3, 128, 128) * 255
+        with torch.no_grad():
+            want = model(x)
+            assert fold_batchnorm(model) > 10
+            got = model(x)
+        assert not any(type(m).__name__.endswith("BatchNorm2d") for m in model.modules())
+        for a, b in zip(want[0] + want[1], got[0] + got[1]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -42,7 +42,7 @@ class RetinaNet(nn.Module):
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Raw head outputs per level: class logits [B, A*C, h, w], box deltas [B, A*4, h, w]."""
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
-        features = self.fpn(self.backbone(x.to(images.dtype if images.is_floating_point() else x.dtype)))
+        features = self.fpn(self.backbone(x))
         return [self.cls_head(f) for f in features], [self.box_head(f) for f in features]
 
     def loss(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:

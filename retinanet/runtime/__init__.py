@@ -98,9 +98,10 @@ def _as_chw_uint8(item) -> Tensor:
 
 
 def load(path: str, device=None, full_precision: bool = False) -> Detector:
-    """Open a checkpoint (.pth); ONNX and TensorRT backends come with export.
+    """Open a checkpoint (.pth) or an exported ONNX model (.onnx, run with ONNX Runtime).
 
-    full_precision: run the network in float32 on the GPU (default: fp16 autocast).
+    full_precision: run a checkpoint's network in float32 on the GPU (default:
+    fp16 autocast). An ONNX model carries its precision; the flag is ignored.
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
@@ -109,4 +110,9 @@ def load(path: str, device=None, full_precision: bool = False) -> Detector:
 
         backend = TorchBackend.from_checkpoint(path, device, full_precision)
         return Detector(backend, backend.config, backend.category_ids)
-    raise UserError(f"{path}: unknown model format {suffix!r} (expected a .pth checkpoint)")
+    if suffix == ".onnx":
+        from .onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(path, device)
+        return Detector(backend, backend.config, backend.category_ids)
+    raise UserError(f"{path}: unknown model format {suffix!r} (expected a .pth checkpoint or an .onnx model)")

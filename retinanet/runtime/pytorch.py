@@ -1,7 +1,7 @@
 """PyTorch backend: a checkpoint's model on CPU or GPU."""
 from __future__ import annotations
 
-import contextlib
+import copy
 
 import torch
 from torch import Tensor
@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import checkpoint, ops
 from ..errors import UserError
 from ..model import RetinaNet
+from ..model.batchnorm import fold_batchnorm
 
 
 def default_device() -> torch.device:
@@ -33,12 +34,18 @@ class TorchBackend:
     def __init__(self, model: RetinaNet, category_ids: list[int], device=None, full_precision: bool = False,
                  cuda_graphs: bool | None = None):
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = model.eval().to(self.device)
+        # An inference copy: BatchNorm folded into the convs, and on the GPU
+        # fp16 weights (no per-call autocast casts) in channels_last.
+        self.model = copy.deepcopy(model).eval()
+        fold_batchnorm(self.model)
+        self.model.to(self.device)
         self.config = model.config
         self.category_ids = category_ids
-        self.amp = self.device.type == "cuda" and not full_precision
+        self.half = self.device.type == "cuda" and not full_precision
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.half:
+            self.model.half()
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and ops.HAVE_EXTENSION
         self.cuda_graphs = cuda_graphs
@@ -58,9 +65,7 @@ class TorchBackend:
     def _detect(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
-        with amp:
-            cls_heads, box_heads = self.model(x)
+        cls_heads, box_heads = self.model(x.half() if self.half else x)
         # Decode and NMS in float32 whatever the network ran in.
         return self.model.postprocess([h.float() for h in cls_heads], [h.float() for h in box_heads])
 

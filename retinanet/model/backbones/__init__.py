@@ -16,15 +16,6 @@ class Backbone(nn.Module):
     """Feature extractor: forward(x) -> [C3, C4, C5] (strides 8, 16, 32)."""
 
     out_channels: tuple[int, int, int]
-    frozen_bn: bool = False
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_bn:  # frozen statistics must not drift in training
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
 
     def forward(self, x):  # pragma: no cover - interface
         raise NotImplementedError

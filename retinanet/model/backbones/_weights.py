@@ -45,13 +45,7 @@ def load_imagenet(model: nn.Module, weights_enum, name: str, weights_file: str |
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
-    """Turn BatchNorm into fixed affine layers: no statistics updates, no gradients.
+    """Turn BatchNorm into fixed affine layers: no statistics updates, no gradients."""
+    from ..batchnorm import freeze
 
-    Backbone.train() keeps these layers in eval mode afterwards.
-    """
-    model.frozen_bn = True
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            for p in m.parameters():
-                p.requires_grad_(False)
-            m.eval()
+    freeze(model)

@@ -1,0 +1,343 @@
+"""Checkpoint -> ONNX, in two forms from one network export.
+
+The network (normalisation, backbone, FPN, heads, sigmoid) is exported once by
+torch.onnx (the dynamo exporter) in the requested precision; INT8 adds Q/DQ to
+it (quantize.py). Then one of two tails is appended:
+
+* portable (default): decode and class-aware NMS in standard ONNX ops and
+  NonMaxSuppression (postprocess.py, exported by torch.onnx as well), runnable
+  by ONNX Runtime;
+* TensorRT (``plugin_form``): one ``RetinaNetDecode`` node per FPN level, three
+  Concats, one ``RetinaNetNMS`` node, in domain ``trt.plugins``. The TensorRT
+  ONNX parser imports an unknown op as the plugin whose name is the op_type
+  (version from ``plugin_version``, namespace from ``plugin_namespace``); every
+  other attribute becomes a PluginField of the same name.
+
+One decode node per level because the decode kernel (csrc/kernels/decode.h)
+works on one level: its anchors, stride and H x W are per level, and per-level
+nodes keep each plugin's inputs plain tensors of static spatial shape.
+
+Both forms: input ``images`` float32 [batch, 3, H, W], pixels 0..255 RGB,
+padded right/bottom with the mean colour; outputs ``scores`` float32 [batch, D],
+``boxes`` float32 [batch, D, 4] (x1, y1, x2, y2 in input pixels), ``classes``
+int32 [batch, D]; padding has score 0, box 0, class -1. The batch axis is
+dynamic. metadata_props carry what a runtime needs (METADATA_* keys).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import checkpoint
+from ..config import ModelConfig
+from ..errors import UserError
+from ..model import RetinaNet
+
+SUPPORTED_OPSETS = (18, 19, 20, 21)  # the dynamo exporter starts at 18
+DEFAULT_OPSET = 19
+PLUGIN_DOMAIN = "trt.plugins"
+PLUGIN_VERSION = "1"
+PRECISIONS = ("fp32", "fp16", "int8")
+EXAMPLE_BATCH = 2  # traced batch; the exported axis is dynamic
+
+# metadata_props keys (all values are JSON).
+METADATA_CONFIG = "retinanet.config"
+METADATA_CATEGORY_IDS = "retinanet.category_ids"
+METADATA_INPUT_SIZE = "retinanet.input_size"  # [H, W]
+METADATA_PRECISION = "retinanet.precision"  # "fp32" | "fp16" | "int8"
+METADATA_FORM = "retinanet.form"  # "portable" | "tensorrt"
+METADATA_MODEL_SHA256 = "retinanet.model_sha256"
+METADATA_FORMAT_VERSION = "retinanet.format_version"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ExportOptions:
+    size: tuple[int, int]  # H, W
+    precision: str = "fp16"
+    plugin_form: bool = False
+    opset: int = DEFAULT_OPSET
+    calibration_images: str | None = None
+    calibration_batches: int = 2
+    calibration_table: str | None = None
+    verbose: bool = False
+
+
+def model_hash(state: dict) -> str:
+    """sha256 of what defines the exported network: the config and every weight (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    config = state["config"].to_dict() if isinstance(state["config"], ModelConfig) else state["config"]
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(state["state_dict"]):
+        t = state["state_dict"][name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+class NetworkForExport(nn.Module):
+    """images float32 [B, 3, H, W] 0..255 -> sigmoid scores then box deltas per level, float32.
+
+    Normalisation stays float32; the backbone/FPN/heads run in `dtype`; the
+    outputs are cast back so decode and NMS always see float32.
+    """
+
+    def __init__(self, model: RetinaNet, dtype: torch.dtype):
+        super().__init__()
+        self.model = copy.deepcopy(model).eval().float()
+        self.dtype = dtype
+        for part in (self.model.backbone, self.model.fpn, self.model.cls_head, self.model.box_head):
+            part.to(dtype)
+
+    def forward(self, images):
+        m = self.model
+        x = ((images - m.pixel_mean) / m.pixel_std).to(self.dtype)
+        features = m.fpn(m.backbone(x))
+        scores = [torch.sigmoid(m.cls_head(f).float()) for f in features]
+        deltas = [m.box_head(f).float() for f in features]
+        return (*scores, *deltas)
+
+
+def head_names(levels: int) -> list[str]:
+    return [f"scores_{i}" for i in range(levels)] + [f"deltas_{i}" for i in range(levels)]
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """The exporter prints progress and warns a lot; show it only with --verbose."""
+    if verbose:
+        yield
+        return
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], opset: int,
+                  verbose: bool, translations: dict | None = None, varargs: bool = False):
+    import onnx  # noqa: F401  (fail early with the install hint)
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    shapes = tuple({0: batch} for _ in args)
+    if varargs:  # forward(*tensors): one positional entry holding them all
+        shapes = (shapes,)
+    with _quiet(verbose), torch.no_grad():
+        program = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset,
+                                    input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=shapes,
+                                    custom_translation_table=translations, verbose=verbose, optimize=True)
+    return program.model_proto
+
+
+def export_network(model: RetinaNet, size: tuple[int, int], dtype: torch.dtype, opset: int, verbose: bool = False):
+    """The network part alone as an ONNX ModelProto: images -> scores_i, deltas_i."""
+    images = torch.full((EXAMPLE_BATCH, 3, *size), 114.0)
+    names = head_names(len(model.config.strides))
+    return _torch_export(NetworkForExport(model, dtype), (images,), ["images"], names, opset, verbose)
+
+
+def _portable_tail(model: RetinaNet, net, opset: int, verbose: bool):
+    from .postprocess import NMS_TRANSLATION, PortablePostprocess
+
+    shapes = _output_shapes(net)
+    names = head_names(len(model.config.strides))
+    example = tuple(torch.rand(EXAMPLE_BATCH, *shapes[n][1:]) for n in names)
+    tail = PortablePostprocess(model.config, model.base_anchors())
+    return _torch_export(tail, example, names, ["scores", "boxes", "classes"], opset, verbose, NMS_TRANSLATION,
+                         varargs=True)
+
+
+def _output_shapes(proto) -> dict[str, list]:
+    return {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+
+
+def _plugin_tail(config: ModelConfig, base_anchors, net):
+    """RetinaNetDecode per level -> Concat -> RetinaNetNMS, as a bare graph (nodes, outputs, value_info)."""
+    from onnx import TensorProto, helper
+
+    batch = net.graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
+    nodes, infos = [], []
+    parts = {"scores": [], "boxes": [], "classes": []}
+    for i, (stride, anchors) in enumerate(zip(config.strides, base_anchors)):
+        outs = [f"decode_{k}_{i}" for k in ("scores", "boxes", "classes")]
+        nodes.append(helper.make_node(
+            "RetinaNetDecode", [f"scores_{i}", f"deltas_{i}"], outs, name=f"RetinaNetDecode_{i}",
+            domain=PLUGIN_DOMAIN, plugin_version=PLUGIN_VERSION, plugin_namespace="",
+            score_threshold=float(config.score_threshold), top_n=int(config.top_n),
+            box_clamp=float(config.box_clamp), stride=int(stride),
+            anchors=[float(v) for v in anchors.flatten().tolist()]))
+        infos += [helper.make_tensor_value_info(outs[0], TensorProto.FLOAT, [batch, config.top_n]),
+                  helper.make_tensor_value_info(outs[1], TensorProto.FLOAT, [batch, config.top_n, 4]),
+                  helper.make_tensor_value_info(outs[2], TensorProto.INT32, [batch, config.top_n])]
+        for k, name in zip(parts, outs):
+            parts[k].append(name)
+    for k, names in parts.items():
+        nodes.append(helper.make_node("Concat", names, [f"candidate_{k}"], name=f"Concat_{k}", axis=1))
+    nodes.append(helper.make_node(
+        "RetinaNetNMS", [f"candidate_{k}" for k in parts], ["scores", "boxes", "classes"], name="RetinaNetNMS",
+        domain=PLUGIN_DOMAIN, plugin_version=PLUGIN_VERSION, plugin_namespace="",
+        nms_iou=float(config.nms_iou), detections=int(config.detections)))
+    d = config.detections
+    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, d]),
+               helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [batch, d, 4]),
+               helper.make_tensor_value_info("classes", TensorProto.INT32, [batch, d])]
+    return nodes, outputs, infos
+
+
+def _append_tail(net, nodes, outputs, initializers=(), value_info=(), functions=(), opsets=()):
+    """Replace the network's outputs (the head tensors) by a tail consuming them."""
+    graph = net.graph
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    heads = [o for o in graph.output]
+    graph.value_info.extend(heads)  # keep the head shapes known
+    graph.value_info.extend(value_info)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    net.functions.extend(functions)
+    have = {o.domain for o in net.opset_import}
+    for o in opsets:
+        if o.domain not in have:
+            net.opset_import.append(o)
+            have.add(o.domain)
+    return net
+
+
+def _merge_portable(net, tail):
+    """Append the exported postprocess graph, renaming its internal names apart."""
+    inputs = {i.name for i in tail.graph.input}
+    outputs = {o.name for o in tail.graph.output}
+
+    def rename(name):
+        return name if (not name or name in inputs or name in outputs) else f"postprocess/{name}"
+
+    for node in tail.graph.node:
+        node.name = f"postprocess/{node.name}" if node.name else node.name
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+        for attr in node.attribute:  # subgraphs (If/Loop) are not used by the tail
+            assert not attr.g.node and not attr.graphs, "unexpected subgraph in the postprocess export"
+    for init in tail.graph.initializer:
+        init.name = rename(init.name)
+    for vi in tail.graph.value_info:
+        vi.name = rename(vi.name)
+    return _append_tail(net, tail.graph.node, tail.graph.output, tail.graph.initializer, tail.graph.value_info,
+                        tail.functions, tail.opset_import)
+
+
+def _set_metadata(proto, values: dict) -> None:
+    del proto.metadata_props[:]
+    for key in sorted(values):
+        entry = proto.metadata_props.add()
+        entry.key = key
+        entry.value = json.dumps(values[key], sort_keys=True)
+
+
+def read_metadata(proto_or_map) -> dict:
+    """metadata_props (or ORT's custom_metadata_map) -> python values for the retinanet.* keys."""
+    items = proto_or_map.items() if isinstance(proto_or_map, dict) else ((p.key, p.value) for p in proto_or_map.metadata_props)
+    return {k: json.loads(v) for k, v in items if k.startswith("retinanet.")}
+
+
+def parse_size(size, config: ModelConfig) -> tuple[int, int]:
+    h, w = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    m = config.pad_multiple
+    if h % m or w % m or h <= 0 or w <= 0:
+        raise UserError(f"--size {h} {w}: height and width must be positive multiples of {m} "
+                        f"(the model's largest stride)")
+    return h, w
+
+
+def load_model(path: str) -> tuple[RetinaNet, dict]:
+    state = checkpoint.load(path)
+    model = RetinaNet(state["config"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit a {state['backbone']} model "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    return model.eval(), state
+
+
+def export_onnx(model_path: str, output: str, options: ExportOptions, log=print) -> dict:
+    """Write the ONNX model (and, for INT8 from images, its calibration table). Returns timings and paths."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the onnx package: pip install 'retinanet[onnx]'") from None
+    from . import quantize
+
+    if options.opset not in SUPPORTED_OPSETS:
+        raise UserError(f"--opset {options.opset}: unsupported; choose one of "
+                        f"{', '.join(map(str, SUPPORTED_OPSETS))}")
+    if options.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {options.precision!r}")
+    model, state = load_model(model_path)
+    config = model.config
+    size = parse_size(options.size, config)
+    digest = model_hash(state)
+    result = {"output": output, "table": None, "calibration_s": None}
+
+    table = None
+    if options.precision == "int8":
+        if options.calibration_table and options.calibration_images:
+            raise UserError("--calibration-table and --calibration-images exclude each other: "
+                            "the table replaces calibration")
+        if options.calibration_table:
+            table = quantize.read_table(options.calibration_table, digest, size)
+        elif not options.calibration_images:
+            raise UserError("--int8 needs --calibration-images DIR (or --calibration-table FILE from an earlier export)")
+        else:
+            quantize.check_image_folder(options.calibration_images)
+    elif options.calibration_table or options.calibration_images:
+        raise UserError("--calibration-images/--calibration-table apply to --int8 only")
+
+    start = time.perf_counter()
+    dtype = torch.float16 if options.precision == "fp16" else torch.float32
+    net = export_network(model, size, dtype, options.opset, options.verbose)
+    if options.precision == "int8":
+        if table is None:
+            t0 = time.perf_counter()
+            table = quantize.calibrate(net, config, size, options.calibration_images, options.calibration_batches,
+                                       digest, log=log if options.verbose else None)
+            result["calibration_s"] = time.perf_counter() - t0
+            result["table"] = quantize.table_path(output)
+            quantize.write_table(result["table"], table)
+        net = quantize.insert_qdq(net, table)
+    if options.plugin_form:
+        nodes, outputs, infos = _plugin_tail(config, model.base_anchors(), net)
+        opset = onnx.helper.make_opsetid(PLUGIN_DOMAIN, 1)
+        proto = _append_tail(net, nodes, outputs, value_info=infos, opsets=[opset])
+    else:
+        proto = _merge_portable(net, _portable_tail(model, net, options.opset, options.verbose))
+    proto.graph.name = "retinanet"
+    proto.doc_string = ""
+    _set_metadata(proto, {
+        METADATA_CONFIG: config.to_dict(),
+        METADATA_CATEGORY_IDS: list(state["category_ids"]),
+        METADATA_INPUT_SIZE: list(size),
+        METADATA_PRECISION: options.precision,
+        METADATA_FORM: "tensorrt" if options.plugin_form else "portable",
+        METADATA_MODEL_SHA256: digest,
+        METADATA_FORMAT_VERSION: FORMAT_VERSION,
+    })
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:  # a bug here, not a user error: keep the details
+        raise RuntimeError(f"exported graph fails onnx.checker: {e}") from None
+    tmp = output + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(proto.SerializeToString())
+    os.replace(tmp, output)
+    result["export_s"] = time.perf_counter() - start
+    return result

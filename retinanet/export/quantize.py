@@ -1,0 +1,222 @@
+"""INT8 explicit quantisation of the exported network: calibration, table, Q/DQ.
+
+Every Conv gets QuantizeLinear -> DequantizeLinear on its input activation
+(int8, per tensor, symmetric: zero point 0) and on its weight (int8, per
+output channel, axis 0, symmetric). Weight scales are max|w| / 127 per channel,
+computed from the weights. Activation scales come from calibration: the float32
+network runs in ONNX Runtime over the calibration images and each Conv input's
+|x| is histogrammed (2048 bins up to its maximum); amax is the 99.99th
+percentile, scale = amax / 127. Decode and NMS come after the network and are
+never quantised. Everything else (adds, resizes, norms) stays float32.
+
+Calibration table (``OUTPUT.calibration.json`` next to the exported model),
+JSON written with sorted keys:
+
+    {"format": "retinanet-calibration", "version": 1,
+     "model_sha256": "<export.onnx.model_hash of the checkpoint>",
+     "input_size": [H, W], "method": "percentile", "percentile": 99.99,
+     "bins": 2048, "images": 16, "batch_size": 8, "batches": 2,
+     "scales": {"<conv input tensor name>": <float32 scale>, ...}}
+
+Scales are float32 values written as JSON numbers, which round-trip exactly,
+so ``--calibration-table`` rebuilds the byte-identical Q/DQ model without images.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..data import transforms as T
+from ..data.coco import IMAGE_SUFFIXES, CorruptImage, mean_pixel, read_image
+from ..errors import UserError
+from ..runtime.onnxruntime import fit_config, pad_to
+
+TABLE_FORMAT = "retinanet-calibration"
+TABLE_VERSION = 1
+METHOD = "percentile"
+PERCENTILE = 99.99
+BINS = 2048
+BATCH_SIZE = 8  # calibration images per batch
+SEED = 0  # which images are picked from the folder
+QMAX = 127.0
+
+
+def table_path(output: str) -> str:
+    base = output[: -len(".onnx")] if output.lower().endswith(".onnx") else output
+    return base + ".calibration.json"
+
+
+def check_image_folder(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: calibration image folder not found")
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+    except OSError as e:
+        raise UserError(f"{folder}: cannot read the calibration image folder ({e.strerror})") from None
+    if not names:
+        raise UserError(f"{folder}: no image files to calibrate on ({', '.join(IMAGE_SUFFIXES)})")
+    return names
+
+
+def conv_inputs(proto) -> list[str]:
+    """Activation inputs of the Conv nodes, in graph order, each once."""
+    seen, out = set(), []
+    for node in proto.graph.node:
+        if node.op_type == "Conv" and node.input[0] not in seen:
+            seen.add(node.input[0])
+            out.append(node.input[0])
+    return out
+
+
+def _calibration_batches(config: ModelConfig, size, folder: str, batches: int):
+    names = check_image_folder(folder)
+    random.Random(SEED).shuffle(names)
+    names = names[: batches * BATCH_SIZE]
+    fitted = fit_config(config, size)
+    fill = mean_pixel(config.mean)
+    for start in range(0, len(names), BATCH_SIZE):
+        images = []
+        for name in names[start: start + BATCH_SIZE]:
+            try:
+                img = read_image(os.path.join(folder, name))
+            except CorruptImage as e:
+                raise UserError(f"{e} (calibration image)") from None
+            img, _, _ = T.resize(img, torch.zeros(0, 4), fitted.resize, fitted.max_size)
+            images.append(img[:, : size[0], : size[1]])
+        batch = torch.tensor(fill, dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(images), 1, 1, 1)
+        batch = batch.expand(-1, -1, *size).clone()
+        for i, img in enumerate(images):
+            batch[i, :, : img.shape[1], : img.shape[2]] = img
+        yield batch.float().numpy()
+
+
+def _session_with_outputs(proto, names: list[str]):
+    import onnx
+    import onnxruntime as ort
+
+    from ..runtime.onnxruntime import providers_for
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    have = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in have:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=providers_for(None))
+
+
+def calibrate(net, config: ModelConfig, size, folder: str, batches: int, digest: str, log=None) -> dict:
+    """Run the float32 network over the calibration images; return the table (a dict)."""
+    names = conv_inputs(net)
+    session = _session_with_outputs(net, names)
+    feed = net.graph.input[0].name
+    amax = {n: 0.0 for n in names}
+    # Pass 1: maxima (the histogram ranges). Pass 2: histograms of |x|.
+    count = 0
+    for batch in _calibration_batches(config, size, folder, batches):
+        count += batch.shape[0]
+        for name, value in zip(names, session.run(names, {feed: batch})):
+            amax[name] = max(amax[name], float(np.abs(value).max()))
+    hists = {n: np.zeros(BINS, dtype=np.int64) for n in names}
+    for i, batch in enumerate(_calibration_batches(config, size, folder, batches)):
+        for name, value in zip(names, session.run(names, {feed: batch})):
+            top = amax[name] if amax[name] > 0 else 1.0
+            hists[name] += np.histogram(np.abs(value), bins=BINS, range=(0.0, top))[0]
+        if log is not None:
+            log(f"calibration batch {i + 1}")
+    scales = {}
+    for name in names:
+        cdf = np.cumsum(hists[name]) / max(1, hists[name].sum())
+        edge = int(np.searchsorted(cdf, PERCENTILE / 100.0)) + 1  # upper edge of the percentile's bin
+        value = (amax[name] if amax[name] > 0 else 1.0) * min(edge, BINS) / BINS
+        scales[name] = float(np.float32(max(value, 1e-8) / QMAX))
+    return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "model_sha256": digest, "input_size": list(size),
+            "method": METHOD, "percentile": PERCENTILE, "bins": BINS, "images": count, "batch_size": BATCH_SIZE,
+            "batches": -(-count // BATCH_SIZE), "scales": scales}
+
+
+def write_table(path: str, table: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_table(path: str, digest: str, size) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: calibration table not found")
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable calibration table ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT or not isinstance(table.get("scales"), dict):
+        raise UserError(f"{path}: not a retinanet calibration table")
+    if table.get("version") != TABLE_VERSION:
+        raise UserError(f"{path}: calibration table version {table.get('version')} is not {TABLE_VERSION}")
+    if table.get("model_sha256") != digest:
+        raise UserError(f"{path}: calibration table is for another model (sha256 {str(table.get('model_sha256'))[:12]}..., "
+                        f"this checkpoint is {digest[:12]}...): calibrate again with --calibration-images")
+    if list(table.get("input_size", [])) != list(size):
+        got = "x".join(map(str, table.get("input_size", []))) or "?"
+        raise UserError(f"{path}: calibration table is for input size {got}, not {size[0]}x{size[1]}: "
+                        f"export with --size {got.replace('x', ' ')} or calibrate again")
+    bad = [k for k, v in table["scales"].items() if not isinstance(v, (int, float)) or not v > 0]
+    if bad:
+        raise UserError(f"{path}: calibration scale of {bad[0]} is not a positive number")
+    table["path"] = path
+    return table
+
+
+def insert_qdq(net, table: dict):
+    """Q/DQ on every Conv input and weight of the float32 network (in place; returned)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    scales = table["scales"]
+    where = table.get("path", "calibration table")
+    inits = {i.name: i for i in net.graph.initializer}
+    new_nodes, new_inits, done = [], [], {}
+
+    def qdq(tensor: str, scale: np.ndarray, axis: int | None) -> str:
+        if tensor in done:
+            return done[tensor]
+        s = helper.make_tensor(f"{tensor}_qdq_scale", TensorProto.FLOAT, list(scale.shape),
+                               scale.astype(np.float32).flatten().tolist())
+        z = helper.make_tensor(f"{tensor}_qdq_zero_point", TensorProto.INT8, list(scale.shape),
+                               [0] * int(scale.size))
+        new_inits.extend([s, z])
+        attrs = {} if axis is None else {"axis": axis}
+        q, dq = f"{tensor}_quantized", f"{tensor}_dequantized"
+        new_nodes.append(helper.make_node("QuantizeLinear", [tensor, s.name, z.name], [q],
+                                          name=f"{tensor}_QuantizeLinear", **attrs))
+        new_nodes.append(helper.make_node("DequantizeLinear", [q, s.name, z.name], [dq],
+                                          name=f"{tensor}_DequantizeLinear", **attrs))
+        done[tensor] = dq
+        return dq
+
+    for node in net.graph.node:
+        if node.op_type == "Conv":
+            x, w = node.input[0], node.input[1]
+            if x not in scales:
+                raise UserError(f"{where}: no scale for Conv input {x!r}: the table does not match this "
+                                f"model's graph (written by another retinanet version?); calibrate again")
+            if w not in inits:
+                raise RuntimeError(f"Conv {node.name}: weight {w} is not an initializer")
+            weight = numpy_helper.to_array(inits[w]).astype(np.float32)
+            amax = np.abs(weight).reshape(weight.shape[0], -1).max(axis=1)
+            w_scale = np.maximum(amax, 1e-8) / QMAX
+            node.input[0] = qdq(x, np.array(scales[x], dtype=np.float32), None)
+            node.input[1] = qdq(w, w_scale.astype(np.float32), 0)
+        new_nodes.append(node)
+    del net.graph.node[:]
+    net.graph.node.extend(new_nodes)
+    net.graph.initializer.extend(new_inits)
+    return net

@@ -1,0 +1,110 @@
+"""ONNX Runtime backend: an exported portable-form model (.onnx).
+
+The model carries its settings in metadata_props (export/onnx.py writes them):
+the ModelConfig, the category ids and the fixed input size H x W. Batches are
+padded up to that size with the mean colour; the preprocessing sizes are
+capped so that images fit it (`fit_config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..data.coco import mean_pixel
+from ..errors import UserError
+
+# The metadata keys written by export/onnx.py (repeated here as plain strings:
+# runtime/ sits below export/ and must not import it).
+_CONFIG, _CATEGORY_IDS, _INPUT_SIZE, _FORM = ("retinanet.config", "retinanet.category_ids",
+                                              "retinanet.input_size", "retinanet.form")
+
+
+def fit_config(config: ModelConfig, size: tuple[int, int]) -> ModelConfig:
+    """The config with resize/max_size capped so that a resized image fits an H x W input."""
+    h, w = size
+    return dataclasses.replace(config, resize=min(config.resize, h, w), max_size=min(config.max_size, max(h, w)))
+
+
+def pad_to(images: Tensor, size: tuple[int, int], fill) -> Tensor:
+    """Pad a [B, 3, h, w] batch right/bottom to [B, 3, H, W] with the fill colour."""
+    b, c, h, w = images.shape
+    if (h, w) == tuple(size):
+        return images
+    if h > size[0] or w > size[1]:
+        raise UserError(f"image batch of {h}x{w} pixels does not fit the model input {size[0]}x{size[1]}: "
+                        f"lower --resize/--max-size or export with a larger --size")
+    out = torch.tensor(fill, dtype=images.dtype).view(1, 3, 1, 1).repeat(b, 1, *size)
+    out[:, :, :h, :w] = images
+    return out
+
+
+def providers_for(device) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    want = torch.device(device).type if device is not None else None
+    if want == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UserError("device cuda asked for, but this onnxruntime has no CUDAExecutionProvider "
+                            "(install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if want is None and "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    """Runs the portable form; outputs as CPU torch tensors (scores, boxes float32; classes int32)."""
+
+    def __init__(self, path: str, device=None, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(f"{path}: running ONNX models needs onnxruntime: pip install 'retinanet[onnx]'") from None
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: ONNX model not found")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = providers_for(device)
+        try:
+            self.session = ort.InferenceSession(path, options, providers=providers)
+        except Exception as e:  # ORT raises its own exception types for bad files and unknown ops
+            text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            if "RetinaNetDecode" in text or "RetinaNetNMS" in text or "trt.plugins" in text:
+                raise UserError(f"{path}: this is the TensorRT (plugin) form; ONNX Runtime runs the portable "
+                                f"form (export without --plugin-form) or build a TensorRT engine from it") from None
+            raise UserError(f"{path}: ONNX Runtime cannot load the model ({text})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in (_CONFIG, _CATEGORY_IDS, _INPUT_SIZE) if k not in meta]
+        if missing:
+            raise UserError(f"{path}: not a retinanet ONNX export (metadata {', '.join(missing)} missing)")
+        if json.loads(meta.get(_FORM, '"portable"')) != "portable":
+            raise UserError(f"{path}: this is the TensorRT (plugin) form; ONNX Runtime runs the portable form")
+        try:
+            config = ModelConfig.from_dict(json.loads(meta[_CONFIG]))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: bad model config in metadata ({e})") from None
+        self.input_size = tuple(json.loads(meta[_INPUT_SIZE]))
+        self.config = fit_config(config, self.input_size)
+        self.category_ids = list(json.loads(meta[_CATEGORY_IDS]))
+        self.fill = mean_pixel(config.mean)
+        self.providers = self.session.get_providers()
+        # Results come back through host memory either way; the data loader pins nothing.
+        self.device = torch.device("cpu")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        batch = pad_to(images.cpu(), self.input_size, self.fill)
+        feed = {self.input_name: np.ascontiguousarray(batch.numpy(), dtype=np.float32)}
+        out = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        return (torch.from_numpy(out["scores"]), torch.from_numpy(out["boxes"]),
+                torch.from_numpy(out["classes"]))

@@ -1,0 +1,329 @@
+"""ONNX export (both forms, FP32/FP16/INT8), calibration tables, ONNX Runtime backend.
+
+Structure tests use a tiny random-weight model; accuracy tests (marked slow)
+use the session's trained demo model (conftest.trained) through the CLI.
+"""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from retinanet import checkpoint  # noqa: E402
+from retinanet.config import ModelConfig  # noqa: E402
+from retinanet.export import ExportOptions, export_onnx  # noqa: E402
+from retinanet.export import onnx as export_onnx_module  # noqa: E402
+from retinanet.export import quantize  # noqa: E402
+from retinanet.model import RetinaNet  # noqa: E402
+
+SIZE = (128, 256)
+
+
+def tiny_model(classes=3, busy=True):
+    cfg = ModelConfig(backbone="ResNet18FPN", classes=classes, channels=32, resize=128, max_size=256,
+                      freeze_bn=False, top_n=300)
+    torch.manual_seed(0)
+    model = RetinaNet(cfg).eval()
+    if busy:  # many candidates above threshold, wide boxes: NMS has work to do
+        torch.nn.init.normal_(model.cls_head.out.weight, std=0.3)
+        torch.nn.init.constant_(model.cls_head.out.bias, -1.5)
+        torch.nn.init.normal_(model.box_head.out.weight, std=0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, demo_root):
+    """A busy tiny checkpoint and its exports: portable FP32, plugin FP16, plugin INT8 (images, then table)."""
+    work = tmp_path_factory.mktemp("tiny")
+    images = demo_root / "val"
+    model = tiny_model()
+    path = str(work / "tiny.pth")
+    checkpoint.save(path, checkpoint.model_state(model.config, model, [1, 3, 7]))
+    out = {"work": work, "pth": path, "model": model, "images": str(images)}
+    out["fp32"] = export_onnx(path, str(work / "fp32.onnx"), ExportOptions(SIZE, "fp32"))["output"]
+    out["plugin"] = export_onnx(path, str(work / "plugin.onnx"), ExportOptions(SIZE, "fp16", plugin_form=True))["output"]
+    r = export_onnx(path, str(work / "int8.onnx"),
+                    ExportOptions(SIZE, "int8", plugin_form=True, calibration_images=str(images)))
+    out["int8"], out["table"] = r["output"], r["table"]
+    out["int8_from_table"] = export_onnx(path, str(work / "int8_table.onnx"),
+                                         ExportOptions(SIZE, "int8", plugin_form=True,
+                                                       calibration_table=r["table"]))["output"]
+    return out
+
+
+def run_ort(path, images):
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(["scores", "boxes", "classes"], {"images": images.numpy()})
+
+
+def assert_same_detections(got, want, rtol=1e-3, score_tol=1e-4):
+    """Same kept set per image (class, score, box), matched irrespective of order among near-ties."""
+    g_scores, g_boxes, g_classes = (np.asarray(t) for t in got)
+    w_scores, w_boxes, w_classes = (np.asarray(t) for t in want)
+    assert g_scores.shape == w_scores.shape and g_boxes.shape == w_boxes.shape
+    assert g_classes.dtype == np.int32 and g_scores.dtype == np.float32
+    for b in range(w_scores.shape[0]):
+        keep = w_scores[b] > 0
+        assert (g_scores[b] > 0).sum() == keep.sum(), f"image {b}: kept counts differ"
+        # Padding exactly as the reference: score 0, box 0, class -1.
+        pad = ~(g_scores[b] > 0)
+        assert (g_boxes[b][pad] == 0).all() and (g_classes[b][pad] == -1).all()
+        free = list(np.nonzero(~pad)[0])
+        for i in np.nonzero(keep)[0]:
+            scale = np.maximum(np.abs(w_boxes[b, i]), 1.0)
+            hits = [j for j in free if g_classes[b, j] == w_classes[b, i]
+                    and abs(g_scores[b, j] - w_scores[b, i]) <= score_tol
+                    and (np.abs(g_boxes[b, j] - w_boxes[b, i]) <= rtol * scale).all()]
+            assert hits, f"image {b}: no match for detection {i} {w_classes[b, i]} {w_scores[b, i]} {w_boxes[b, i]}"
+            free.remove(hits[0])
+        # Order: scores descending, as the reference writes them.
+        s = g_scores[b][~pad]
+        assert (np.diff(s) <= 1e-6).all()
+
+
+def test_portable_fp32_matches_reference_on_busy_model(tiny):
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, *SIZE) * 255
+    with torch.no_grad():
+        want = [t.numpy() for t in tiny["model"].detect(images)]
+    assert (want[0] > 0).sum(axis=1).min() == 100  # NMS really had to cut to `detections`
+    assert_same_detections(run_ort(tiny["fp32"], images), want)
+    # The batch axis is dynamic: one image alone gives the same as in the batch.
+    one = run_ort(tiny["fp32"], images[1:2])
+    assert_same_detections(one, [w[1:2] for w in want])
+
+
+def test_portable_export_of_quiet_model_outputs_padding_only(tmp_path):
+    model = tiny_model(busy=False)  # prior 0.01 < threshold 0.05 everywhere: no candidates
+    path = str(tmp_path / "quiet.pth")
+    checkpoint.save(path, checkpoint.model_state(model.config, model, [1, 3, 7]))
+    out = export_onnx(path, str(tmp_path / "q.onnx"), ExportOptions(SIZE, "fp32"))["output"]
+    scores, boxes, classes = run_ort(out, torch.rand(2, 3, *SIZE) * 255)
+    assert scores.shape == (2, 100) and (scores == 0).all() and (boxes == 0).all() and (classes == -1).all()
+
+
+def test_both_forms_pass_full_checker_and_carry_metadata(tiny):
+    for key in ("fp32", "plugin", "int8"):
+        proto = onnx.load(tiny[key])
+        onnx.checker.check_model(proto, full_check=True)
+        meta = export_onnx_module.read_metadata(proto)
+        assert meta["retinanet.input_size"] == list(SIZE)
+        assert meta["retinanet.category_ids"] == [1, 3, 7]
+        assert ModelConfig.from_dict(meta["retinanet.config"]) == tiny["model"].config
+        assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim][:1] != [""]
+        outputs = {o.name: o.type.tensor_type.elem_type for o in proto.graph.output}
+        assert outputs == {"scores": onnx.TensorProto.FLOAT, "boxes": onnx.TensorProto.FLOAT,
+                           "classes": onnx.TensorProto.INT32}
+    assert export_onnx_module.read_metadata(onnx.load(tiny["plugin"]))["retinanet.precision"] == "fp16"
+
+
+def test_plugin_form_has_exactly_the_plugin_nodes_and_fields(tiny):
+    proto = onnx.load(tiny["plugin"])
+    cfg = tiny["model"].config
+    custom = [n for n in proto.graph.node if n.domain == export_onnx_module.PLUGIN_DOMAIN]
+    assert Counter(n.op_type for n in custom) == {"RetinaNetDecode": len(cfg.strides), "RetinaNetNMS": 1}
+    assert not any(n.op_type in ("NonMaxSuppression", "TopK") for n in proto.graph.node)
+    decodes = [n for n in custom if n.op_type == "RetinaNetDecode"]
+    for i, (node, stride, base) in enumerate(zip(decodes, cfg.strides, tiny["model"].base_anchors())):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert set(attrs) == {"plugin_version", "plugin_namespace", "score_threshold", "top_n", "box_clamp",
+                              "stride", "anchors"}
+        assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b""
+        assert attrs["stride"] == stride and attrs["top_n"] == cfg.top_n
+        assert attrs["score_threshold"] == pytest.approx(cfg.score_threshold)
+        assert attrs["box_clamp"] == pytest.approx(cfg.box_clamp)
+        np.testing.assert_allclose(attrs["anchors"], base.flatten().numpy(), rtol=1e-6)
+        assert list(node.input) == [f"scores_{i}", f"deltas_{i}"]
+    nms = next(n for n in custom if n.op_type == "RetinaNetNMS")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nms.attribute}
+    assert attrs == {"plugin_version": b"1", "plugin_namespace": b"", "nms_iou": pytest.approx(cfg.nms_iou),
+                     "detections": cfg.detections}
+    assert list(nms.output) == ["scores", "boxes", "classes"]
+    # The network runs in FP16; the plugins get float32 inputs.
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    weights = {i.name: i.data_type for i in proto.graph.initializer}
+    assert {weights[c.input[1]] for c in convs} == {onnx.TensorProto.FLOAT16}
+
+
+def test_int8_has_qdq_on_every_conv_input_and_weight(tiny):
+    proto = onnx.load(tiny["int8"])
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    inits = {i.name: i for i in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(convs) > 20
+    for conv in convs:
+        for slot in (0, 1):
+            dq = producers[conv.input[slot]]
+            assert dq.op_type == "DequantizeLinear", (conv.name, slot)
+            q = producers[dq.input[0]]
+            assert q.op_type == "QuantizeLinear"
+            zero = onnx.numpy_helper.to_array(inits[q.input[2]])
+            assert zero.dtype == np.int8 and (zero == 0).all()  # symmetric, as TensorRT requires
+            scale = onnx.numpy_helper.to_array(inits[q.input[1]])
+            if slot == 0:
+                assert scale.shape == ()  # per tensor
+            else:
+                weight = inits[q.input[0]]
+                assert scale.shape == (weight.dims[0],)  # per output channel
+                assert {a.name: a.i for a in q.attribute}.get("axis") == 0
+    # Decode/NMS are left out: nothing after the heads is quantised.
+    q_inputs = {producers[n.input[0]].op_type for n in proto.graph.node if n.op_type == "QuantizeLinear"
+                and n.input[0] in producers}
+    assert "RetinaNetDecode" not in q_inputs and "Sigmoid" not in q_inputs
+
+
+def test_calibration_table_round_trip_is_byte_identical(tiny):
+    table = json.loads(open(tiny["table"]).read())
+    assert tiny["table"].endswith("int8.calibration.json")
+    assert table["format"] == "retinanet-calibration" and table["input_size"] == list(SIZE)
+    assert table["method"] == "percentile" and table["images"] == 16
+    state = checkpoint.load(tiny["pth"])
+    assert table["model_sha256"] == export_onnx_module.model_hash(state)
+    assert set(table["scales"]) == set(quantize.conv_inputs(onnx.load(tiny["fp32"])))
+    a = open(tiny["int8"], "rb").read()
+    b = open(tiny["int8_from_table"], "rb").read()
+    assert a == b  # images then table: same scales, same bytes
+    again = export_onnx(tiny["pth"], str(tiny["work"] / "int8_again.onnx"),
+                        ExportOptions(SIZE, "int8", plugin_form=True, calibration_table=tiny["table"]))["output"]
+    assert open(again, "rb").read() == b
+
+
+def test_table_for_other_model_or_size_is_refused(tiny, tmp_path):
+    from retinanet.errors import UserError
+
+    with pytest.raises(UserError, match="input size 128x256"):
+        export_onnx(tiny["pth"], str(tmp_path / "x.onnx"),
+                    ExportOptions((256, 256), "int8", calibration_table=tiny["table"]))
+    other = tiny_model(classes=2)
+    checkpoint.save(str(tmp_path / "other.pth"), checkpoint.model_state(other.config, other, [1, 3]))
+    with pytest.raises(UserError, match="another model"):
+        export_onnx(str(tmp_path / "other.pth"), str(tmp_path / "x.onnx"),
+                    ExportOptions(SIZE, "int8", calibration_table=tiny["table"]))
+
+
+def test_onnx_runtime_backend_through_load(tiny):
+    import retinanet
+
+    detector = retinanet.load(tiny["fp32"])
+    assert detector.category_ids.tolist() == [1, 3, 7] and detector.device.type == "cpu"
+    img = (np.random.default_rng(0).random((100, 200, 3)) * 255).astype(np.uint8)
+    dets = detector([img, img[:60]])  # padded up to the model's 128x256 input
+    assert len(dets) == 2 and len(dets[0].scores) == 100
+    assert set(dets[0].category_ids.tolist()) <= {1, 3, 7}
+    assert (dets[0].boxes[:, 2] <= 200).all() and (dets[1].boxes[:, 3] <= 60).all()
+    torch_det = retinanet.load(tiny["pth"], device="cpu")([img])[0]
+    np.testing.assert_allclose(np.sort(dets[0].scores.numpy()), np.sort(torch_det.scores.numpy()), atol=1e-5)
+
+
+def assert_user_error(proc, *words):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_export_errors(tiny, tmp_path):
+    from retinanet.errors import UserError
+
+    pth = tiny["pth"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "t.json").write_text("{}")
+    out = str(tmp_path / "o.onnx")
+    cases = [
+        (dict(precision="int8", calibration_images=str(tmp_path / "none")), "none: calibration image folder not found"),
+        (dict(precision="int8", calibration_images=str(tmp_path / "bad")), "x.jpg: cannot decode"),
+        (dict(precision="int8"), "--calibration-images"),
+        (dict(precision="int8", calibration_table=str(tmp_path / "t.json")), "not a retinanet calibration table"),
+        (dict(precision="int8", calibration_table=str(tmp_path / "nope.json")), "nope.json: calibration table not found"),
+        (dict(precision="fp16", calibration_images=str(tmp_path / "bad")), "--int8 only"),
+        (dict(size=(100,)), "multiples of 128"),
+    ]
+    for kwargs, words in cases:
+        with pytest.raises(UserError, match=words):
+            export_onnx(pth, out, ExportOptions(**{"size": SIZE, **kwargs}))
+    assert not os.path.exists(out)
+
+
+def test_export_cli_errors_are_one_line(tiny, tmp_path):
+    pth = tiny["pth"]
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_cli("export", pth, "o.onnx", "--int8", "--calibration-images", "empty", cwd=tmp_path),
+                      "empty", "no image files")
+    assert_user_error(run_cli("export", pth, "o.onnx", "--opset", "11", cwd=tmp_path), "--opset 11", "unsupported")
+    assert_user_error(run_cli("export", pth, "o.plan", cwd=tmp_path), "o.plan", "TensorRT")
+    assert_user_error(run_cli("export", pth, os.path.basename(tiny["fp32"]), cwd=tiny["work"]), "--override")
+    assert_user_error(run_cli("infer", tiny["plugin"], "--images", tiny["images"], cwd=tmp_path),
+                      "plugin", "portable")
+
+
+# --- accuracy on the demo model (the session's trained checkpoint) -----------------------------
+
+def _records_map(demo_root, out_json):
+    from retinanet.evaluate import coco_stats
+
+    return coco_stats(str(demo_root / "val.json"), json.loads(out_json.read_text()))[0]
+
+
+@pytest.fixture(scope="module")
+def demo_exports(trained, demo_root):
+    """FP32, FP16 and INT8 portable exports of the demo model through the CLI, and their val mAP."""
+    work, _, env = trained
+    val = ["--images", str(demo_root / "val"), "--annotations", str(demo_root / "val.json")]
+    out = {}
+    for name, flags in (("fp32", ["--full-precision"]), ("fp16", []),
+                        ("int8", ["--int8", "--calibration-images", str(demo_root / "train")])):
+        proc = run_cli("export", "demo.pth", f"demo_{name}.onnx", "--size", "128", *flags, "--override",
+                       cwd=work, env=env)
+        assert f"wrote demo_{name}.onnx" in proc.stdout
+        run_cli("infer", f"demo_{name}.onnx", *val, "--output", f"{name}.json", "--override", cwd=work, env=env)
+        out[name] = _records_map(demo_root, work / f"{name}.json")
+    run_cli("infer", "demo.pth", *val, "--output", "pth.json", "--override", cwd=work, env=env)
+    out["pth"] = _records_map(demo_root, work / "pth.json")
+    print(f"\nval mAP: pth {out['pth']:.4f} fp32 {out['fp32']:.4f} fp16 {out['fp16']:.4f} int8 {out['int8']:.4f}")
+    return out
+
+
+@pytest.mark.slow
+def test_demo_portable_fp32_matches_pytorch_detections(trained, demo_root, demo_exports):
+    import retinanet
+    from retinanet.infer import make_loader
+
+    work = trained[0]
+    torch_det = retinanet.load(str(work / "demo.pth"), device="cpu")
+    onnx_det = retinanet.load(str(work / "demo_fp32.onnx"))
+    loader = make_loader(torch_det, str(demo_root / "val"), None, 8, 128, 128, 0)
+    total = 0
+    for batch in loader:
+        want = [t.numpy() for t in torch_det.run(batch.images)]
+        assert_same_detections(onnx_det.run(batch.images), want)
+        total += int((want[0] > 0).sum())
+    assert total > 100
+    assert abs(demo_exports["fp32"] - demo_exports["pth"]) <= 0.001  # mAP points / 100
+
+
+@pytest.mark.slow
+def test_demo_fp16_and_int8_map_drop(demo_exports):
+    assert demo_exports["fp32"] - demo_exports["fp16"] <= 0.002
+    assert demo_exports["fp32"] - demo_exports["int8"] <= 0.01
+
+
+@pytest.mark.slow
+def test_demo_int8_from_table_cli_is_byte_identical(trained, demo_exports):
+    work, _, env = trained
+    run_cli("export", "demo.pth", "table_a.onnx", "--size", "128", "--int8", "--calibration-table",
+            "demo_int8.calibration.json", "--override", cwd=work, env=env)
+    run_cli("export", "demo.pth", "table_b.onnx", "--size", "128", "--int8", "--calibration-table",
+            "demo_int8.calibration.json", "--override", cwd=work, env=env)
+    a, b = (work / "table_a.onnx").read_bytes(), (work / "table_b.onnx").read_bytes()
+    assert a == b
+    assert a == (work / "demo_int8.onnx").read_bytes()  # images, then table: the same scales and bytes
