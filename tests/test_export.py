@@ -255,15 +255,17 @@ def test_export_errors(tiny, tmp_path):
 
 
 def test_export_cli_errors_are_one_line(tiny, tmp_path):
+    def fails(*args, cwd=tmp_path):
+        return run_cli(*args, cwd=cwd, check=False)
+
     pth = tiny["pth"]
     (tmp_path / "empty").mkdir()
-    assert_user_error(run_cli("export", pth, "o.onnx", "--int8", "--calibration-images", "empty", cwd=tmp_path),
+    assert_user_error(fails("export", pth, "o.onnx", "--int8", "--calibration-images", "empty"),
                       "empty", "no image files")
-    assert_user_error(run_cli("export", pth, "o.onnx", "--opset", "11", cwd=tmp_path), "--opset 11", "unsupported")
-    assert_user_error(run_cli("export", pth, "o.plan", cwd=tmp_path), "o.plan", "TensorRT")
-    assert_user_error(run_cli("export", pth, os.path.basename(tiny["fp32"]), cwd=tiny["work"]), "--override")
-    assert_user_error(run_cli("infer", tiny["plugin"], "--images", tiny["images"], cwd=tmp_path),
-                      "plugin", "portable")
+    assert_user_error(fails("export", pth, "o.onnx", "--opset", "11"), "--opset 11", "unsupported")
+    assert_user_error(fails("export", pth, "o.plan"), "o.plan", "TensorRT")
+    assert_user_error(fails("export", pth, os.path.basename(tiny["fp32"]), cwd=tiny["work"]), "--override")
+    assert_user_error(fails("infer", tiny["plugin"], "--images", tiny["images"]), "plugin", "portable")
 
 
 # --- accuracy on the demo model (the session's trained checkpoint) -----------------------------

@@ -42,6 +42,7 @@ from .. import checkpoint
 from ..config import ModelConfig
 from ..errors import UserError
 from ..model import RetinaNet
+from ..model.batchnorm import fold_batchnorm
 
 SUPPORTED_OPSETS = (18, 19, 20, 21)  # the dynamo exporter starts at 18
 DEFAULT_OPSET = 19
@@ -89,12 +90,15 @@ class NetworkForExport(nn.Module):
     """images float32 [B, 3, H, W] 0..255 -> sigmoid scores then box deltas per level, float32.
 
     Normalisation stays float32; the backbone/FPN/heads run in `dtype`; the
-    outputs are cast back so decode and NMS always see float32.
+    outputs are cast back so decode and NMS always see float32. Backbone
+    BatchNorm is folded into the convs first: one Conv per layer, so INT8
+    quantises the effective weights and TensorRT sees a plain conv graph.
     """
 
     def __init__(self, model: RetinaNet, dtype: torch.dtype):
         super().__init__()
         self.model = copy.deepcopy(model).eval().float()
+        fold_batchnorm(self.model.backbone)
         self.dtype = dtype
         for part in (self.model.backbone, self.model.fpn, self.model.cls_head, self.model.box_head):
             part.to(dtype)

@@ -108,7 +108,7 @@ def load(path: str, device=None, full_precision: bool = False) -> Detector:
     if suffix in (".pth", ".pt"):
         from .pytorch import TorchBackend
 
-        backend = TorchBackend.from_checkpoint(path, device, full_precision)
+        backend = TorchBackend.from_checkpoint(path, device, full_precision, compile)
         return Detector(backend, backend.config, backend.category_ids)
     if suffix == ".onnx":
         from .onnxruntime import OnnxRuntimeBackend
