@@ -93,7 +93,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "pillow", "pycocotools>=2.0.7"],
     extras_require={
-        "test": ["pytest>=7"],
+        # ONNX export (the torch.onnx dynamo exporter needs onnxscript) and ONNX Runtime inference.
+        "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        "test": ["pytest>=7", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["retinanet=retinanet.cli:main"]},

@@ -17,9 +17,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from retinanet import checkpoint  # noqa: E402
 from retinanet.config import ModelConfig  # noqa: E402
-from retinanet.export import ExportOptions, export_onnx  # noqa: E402
+from retinanet.export import ExportOptions, export_onnx, quantize  # noqa: E402
 from retinanet.export import onnx as export_onnx_module  # noqa: E402
-from retinanet.export import quantize  # noqa: E402
 from retinanet.model import RetinaNet  # noqa: E402
 
 SIZE = (128, 256)
@@ -47,7 +46,8 @@ def tiny(tmp_path_factory, demo_root):
     checkpoint.save(path, checkpoint.model_state(model.config, model, [1, 3, 7]))
     out = {"work": work, "pth": path, "model": model, "images": str(images)}
     out["fp32"] = export_onnx(path, str(work / "fp32.onnx"), ExportOptions(SIZE, "fp32"))["output"]
-    out["plugin"] = export_onnx(path, str(work / "plugin.onnx"), ExportOptions(SIZE, "fp16", plugin_form=True))["output"]
+    out["plugin"] = export_onnx(path, str(work / "plugin.onnx"),
+                                ExportOptions(SIZE, "fp16", plugin_form=True))["output"]
     r = export_onnx(path, str(work / "int8.onnx"),
                     ExportOptions(SIZE, "int8", plugin_form=True, calibration_images=str(images)))
     out["int8"], out["table"] = r["output"], r["table"]
@@ -244,7 +244,7 @@ def test_export_errors(tiny, tmp_path):
         (dict(precision="int8", calibration_images=str(tmp_path / "bad")), "x.jpg: cannot decode"),
         (dict(precision="int8"), "--calibration-images"),
         (dict(precision="int8", calibration_table=str(tmp_path / "t.json")), "not a retinanet calibration table"),
-        (dict(precision="int8", calibration_table=str(tmp_path / "nope.json")), "nope.json: calibration table not found"),
+        (dict(precision="int8", calibration_table=str(tmp_path / "no.json")), "no.json: calibration table not found"),
         (dict(precision="fp16", calibration_images=str(tmp_path / "bad")), "--int8 only"),
         (dict(size=(100,)), "multiples of 128"),
     ]

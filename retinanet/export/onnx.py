@@ -249,7 +249,10 @@ def _set_metadata(proto, values: dict) -> None:
 
 def read_metadata(proto_or_map) -> dict:
     """metadata_props (or ORT's custom_metadata_map) -> python values for the retinanet.* keys."""
-    items = proto_or_map.items() if isinstance(proto_or_map, dict) else ((p.key, p.value) for p in proto_or_map.metadata_props)
+    if isinstance(proto_or_map, dict):
+        items = proto_or_map.items()
+    else:
+        items = ((p.key, p.value) for p in proto_or_map.metadata_props)
     return {k: json.loads(v) for k, v in items if k.startswith("retinanet.")}
 
 
@@ -300,7 +303,8 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
         if options.calibration_table:
             table = quantize.read_table(options.calibration_table, digest, size)
         elif not options.calibration_images:
-            raise UserError("--int8 needs --calibration-images DIR (or --calibration-table FILE from an earlier export)")
+            raise UserError("--int8 needs --calibration-images DIR "
+                            "(or --calibration-table FILE from an earlier export)")
         else:
             quantize.check_image_folder(options.calibration_images)
     elif options.calibration_table or options.calibration_images:

@@ -111,7 +111,8 @@ def class_aware_nms(scores: Tensor, boxes: Tensor, classes: Tensor, num_classes:
     """reference.nms() for export: the `detections` best survivors, padded."""
     n = scores.shape[1]
     class_ids = torch.arange(num_classes, dtype=torch.int32).view(1, -1, 1)
-    class_scores = torch.where(classes.unsqueeze(1) == class_ids, scores.unsqueeze(1), torch.zeros((), dtype=torch.float32))
+    zero = torch.zeros((), dtype=torch.float32)
+    class_scores = torch.where(classes.unsqueeze(1) == class_ids, scores.unsqueeze(1), zero)
     # No class can place more than `detections` boxes among the best `detections`.
     keep = torch.ops.retinanet_export.nms_keep(boxes, class_scores, detections, iou_threshold)
     kept = torch.where(keep, scores, torch.zeros((), dtype=torch.float32))
@@ -120,7 +121,6 @@ def class_aware_nms(scores: Tensor, boxes: Tensor, classes: Tensor, num_classes:
     valid = top > 0
     out_boxes = torch.gather(boxes, 1, order.unsqueeze(-1).expand(-1, -1, 4))
     out_classes = torch.gather(classes, 1, order)
-    zero = torch.zeros((), dtype=torch.float32)
     out = (torch.where(valid, top, zero), torch.where(valid.unsqueeze(-1), out_boxes, zero),
            torch.where(valid, out_classes, torch.full_like(out_classes, -1)))
     if k < detections:  # fewer candidates than detections: pad as the reference does

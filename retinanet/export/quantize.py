@@ -5,7 +5,7 @@ Every Conv gets QuantizeLinear -> DequantizeLinear on its input activation
 output channel, axis 0, symmetric). Weight scales are max|w| / 127 per channel,
 computed from the weights. Activation scales come from calibration: the float32
 network runs in ONNX Runtime over the calibration images and each Conv input's
-|x| is histogrammed (2048 bins up to its maximum); amax is the 99.99th
+|x| is histogrammed (2048 bins up to its maximum); amax is the 99.999th
 percentile, scale = amax / 127. Decode and NMS come after the network and are
 never quantised. Everything else (adds, resizes, norms) stays float32.
 
@@ -14,7 +14,7 @@ JSON written with sorted keys:
 
     {"format": "retinanet-calibration", "version": 1,
      "model_sha256": "<export.onnx.model_hash of the checkpoint>",
-     "input_size": [H, W], "method": "percentile", "percentile": 99.99,
+     "input_size": [H, W], "method": "percentile", "percentile": 99.999,
      "bins": 2048, "images": 16, "batch_size": 8, "batches": 2,
      "scales": {"<conv input tensor name>": <float32 scale>, ...}}
 
@@ -34,12 +34,12 @@ from ..config import ModelConfig
 from ..data import transforms as T
 from ..data.coco import IMAGE_SUFFIXES, CorruptImage, mean_pixel, read_image
 from ..errors import UserError
-from ..runtime.onnxruntime import fit_config, pad_to
+from ..runtime.onnxruntime import fit_config
 
 TABLE_FORMAT = "retinanet-calibration"
 TABLE_VERSION = 1
 METHOD = "percentile"
-PERCENTILE = 99.99
+PERCENTILE = 99.999
 BINS = 2048
 BATCH_SIZE = 8  # calibration images per batch
 SEED = 0  # which images are picked from the folder
@@ -163,8 +163,9 @@ def read_table(path: str, digest: str, size) -> dict:
     if table.get("version") != TABLE_VERSION:
         raise UserError(f"{path}: calibration table version {table.get('version')} is not {TABLE_VERSION}")
     if table.get("model_sha256") != digest:
-        raise UserError(f"{path}: calibration table is for another model (sha256 {str(table.get('model_sha256'))[:12]}..., "
-                        f"this checkpoint is {digest[:12]}...): calibrate again with --calibration-images")
+        other = str(table.get("model_sha256"))[:12]
+        raise UserError(f"{path}: calibration table is for another model (sha256 {other}..., this checkpoint "
+                        f"is {digest[:12]}...): calibrate again with --calibration-images")
     if list(table.get("input_size", [])) != list(size):
         got = "x".join(map(str, table.get("input_size", []))) or "?"
         raise UserError(f"{path}: calibration table is for input size {got}, not {size[0]}x{size[1]}: "

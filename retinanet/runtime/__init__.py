@@ -97,11 +97,12 @@ def _as_chw_uint8(item) -> Tensor:
     raise UserError(f"cannot read an image from {type(item).__name__}")
 
 
-def load(path: str, device=None, full_precision: bool = False) -> Detector:
+def load(path: str, device=None, full_precision: bool = False, compile: bool = False) -> Detector:
     """Open a checkpoint (.pth) or an exported ONNX model (.onnx, run with ONNX Runtime).
 
     full_precision: run a checkpoint's network in float32 on the GPU (default:
-    fp16 autocast). An ONNX model carries its precision; the flag is ignored.
+    fp16). compile: torch.compile a checkpoint's network. An ONNX model carries
+    its precision and runs in ONNX Runtime; both flags are ignored for it.
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
