@@ -72,3 +72,17 @@ def model_state(config: ModelConfig, model: torch.nn.Module, category_ids: list[
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "category_ids": list(category_ids),
     }
+
+
+def load_model(path: str):
+    """The checkpoint's RetinaNet (eval mode, CPU) and the checked state dict."""
+    from .model import RetinaNet
+
+    state = load(path)
+    model = RetinaNet(state["config"])
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit a {state['backbone']} model "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    return model.eval(), state

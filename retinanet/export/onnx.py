@@ -265,17 +265,6 @@ def parse_size(size, config: ModelConfig) -> tuple[int, int]:
     return h, w
 
 
-def load_model(path: str) -> tuple[RetinaNet, dict]:
-    state = checkpoint.load(path)
-    model = RetinaNet(state["config"])
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit a {state['backbone']} model "
-                        f"({str(e).splitlines()[0][:160]})") from None
-    return model.eval(), state
-
-
 def export_onnx(model_path: str, output: str, options: ExportOptions, log=print) -> dict:
     """Write the ONNX model (and, for INT8 from images, its calibration table). Returns timings and paths."""
     try:
@@ -289,7 +278,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
                         f"{', '.join(map(str, SUPPORTED_OPSETS))}")
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}")
-    model, state = load_model(model_path)
+    model, state = checkpoint.load_model(model_path)
     config = model.config
     size = parse_size(options.size, config)
     digest = model_hash(state)

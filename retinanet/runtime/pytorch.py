@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint, ops
-from ..errors import UserError
 from ..model import RetinaNet
 from ..model.batchnorm import fold_batchnorm
 
@@ -57,13 +56,7 @@ class TorchBackend:
     @classmethod
     def from_checkpoint(cls, path: str, device=None, full_precision: bool = False,
                         compile: bool = False) -> "TorchBackend":
-        state = checkpoint.load(path)
-        model = RetinaNet(state["config"])
-        try:
-            model.load_state_dict(state["state_dict"])
-        except RuntimeError as e:
-            raise UserError(f"{path}: weights do not fit a {state['backbone']} model "
-                            f"({str(e).splitlines()[0][:160]})") from None
+        model, state = checkpoint.load_model(path)
         return cls(model, state["category_ids"], device, full_precision, compile=compile)
 
     def _detect(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
