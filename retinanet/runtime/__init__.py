@@ -60,9 +60,11 @@ class Detector:
         items = [images] if single else list(images)
         resize = resize or self.config.resize
         max_size = max_size or self.config.max_size
+        # Backends that run on a GPU decode (JPEG), resize and pad there too.
+        device = getattr(self.backend, "preprocess_device", torch.device("cpu"))
         tensors, scales, sizes = [], [], []
         for item in items:
-            img = _as_chw_uint8(item)
+            img = _as_chw_uint8(item, device)
             h, w = img.shape[-2:]
             img, _, scale = T.resize(img, torch.zeros(0, 4), resize, max_size)
             tensors.append(img)
@@ -71,30 +73,48 @@ class Detector:
         m = self.config.pad_multiple
         ph = -(-max(t.shape[1] for t in tensors) // m) * m
         pw = -(-max(t.shape[2] for t in tensors) // m) * m
-        batch = torch.tensor(self.fill, dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(tensors), 1, ph, pw)
+        fill = torch.tensor(self.fill, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
+        batch = fill.repeat(len(tensors), 1, ph, pw)
         for i, t in enumerate(tensors):
             batch[i, :, : t.shape[1], : t.shape[2]] = t
         dets = self.to_original(*self.run(batch), torch.tensor(scales), sizes)
         return dets[0] if single else dets
 
 
-def _as_chw_uint8(item) -> Tensor:
+def _as_chw_uint8(item, device: torch.device) -> Tensor:
+    """One image as uint8 [3, H, W] on `device`; JPEG files decode on the GPU there."""
     if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        if device.type == "cuda" and path.lower().endswith((".jpg", ".jpeg")):
+            try:
+                return _decode_jpeg_cuda(path, device)
+            except (RuntimeError, OSError):
+                pass  # e.g. a CMYK or progressive JPEG nvJPEG refuses: PIL below reports real damage
         try:
-            return read_image(os.fspath(item))
+            return read_image(path).to(device)
         except CorruptImage as e:
             raise UserError(str(e)) from None
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise UserError(f"image array must be HxWx3 uint8, got {item.shape} {item.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1).to(device)
     if isinstance(item, Tensor):
         if item.ndim != 3 or item.shape[0] != 3:
             raise UserError(f"image tensor must be 3xHxW, got {tuple(item.shape)}")
         if item.is_floating_point():  # 0..1 floats, the torchvision convention
             item = (item.clamp(0, 1) * 255).round()
-        return item.to(torch.uint8).cpu()
+        return item.to(device=device, dtype=torch.uint8)
     raise UserError(f"cannot read an image from {type(item).__name__}")
+
+
+def _decode_jpeg_cuda(path: str, device: torch.device) -> Tensor:
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(read_file(path), mode=ImageReadMode.RGB, device=device)
 
 
 def load(path: str, device=None, full_precision: bool = False, compile: bool = False) -> Detector:

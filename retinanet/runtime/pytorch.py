@@ -59,6 +59,10 @@ class TorchBackend:
         model, state = checkpoint.load_model(path)
         return cls(model, state["category_ids"], device, full_precision, compile=compile)
 
+    @property
+    def preprocess_device(self) -> torch.device:
+        return self.device
+
     def _detect(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
