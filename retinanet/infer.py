@@ -61,7 +61,8 @@ def infer(detector: Detector, images: str, annotations: str | None, output: str,
                             f"{detector.category_ids.tolist()}")
     loader = make_loader(detector, images, coco, batch, resize or detector.config.resize,
                          max_size or detector.config.max_size, workers)
-    log = None if quiet else (lambda s: print(s, end="", file=sys.stderr, flush=True))
+    # A live counter on a terminal; in a log file only the final count.
+    log = None if quiet or not sys.stderr.isatty() else (lambda s: print(s, end="", file=sys.stderr, flush=True))
     records = detection_records(detector, loader, log)
     tmp = output + ".tmp"
     with open(tmp, "w") as f:
