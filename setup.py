@@ -78,12 +78,40 @@ def cuda_extension():
     )
 
 
+def tensorrt_include():
+    """TensorRT headers: $TENSORRT_INCLUDE, else the usual system folders; None if absent."""
+    for folder in (os.environ.get("TENSORRT_INCLUDE"), "/usr/include/x86_64-linux-gnu", "/usr/local/tensorrt/include"):
+        if folder and os.path.isfile(os.path.join(folder, "NvInfer.h")):
+            return folder
+    return None
+
+
 ext = cuda_extension()
 cmdclass = {}
 if ext is not None:
     from torch.utils.cpp_extension import BuildExtension
 
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))
+    base = BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))
+
+    class BuildWithPlugins(base):
+        """The torch extension, plus the TensorRT plugin library when TensorRT headers are found."""
+
+        def run(self):
+            super().run()
+            include = tensorrt_include()
+            if include is None:
+                print("retinanet: no TensorRT headers (set TENSORRT_INCLUDE); TensorRT plugins not built",
+                      file=sys.stderr)
+                return
+            import subprocess
+
+            out = os.path.abspath(os.path.join(self.build_temp, "plugins"))
+            env = {**os.environ, "TENSORRT_INCLUDE": include, "PLUGINS_ONLY": "1"}
+            subprocess.run(["bash", "scripts/check_plugins.sh", out], check=True, env=env)
+            target = "retinanet" if self.inplace else os.path.join(self.build_lib, "retinanet")
+            shutil.copy(os.path.join(out, "libretinanet_plugins.so"), target)
+
+    cmdclass["build_ext"] = BuildWithPlugins
 
 setup(
     name="retinanet",
@@ -95,7 +123,7 @@ setup(
     extras_require={
         # ONNX export (the torch.onnx dynamo exporter needs onnxscript) and ONNX Runtime inference.
         "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
-        "test": ["pytest>=7", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        "test": ["pytest>=7", "tensorboard", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["retinanet=retinanet.cli:main"]},

@@ -10,7 +10,6 @@ measure the L2 cache. Prints a table, last; never asserts on time.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 

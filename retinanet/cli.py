@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserError
@@ -97,7 +98,7 @@ def build_parser() -> Parser:
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX (portable or TensorRT form)")
     e.add_argument("model", help="checkpoint (.pth)")
-    e.add_argument("output", help="OUTPUT.onnx: an ONNX model (TensorRT engines: not in this version)")
+    e.add_argument("output", help="OUTPUT.onnx: an ONNX model; any other name (e.g. engine.plan): a TensorRT engine")
     e.add_argument("--size", type=positive, nargs="+", metavar="N", default=[1280],
                    help="input size: N (square) or H W, multiples of 128 [1280]")
     e.add_argument("--full-precision", action="store_true", help="float32 model (default: float16)")
@@ -112,6 +113,10 @@ def build_parser() -> Parser:
                    help="TensorRT form: decode and NMS as RetinaNetDecode/RetinaNetNMS plugin nodes "
                         "(default: portable form with standard ONNX ops, runs in ONNX Runtime)")
     e.add_argument("--opset", type=positive, help="ONNX opset, 18 to 21 [19]")
+    e.add_argument("--dynamic-batch-opts", type=positive, nargs=3, metavar=("MIN", "OPT", "MAX"),
+                   default=[1, 8, 16], help="TensorRT engines: batch sizes of the optimisation profile [1 8 16]")
+    e.add_argument("--workspace", type=positive, default=4096, metavar="MiB",
+                   help="TensorRT engines: builder workspace limit in MiB [4096]")
     e.add_argument("--override", action="store_true", help="replace an existing OUTPUT (and calibration table)")
     e.add_argument("--verbose", action="store_true", help="show the exporter's progress and warnings")
     return p
@@ -122,18 +127,26 @@ def run_train(ns) -> None:
 
     given = {k: v for k, v in vars(ns).items() if v is not None and k not in ("command", "debug", "model")}
     model_cfg, train_cfg, paths, pretrained = train.resolve_settings(given)
-    train.train(ns.model, model_cfg, train_cfg, paths, override=ns.override, fine_tune=ns.fine_tune,
-                pretrained=pretrained, backbone_weights=ns.backbone_weights, logdir=ns.logdir,
-                explicit=frozenset(given))
+    train.launch(ns.model, model_cfg, train_cfg, paths, override=ns.override, fine_tune=ns.fine_tune,
+                 pretrained=pretrained, backbone_weights=ns.backbone_weights, logdir=ns.logdir,
+                 explicit=frozenset(given))
 
 
 def run_infer(ns) -> None:
-    from . import infer, runtime
+    from . import distributed, infer, runtime
     from .runtime.pytorch import default_batch
 
-    detector = runtime.load(ns.model, full_precision=ns.full_precision, compile=ns.compile)
-    infer.infer(detector, ns.images, ns.annotations, ns.output, ns.batch or default_batch(), ns.resize,
-                ns.max_size, workers=ns.workers, override=ns.override)
+    place = distributed.from_env()  # under torchrun: images sharded over the processes
+    device = None
+    if place is not None and place.world > 1:
+        device = distributed.device_for(place)
+        distributed.init(place, device)
+    try:
+        detector = runtime.load(ns.model, device=device, full_precision=ns.full_precision, compile=ns.compile)
+        infer.infer(detector, ns.images, ns.annotations, ns.output, ns.batch or default_batch(), ns.resize,
+                    ns.max_size, workers=ns.workers, override=ns.override)
+    finally:
+        distributed.shutdown()
 
 
 def run_export(ns) -> None:
@@ -146,7 +159,8 @@ def run_export(ns) -> None:
                                    opset=ns.opset or export.DEFAULT_OPSET,
                                    calibration_images=ns.calibration_images,
                                    calibration_batches=ns.calibration_batches,
-                                   calibration_table=ns.calibration_table, verbose=ns.verbose)
+                                   calibration_table=ns.calibration_table, verbose=ns.verbose,
+                                   batch_opts=tuple(ns.dynamic_batch_opts), workspace_mib=ns.workspace)
     result = export.export(ns.model, ns.output, options, override=ns.override)
     form = "TensorRT (plugin) form" if ns.plugin_form else "portable form"
     h, w = ns.size if len(ns.size) == 2 else ns.size * 2
@@ -163,7 +177,8 @@ def main(argv=None) -> int:
     except UserError as e:
         if ns.debug:
             raise
-        print(f"retinanet: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+            print(f"retinanet: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("retinanet: interrupted", file=sys.stderr)

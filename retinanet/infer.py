@@ -7,9 +7,9 @@ import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from . import evaluate
+from . import distributed, evaluate
 from .data.coco import Collate, CocoAnnotations, DetectionDataset, mean_pixel
 from .errors import UserError
 from .runtime import Detector
@@ -40,17 +40,43 @@ def detection_records(detector: Detector, loader, log=None) -> list[dict]:
 
 
 def make_loader(detector: Detector, images: str, annotations: CocoAnnotations | None, batch: int,
-                resize: int, max_size: int, workers: int) -> DataLoader:
+                resize: int, max_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
+    """Rank r of `world` reads images r, r + world, ...: every image on exactly one rank."""
     dataset = DetectionDataset(images, annotations, resize, max_size)
+    if world > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world))
     collate = Collate(detector.config.pad_multiple, mean_pixel(detector.config.mean))
     return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate,
                       pin_memory=detector.device.type == "cuda")
 
 
+def sharded_records(detector: Detector, images: str, annotations: CocoAnnotations | None, batch: int,
+                    resize: int, max_size: int, workers: int, log=None) -> list[dict]:
+    """Detections of every image, each inferred on exactly one rank, gathered on all ranks."""
+    loader = make_loader(detector, images, annotations, batch, resize, max_size, workers,
+                         distributed.rank(), distributed.world_size())
+    if distributed.world_size() == 1:
+        return detection_records(detector, loader, log)
+    # A bad image on one rank must not leave the others waiting in the gather:
+    # every rank reaches it, and all raise the first error.
+    try:
+        records, error = detection_records(detector, loader, log), []
+    except UserError as e:
+        records, error = [], [str(e)]
+    errors = distributed.gather_lists(error)
+    if errors:
+        raise UserError(errors[0])
+    return distributed.gather_lists(records)
+
+
 def infer(detector: Detector, images: str, annotations: str | None, output: str, batch: int,
           resize: int | None, max_size: int | None, workers: int = 2, override: bool = False,
           quiet: bool = False) -> list[float] | None:
-    """Write COCO result records to `output`; return the 12 stats when annotated."""
+    """Write COCO result records to `output`; return the 12 stats when annotated.
+
+    In a process group (torchrun) the images are sharded over the ranks and
+    gathered; rank 0 writes the file and prints. `batch` is per process.
+    """
     if os.path.exists(output) and not override:
         raise UserError(f"{output}: output file exists; pass --override to replace it or choose another --output")
     coco = None
@@ -59,11 +85,14 @@ def infer(detector: Detector, images: str, annotations: str | None, output: str,
         if sorted(coco.category_ids) != sorted(detector.category_ids.tolist()):
             raise UserError(f"{annotations}: categories {coco.category_ids} differ from the model's "
                             f"{detector.category_ids.tolist()}")
-    loader = make_loader(detector, images, coco, batch, resize or detector.config.resize,
-                         max_size or detector.config.max_size, workers)
+    main = distributed.rank() == 0
+    quiet = quiet or not main
     # A live counter on a terminal; in a log file only the final count.
     log = None if quiet or not sys.stderr.isatty() else (lambda s: print(s, end="", file=sys.stderr, flush=True))
-    records = detection_records(detector, loader, log)
+    records = sharded_records(detector, images, coco, batch, resize or detector.config.resize,
+                              max_size or detector.config.max_size, workers, log)
+    if not main:
+        return None
     tmp = output + ".tmp"
     with open(tmp, "w") as f:
         json.dump(records, f)

@@ -6,8 +6,10 @@ has to supply `rank`/`world` and wrap the model.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,12 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from . import checkpoint, evaluate
-from .config import ModelConfig, TrainConfig
+from . import checkpoint, distributed, evaluate
+from .config import LABEL_PAD, ModelConfig, TrainConfig
 from .data import transforms as T
 from .data.coco import Collate, CocoAnnotations, DetectionDataset, mean_pixel
 from .errors import UserError
-from .infer import detection_records, make_loader
+from .infer import sharded_records
 from .model import RetinaNet
 from .runtime import Detector
 from .runtime.pytorch import TorchBackend
@@ -37,8 +39,10 @@ class DataPaths:
 class EpochSampler(Sampler[int]):
     """Shuffles every epoch with seed + epoch; rank r takes every world-th index.
 
-    `start` skips the first samples of the current epoch, so a resumed run
-    continues the interrupted epoch in the same order.
+    With several ranks the shuffled order is cut to a multiple of `world`, so
+    every rank has the same number of samples (and of batches). `start` skips
+    the first samples of this rank's share of the current epoch, so a resumed
+    run continues the interrupted epoch in the same order.
     """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1):
@@ -47,11 +51,11 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=g)[self.rank::self.world].tolist()
-        return iter(order[self.start:])
+        order = torch.randperm(self.size, generator=g)[:self.size - self.size % self.world]
+        return iter(order[self.rank::self.world].tolist()[self.start:])
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.world)) - self.start
+        return self.size // self.world - self.start
 
 
 MODEL_FLAGS = ("backbone", "classes", "resize", "max_size", "anchor_ious", "anchor_ratios", "anchor_scales")
@@ -157,6 +161,10 @@ class Progress:
         self.count = 0
         self.skipped = 0
 
+    def rate(self) -> float:
+        """Images per second since the start (all ranks together)."""
+        return self.images / max(time.perf_counter() - self.t0, 1e-9)
+
     def update(self, iteration: int, losses: dict[str, float], images: int, lr: float, skipped: int) -> None:
         self.images += images
         self.skipped += skipped
@@ -179,14 +187,65 @@ class Progress:
 
 
 def validate(model: RetinaNet, category_ids: list[int], paths: DataPaths, cfg: ModelConfig,
-             batch: int, workers: int, device: torch.device) -> list[float]:
+             batch: int, workers: int, device: torch.device) -> list[float] | None:
+    """The 12 COCO stats on rank 0 (None on the others); the images are sharded over the ranks."""
     backend = TorchBackend(model, category_ids, device)
     detector = Detector(backend, cfg, category_ids)
     coco = CocoAnnotations(paths.val_annotations, category_ids=category_ids)
-    loader = make_loader(detector, paths.val_images, coco, batch, cfg.resize, cfg.max_size, workers)
-    records = detection_records(detector, loader)
+    records = sharded_records(detector, paths.val_images, coco, batch, cfg.resize, cfg.max_size, workers)
     model.train()
+    if distributed.rank() != 0:
+        return None
     return evaluate.coco_stats(paths.val_annotations, records, [r.id for r in coco.images])
+
+
+def check_world(batch: int, world: int) -> None:
+    if batch % world:
+        raise UserError(f"--batch {batch} is the global batch and must divide evenly over {world} processes "
+                        f"(GPUs); use a multiple of {world}")
+
+
+def launch(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, **kw) -> list[float] | None:
+    """train() in this process, in the process group torchrun set up, or in one
+    process per visible GPU started here when there are several."""
+    place = distributed.from_env()
+    if place is not None and place.world > 1:
+        check_world(cfg.batch, place.world)
+        device = distributed.device_for(place)
+        distributed.init(place, device)
+        try:
+            return train(model_path, model_cfg, cfg, paths, rank=place.rank, world=place.world, device=device, **kw)
+        finally:
+            distributed.shutdown()
+    gpus = torch.cuda.device_count()
+    if place is None and gpus > 1:
+        import torch.multiprocessing as mp
+
+        check_world(cfg.batch, gpus)
+        port = distributed.free_port()
+        try:
+            mp.spawn(_spawned, args=(gpus, port, (model_path, model_cfg, cfg, paths), kw), nprocs=gpus)
+        except mp.ProcessExitedException as e:  # the worker printed its error
+            raise SystemExit(e.exit_code or 1) from None
+        return None
+    return train(model_path, model_cfg, cfg, paths, **kw)
+
+
+def _spawned(local_rank: int, world: int, port: int, args: tuple, kw: dict) -> None:
+    """One GPU's process of a run that `retinanet train` started itself."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    place = distributed.Place(local_rank, world, local_rank)
+    device = distributed.device_for(place)
+    distributed.init(place, device)
+    try:
+        train(*args, rank=local_rank, world=world, device=device, **kw)
+    except UserError as e:
+        if local_rank == 0:
+            print(f"retinanet: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        distributed.shutdown()
 
 
 def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, *,
@@ -225,6 +284,7 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
         raise UserError(f"{paths.annotations}: has {train_coco.classes} categories but --classes is "
                         f"{model_cfg.classes}")
 
+    check_world(cfg.batch, world)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     model = RetinaNet(model_cfg, pretrained=pretrained and not resume and not fine_tune,
@@ -234,6 +294,9 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if world > 1 and device.type == "cuda" and not model_cfg.freeze_bn:
+        # Trainable BatchNorm: statistics over the global batch, as in one process.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.train()
 
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
@@ -244,7 +307,8 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
     dataset = DetectionDataset(paths.images, train_coco, model_cfg.resize, model_cfg.max_size, training=True,
                                jitter=tuple(cfg.jitter),
                                augment=T.Augment(cfg.augment_rotate, cfg.augment_brightness, cfg.augment_contrast,
-                                                 cfg.augment_hue, cfg.augment_saturation))
+                                                 cfg.augment_hue, cfg.augment_saturation),
+                               seed=cfg.seed)
     per_rank = cfg.batch // world
     sampler = EpochSampler(len(dataset), cfg.seed, rank, world)
     iteration = 0
@@ -254,7 +318,11 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         iteration = resume["iteration"]
-        sampler.epoch, sampler.start = resume["data_state"]["epoch"], resume["data_state"]["position"]
+        data_state = resume["data_state"]
+        sampler.epoch = data_state["epoch"]
+        # Same world size: exactly where it stopped; another: about the same
+        # number of samples into the epoch (the order per rank differs).
+        sampler.start = data_state.get("samples", data_state["position"]) // world
         for key, fn in (("rng_torch", torch.set_rng_state), ("rng_python", random.setstate)):
             if key in resume:
                 fn(resume[key])
@@ -276,13 +344,21 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
             raise UserError("--logdir needs TensorBoard: pip install 'retinanet[tensorboard]'") from None
         writer = SummaryWriter(logdir)
 
+    net = model  # the module itself: checkpoints, loss, validation
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    count_foreground = distributed.sum_ if world > 1 else None
+
     def save_state(position: int) -> None:
         if not main:
             return
-        state = checkpoint.model_state(model_cfg, model, train_coco.category_ids)
+        state = checkpoint.model_state(model_cfg, net, train_coco.category_ids)
         state.update(iteration=iteration, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                      scaler=scaler.state_dict(), train_config=cfg.to_dict(),
-                     data_state={"epoch": sampler.epoch, "position": position},
+                     data_state={"epoch": sampler.epoch, "position": position, "samples": position * world,
+                                 "world": world},
                      rng_torch=torch.get_rng_state(), rng_python=random.getstate())
         checkpoint.save(model_path, state)
 
@@ -293,45 +369,68 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
     with warnings.catch_warnings():
         warnings.filterwarnings("always", message="skipping")
         while iteration < total:
+            dataset.epoch = sampler.epoch
             loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
                                 collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
                                 persistent_workers=False)
             position = sampler.start
             for batch in loader:
                 position += per_rank
-                if not batch.image_ids:
+                empty = not batch.image_ids
+                if empty and world == 1:
                     continue
+                if empty:
+                    # Every corrupt image of this rank's batch was skipped; the
+                    # other ranks step, so this one joins with a zero-weight
+                    # stand-in image (the gradient all-reduce needs every rank).
+                    batch.images = torch.zeros(1, 3, collate.multiple, collate.multiple, dtype=torch.uint8)
+                    batch.targets = torch.zeros(1, 1, 5)
+                    batch.targets[..., 4] = LABEL_PAD
                 images = batch.images.to(device, non_blocking=True).float()
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 targets = batch.targets.to(device, non_blocking=True)
                 with autocast():
-                    cls_heads, box_heads = model(images)
-                losses = model.loss_from_heads(cls_heads, box_heads, targets)
+                    cls_heads, box_heads = model(images)  # through DDP: its backward syncs the gradients
+                losses = net.loss_from_heads(cls_heads, box_heads, targets, count_foreground)
+                if empty:
+                    losses = {k: v * 0 for k, v in losses.items()}
                 loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss is {loss.item()} at iteration {iteration + 1}; "
-                                       "lower --lr or use --full-precision")
+                # Each rank's loss is its share of the global batch's loss (the
+                # foreground count is summed over ranks): the sum is the loss of
+                # one process on the global batch.
+                logged = torch.stack([v.detach().float() for v in losses.values()] + [
+                    torch.tensor(float(len(batch.image_ids)), device=loss.device),
+                    torch.tensor(float(batch.skipped), device=loss.device)])
+                logged = distributed.sum_(logged).tolist()
+                if not all(map(math.isfinite, logged)):
+                    raise UserError(f"loss is {sum(logged[:len(losses)])} at iteration {iteration + 1}; "
+                                    "lower --lr or use --full-precision")
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                # DDP averages gradients over the ranks; scale back to their sum.
+                scaler.scale(loss * world if world > 1 else loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 iteration += 1
-                values = {k: v.item() for k, v in losses.items()}
+                values = dict(zip(losses, logged))
                 lr = optimizer.param_groups[0]["lr"]
-                progress.update(iteration, values, len(batch.image_ids) * world, lr, batch.skipped)
+                progress.update(iteration, values, int(logged[-2]), lr, int(logged[-1]))
                 if writer is not None:
                     for k, v in values.items():
                         writer.add_scalar(f"train/{k}", v, iteration)
+                    writer.add_scalar("train/loss", sum(values.values()), iteration)
                     writer.add_scalar("train/lr", lr, iteration)
+                    writer.add_scalar("train/img_per_s", progress.rate(), iteration)
                 last = iteration == total
                 if iteration % cfg.checkpoint_iters == 0 or iteration % cfg.val_iters == 0 or last:
                     save_state(position)
-                if paths.val_annotations and main and (iteration % cfg.val_iters == 0 or last):
-                    stats = validate(model, train_coco.category_ids, paths, model_cfg, per_rank, cfg.workers,
+                if paths.val_annotations and (iteration % cfg.val_iters == 0 or last):
+                    stats = validate(net, train_coco.category_ids, paths, model_cfg, per_rank, cfg.workers,
                                      device)
-                    print(f"validation at iteration {iteration}:\n{evaluate.format_stats(stats)}", flush=True)
+                    if main:
+                        print(f"validation at iteration {iteration}:\n{evaluate.format_stats(stats)}",
+                              flush=True)
                     if writer is not None:
                         for (kind, iou, area, dets), v in zip(evaluate.STAT_NAMES, stats):
                             writer.add_scalar(f"val/{kind}@{iou}/{area}/{dets}", v, iteration)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import warnings
 from dataclasses import dataclass, field
 
@@ -141,12 +142,18 @@ class DetectionDataset(Dataset):
     Training: scale jitter + flip + optional augmentations; a corrupt image is
     returned as None (collate drops it, the loop warns and counts). Inference:
     a missing or corrupt image is a UserError naming it.
+
+    The random draws of sample `index` come from a generator seeded with
+    (seed, epoch, index), so they depend neither on which loader worker reads
+    it nor on where a run was interrupted and resumed: set `epoch` before
+    each epoch's loader is created.
     """
 
     def __init__(self, images_dir: str, annotations: CocoAnnotations | None, resize: int, max_size: int,
                  training: bool = False, jitter: tuple[int, int] | None = None,
-                 augment: T.Augment | None = None):
+                 augment: T.Augment | None = None, seed: int = 0):
         self.images_dir = images_dir
+        self.seed, self.epoch = seed, 0
         self.annotations = annotations
         self.resize, self.max_size = resize, max_size
         self.training = training
@@ -180,13 +187,14 @@ class DetectionDataset(Dataset):
         height, width = image.shape[-2:]
         boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(rec.labels, dtype=torch.float32).reshape(-1, 1)
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
         if self.training and self.jitter is not None:
-            short = int(torch.randint(self.jitter[0], self.jitter[1] + 1, ()).item())
+            short = rng.randint(self.jitter[0], self.jitter[1])
         else:
             short = self.resize
         image, boxes, scale = T.resize(image, boxes, short, self.max_size)
         if self.training:
-            image, boxes = self.augment(image, boxes)
+            image, boxes = self.augment(image, boxes, rng)
         return Sample(image, torch.cat([boxes, labels], dim=1), rec.id, scale, (int(height), int(width)))
 
 

@@ -56,17 +56,20 @@ class Augment:
     saturation_range: float = 0.25
     hue_range: float = 0.05
 
-    def __call__(self, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        if random.random() < 0.5:
+    def __call__(self, image: Tensor, boxes: Tensor,
+                 rng: random.Random | None = None) -> tuple[Tensor, Tensor]:
+        """rng: the draws come from it (default: the global `random` module)."""
+        random_ = rng if rng is not None else random
+        if random_.random() < 0.5:
             image, boxes = hflip(image, boxes)
         if self.rotate:
-            image, boxes = rotate90(image, boxes, random.randrange(4))
+            image, boxes = rotate90(image, boxes, random_.randrange(4))
         if self.brightness:
-            image = F.adjust_brightness(image, 1 + random.uniform(-1, 1) * self.brightness_range)
+            image = F.adjust_brightness(image, 1 + random_.uniform(-1, 1) * self.brightness_range)
         if self.contrast:
-            image = F.adjust_contrast(image, 1 + random.uniform(-1, 1) * self.contrast_range)
+            image = F.adjust_contrast(image, 1 + random_.uniform(-1, 1) * self.contrast_range)
         if self.saturation:
-            image = F.adjust_saturation(image, 1 + random.uniform(-1, 1) * self.saturation_range)
+            image = F.adjust_saturation(image, 1 + random_.uniform(-1, 1) * self.saturation_range)
         if self.hue:
-            image = F.adjust_hue(image, random.uniform(-1, 1) * self.hue_range)
+            image = F.adjust_hue(image, random_.uniform(-1, 1) * self.hue_range)
         return image, boxes

@@ -72,6 +72,8 @@ class ExportOptions:
     calibration_batches: int = 2
     calibration_table: str | None = None
     verbose: bool = False
+    batch_opts: tuple[int, int, int] = (1, 8, 16)  # TensorRT engines: optimisation profile MIN OPT MAX
+    workspace_mib: int = 4096  # TensorRT engines: builder workspace limit
 
 
 def model_hash(state: dict) -> str:

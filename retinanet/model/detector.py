@@ -48,13 +48,17 @@ class RetinaNet(nn.Module):
     def loss(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
         return self.loss_from_heads(*self(images), targets)
 
-    def loss_from_heads(self, cls_heads: list[Tensor], box_heads: list[Tensor], targets: Tensor) -> dict[str, Tensor]:
-        """Focal + smooth L1 of head outputs against targets [B, M, 5] in input pixels."""
+    def loss_from_heads(self, cls_heads: list[Tensor], box_heads: list[Tensor], targets: Tensor,
+                        count_foreground=None) -> dict[str, Tensor]:
+        """Focal + smooth L1 of head outputs against targets [B, M, 5] in input pixels.
+
+        count_foreground: see model.loss.detection_loss (data-parallel normalisation)."""
         shapes = tuple(tuple(c.shape[-2:]) for c in cls_heads)
         key = (shapes, targets.device)
         if key not in self._anchor_cache:  # input sizes repeat, anchors with them
             self._anchor_cache[key] = all_anchors(self.config, list(shapes), device=targets.device)
-        return detection_loss(cls_heads, box_heads, self._anchor_cache[key], targets, self.config)
+        return detection_loss(cls_heads, box_heads, self._anchor_cache[key], targets, self.config,
+                              count_foreground)
 
     def postprocess(self, cls_heads: list[Tensor], box_heads: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Sigmoid, per-level decode, class-aware NMS: scores [B, D], boxes [B, D, 4], classes [B, D]."""

@@ -1,6 +1,8 @@
 """Anchor matching, sigmoid focal loss and smooth L1 (SPEC section 2)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -65,14 +67,23 @@ def flatten_heads(outputs: list[Tensor], width: int) -> Tensor:
 
 
 def detection_loss(cls_heads: list[Tensor], box_heads: list[Tensor], anchors: Tensor,
-                   targets: Tensor, config: ModelConfig) -> dict[str, Tensor]:
-    """Focal + smooth L1, each summed and divided by max(1, #foreground) over the batch."""
+                   targets: Tensor, config: ModelConfig,
+                   count_foreground: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """Focal + smooth L1, each summed and divided by max(1, #foreground) over the batch.
+
+    count_foreground: maps this batch's foreground count to the one to divide
+    by; data-parallel training passes the sum over all ranks, so that the
+    ranks' losses add up to the loss of the whole global batch.
+    """
     cls_logits = flatten_heads(cls_heads, config.classes).float()
     deltas = flatten_heads(box_heads, 4).float()
     with torch.no_grad():
         labels, matched = match(anchors, targets, tuple(config.anchor_ious))
         foreground = labels >= 0
-        num_fg = foreground.sum().clamp(min=1).float()
+        num_fg = foreground.sum().float()
+        if count_foreground is not None:
+            num_fg = count_foreground(num_fg)
+        num_fg = num_fg.clamp(min=1)
         onehot = torch.zeros_like(cls_logits)
         onehot[foreground] = F.one_hot(labels[foreground], config.classes).to(onehot.dtype)
     counted = labels != IGNORE

@@ -136,4 +136,10 @@ def load(path: str, device=None, full_precision: bool = False, compile: bool = F
 
         backend = OnnxRuntimeBackend(path, device)
         return Detector(backend, backend.config, backend.category_ids)
-    raise UserError(f"{path}: unknown model format {suffix!r} (expected a .pth checkpoint or an .onnx model)")
+    if suffix in (".plan", ".engine"):
+        from .tensorrt import TensorRTBackend
+
+        backend = TensorRTBackend(path, device)
+        return Detector(backend, backend.config, backend.category_ids)
+    raise UserError(f"{path}: unknown model format {suffix!r} "
+                    f"(expected a .pth checkpoint, an .onnx model or a .plan/.engine TensorRT engine)")

@@ -1,0 +1,160 @@
+"""TensorRT-form ONNX -> serialised engine (.plan) plus its metadata (<plan>.json).
+
+Precision is already in the graph (FP16 weights or INT8 Q/DQ), so the network is
+strongly typed: `create_network(0)` on TensorRT 11 (the only mode there), the
+STRONGLY_TYPED flag on 10.x. No precision builder flags, no calibrator.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import UserError
+
+DEFAULT_BATCH_OPTS = (1, 8, 16)
+PLUGIN_LIBRARY = "libretinanet_plugins.so"
+METADATA_SUFFIX = ".json"
+
+
+def check_batch_opts(opts) -> tuple[int, int, int]:
+    """--dynamic-batch-opts MIN OPT MAX: 1 <= MIN <= OPT <= MAX."""
+    if opts is None:
+        return DEFAULT_BATCH_OPTS
+    if len(opts) != 3:
+        raise UserError(f"--dynamic-batch-opts needs three numbers MIN OPT MAX, got {len(opts)}")
+    lo, opt, hi = (int(v) for v in opts)
+    if not 1 <= lo <= opt <= hi:
+        raise UserError(f"--dynamic-batch-opts {lo} {opt} {hi}: need 1 <= MIN <= OPT <= MAX")
+    return lo, opt, hi
+
+
+def profile_shapes(input_size, batch_opts) -> dict[str, tuple[int, int, int, int]]:
+    """The optimisation profile for input `images`: min/opt/max [B, 3, H, W]."""
+    h, w = input_size
+    return {k: (b, 3, h, w) for k, b in zip(("min", "opt", "max"), batch_opts)}
+
+
+def metadata_path(plan_path: str) -> str:
+    return plan_path + METADATA_SUFFIX
+
+
+def write_metadata(plan_path: str, values: dict) -> str:
+    path = metadata_path(plan_path)
+    with open(path + ".tmp", "w") as f:
+        json.dump(values, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_metadata(plan_path: str) -> dict:
+    path = metadata_path(plan_path)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{plan_path}: metadata {path} missing (it is written beside the engine by "
+                        f"`retinanet export`; copy it with the plan)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable engine metadata ({e})") from None
+    missing = [k for k in ("config", "category_ids", "input_size", "tensorrt_version", "gpu", "batch_opts")
+               if k not in meta]
+    if missing:
+        raise UserError(f"{path}: engine metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError("TensorRT is not installed: pip install tensorrt (or use an NGC container with TensorRT), "
+                        "or export to .onnx") from None
+    return trt
+
+
+def plugin_library_path() -> str:
+    """The plugin library: $RETINANET_PLUGINS, else the one installed inside the package."""
+    env = os.environ.get("RETINANET_PLUGINS")
+    path = env or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PLUGIN_LIBRARY)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: TensorRT plugin library not found; reinstall retinanet with TensorRT headers "
+                        f"available (TENSORRT_INCLUDE=...) or set RETINANET_PLUGINS to libretinanet_plugins.so")
+    return path
+
+
+def load_plugins(trt, path: str | None = None) -> str:
+    path = path or plugin_library_path()
+    try:
+        trt.get_plugin_registry().load_library(path)
+    except Exception as e:  # TensorRT raises plain RuntimeError/TypeError
+        raise UserError(f"{path}: TensorRT cannot load the plugin library ({str(e).splitlines()[0] if str(e) else e})") from None
+    return path
+
+
+def network_flags(trt) -> int:
+    """0 on TensorRT 11 (always strongly typed); the STRONGLY_TYPED bit on 10.x."""
+    major = int(trt.__version__.split(".")[0])
+    if major < 11 and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 0
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown"
+
+
+def build_engine(onnx_path: str, plan_path: str, onnx_metadata: dict, batch_opts=None, workspace_mib: int = 4096,
+                 timing_cache: str | None = None, verbose: bool = False, log=print) -> dict:
+    """Build and write the engine and its metadata. onnx_metadata: the ONNX export's retinanet.* values."""
+    batch_opts = check_batch_opts(batch_opts)
+    if workspace_mib <= 0:
+        raise UserError(f"--workspace {workspace_mib}: must be positive (MiB)")
+    if onnx_metadata.get("retinanet.form") != "tensorrt":
+        raise UserError(f"{onnx_path}: not the TensorRT (plugin) form of the ONNX export")
+    input_size = tuple(onnx_metadata["retinanet.input_size"])
+    trt = import_tensorrt()
+    load_plugins(trt)
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(onnx_path):
+        lines = []
+        for i in range(parser.num_errors):
+            e = parser.get_error(i)
+            lines.append(f"node {e.node()} ({e.node_name()}, {e.node_operator()}): {e.desc()}")
+        raise UserError(f"{onnx_path}: TensorRT cannot parse the model: " + "; ".join(lines))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    profile = builder.create_optimization_profile()
+    shapes = profile_shapes(input_size, batch_opts)
+    profile.set_shape(network.get_input(0).name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    cache_blob = b""
+    if timing_cache and os.path.isfile(timing_cache):
+        with open(timing_cache, "rb") as f:
+            cache_blob = f.read()
+    cache = config.create_timing_cache(cache_blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError(f"{onnx_path}: TensorRT engine build failed (run with --verbose for the builder log)")
+    with open(plan_path + ".tmp", "wb") as f:
+        f.write(plan)
+    os.replace(plan_path + ".tmp", plan_path)
+    if timing_cache:
+        with open(timing_cache, "wb") as f:
+            f.write(config.get_timing_cache().serialize())
+    write_metadata(plan_path, {
+        "config": onnx_metadata["retinanet.config"],
+        "category_ids": onnx_metadata["retinanet.category_ids"],
+        "input_size": list(input_size),
+        "precision": onnx_metadata.get("retinanet.precision"),
+        "model_sha256": onnx_metadata.get("retinanet.model_sha256"),
+        "tensorrt_version": trt.__version__,
+        "gpu": gpu_name(),
+        "batch_opts": list(batch_opts),
+    })
+    return {"output": plan_path, "metadata": metadata_path(plan_path)}

@@ -1,0 +1,81 @@
+"""TensorRT backend: a serialised engine (.plan/.engine) and its metadata (<plan>.json).
+
+I/O by name (`images` in; `scores`, `boxes`, `classes` out), torch tensors as the
+device buffers, set_input_shape / set_tensor_address / execute_async_v3 on the
+current torch stream.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..data.coco import mean_pixel
+from ..errors import UserError
+from ..export.tensorrt import import_tensorrt, load_plugins, read_metadata
+from .onnxruntime import fit_config, pad_to
+
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "BF16": torch.bfloat16}
+
+
+def check_batch(path: str, batch: int, batch_opts) -> None:
+    lo, _, hi = batch_opts
+    if not lo <= batch <= hi:
+        raise UserError(f"{path}: batch of {batch} images is outside the engine's profile {lo}..{hi} "
+                        f"(use --batch within it or export with --dynamic-batch-opts)")
+
+
+def check_build_match(path: str, meta: dict, trt_version: str, gpu: str) -> None:
+    if meta["tensorrt_version"] != trt_version:
+        raise UserError(f"{path}: engine built with TensorRT {meta['tensorrt_version']}, this is {trt_version}: "
+                        f"rebuild it with `retinanet export`")
+    if meta["gpu"] != gpu:
+        raise UserError(f"{path}: engine built on {meta['gpu']}, this GPU is {gpu}: rebuild it here")
+
+
+class TensorRTBackend:
+    def __init__(self, path: str, device=None):
+        meta = read_metadata(path)
+        trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise UserError(f"{path}: TensorRT engines need a CUDA GPU")
+        self.device = torch.device(device or "cuda")
+        self.preprocess_device = self.device
+        check_build_match(path, meta, trt.__version__, torch.cuda.get_device_name(self.device))
+        load_plugins(trt)
+        self.path = path
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        with open(path, "rb") as f:
+            self.engine = self.runtime.deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise UserError(f"{path}: TensorRT cannot deserialise the engine (another TensorRT version or GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in self.names}
+        config = ModelConfig.from_dict(meta["config"])
+        self.input_size = tuple(meta["input_size"])
+        self.config = fit_config(config, self.input_size)
+        self.category_ids = list(meta["category_ids"])
+        self.batch_opts = tuple(meta["batch_opts"])
+        self.fill = mean_pixel(config.mean)
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        check_batch(self.path, images.shape[0], self.batch_opts)
+        batch = pad_to(images.cpu(), self.input_size, self.fill).to(self.device)
+        name = self.inputs[0]
+        x = batch.to(self.dtypes[name]).contiguous()
+        self.context.set_input_shape(name, tuple(x.shape))
+        self.context.set_tensor_address(name, x.data_ptr())
+        outputs = {}
+        for n in self.names:
+            if n in self.inputs:
+                continue
+            t = torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
+            self.context.set_tensor_address(n, t.data_ptr())
+            outputs[n] = t
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.path}: TensorRT execution failed")
+        return outputs["scores"], outputs["boxes"], outputs["classes"]

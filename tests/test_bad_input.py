@@ -1,0 +1,116 @@
+"""SPEC section 7 through the CLI: every bad input ends in one line naming the
+file, record or flag, a non-zero exit and no traceback (`--debug` shows it)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from retinanet import checkpoint
+from retinanet.config import ModelConfig
+
+
+def cli(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "retinanet", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})}, check=False)
+
+
+def good_doc():
+    return {"images": [{"id": 5, "file_name": "a.jpg", "width": 100, "height": 80}],
+            "annotations": [{"id": 1, "image_id": 5, "category_id": 9, "bbox": [10, 10, 20, 30]}],
+            "categories": [{"id": 9}, {"id": 2}]}
+
+
+def annotations(mutate):
+    def write(tmp_path):
+        doc = good_doc()
+        mutate(doc)
+        (tmp_path / "ann.json").write_text(json.dumps(doc))
+    return write
+
+
+def write_text(name, text):
+    def write(tmp_path):
+        (tmp_path / name).write_text(text)
+    return write
+
+
+def tiny_checkpoint(tmp_path):
+    from retinanet.model import RetinaNet
+
+    cfg = ModelConfig(backbone="ResNet18FPN", classes=2, channels=32, resize=128, max_size=128, freeze_bn=False)
+    torch.manual_seed(0)
+    checkpoint.save(str(tmp_path / "tiny.pth"), checkpoint.model_state(cfg, RetinaNet(cfg), [2, 9]))
+    (tmp_path / "ann.json").write_text(json.dumps({**good_doc(), "images": [{"id": 5, "file_name": "gone.jpg"}]}))
+    (tmp_path / "exists.json").write_text("[]")
+
+
+def nothing(tmp_path):
+    pass
+
+
+TRAIN = ["train", "m.pth", "--annotations", "ann.json", "--no-pretrained", "--backbone", "ResNet18FPN"]
+
+CASES = {
+    "batch zero": (nothing, ["train", "m.pth", "--batch", "0"], {}, ["--batch", "must be >= 1"]),
+    "negative lr": (nothing, ["train", "m.pth", "--lr", "-1"], {}, ["--lr", "must be > 0"]),
+    "iters not a number": (nothing, ["train", "m.pth", "--iters", "ten"], {}, ["--iters", "expected an integer"]),
+    "negative workers": (nothing, ["train", "m.pth", "--workers", "-1"], {}, ["--workers", "must be >= 0"]),
+    "unknown backbone": (nothing, ["train", "m.pth", "--backbone", "Nope"], {}, ["--backbone", "invalid choice"]),
+    "max-size below resize": (nothing, ["train", "m.pth", "--resize", "800", "--max-size", "600"], {},
+                              ["--max-size 600", "--resize 800"]),
+    "jitter reversed": (nothing, ["train", "m.pth", "--jitter", "900", "600"], {}, ["--jitter", "MIN"]),
+    "anchor ious reversed": (nothing, ["train", "m.pth", "--anchor-ious", "0.6", "0.5"], {}, ["--anchor-ious"]),
+    "val without train annotations": (nothing, ["train", "m.pth", "--val-annotations", "v.json"], {},
+                                      ["--val-annotations"]),
+    "annotations missing": (nothing, TRAIN, {}, ["ann.json", "not found"]),
+    "annotations not JSON": (write_text("ann.json", "{oops"), TRAIN, {}, ["ann.json", "not valid JSON"]),
+    "annotations missing key": (annotations(lambda d: d.pop("categories")), TRAIN, {},
+                                ["ann.json", "missing required key 'categories'"]),
+    "bbox width zero": (annotations(lambda d: d["annotations"][0].update(bbox=[1, 1, 0, 5])), TRAIN, {},
+                        ["ann.json", "annotations[0]", "(id 1)", "width or height <= 0"]),
+    "bbox outside image": (annotations(lambda d: d["annotations"][0].update(bbox=[90, 10, 20, 5])), TRAIN, {},
+                           ["ann.json", "annotations[0]", "outside image 5"]),
+    "unknown category": (annotations(lambda d: d["annotations"][0].update(category_id=77)), TRAIN, {},
+                         ["ann.json", "annotations[0]", "unknown category_id 77"]),
+    "unknown image id": (annotations(lambda d: d["annotations"][0].update(image_id=6)), TRAIN, {},
+                         ["ann.json", "annotations[0]", "unknown image_id 6"]),
+    "batch not divisible by world": (annotations(lambda d: None), TRAIN + ["--batch", "3"],
+                                     {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+                                     ["--batch 3", "2 processes"]),
+    "checkpoint missing": (nothing, ["infer", "nothing.pth"], {}, ["nothing.pth", "checkpoint not found"]),
+    "checkpoint corrupt": (write_text("bad.pth", "garbage"), ["infer", "bad.pth"], {},
+                           ["bad.pth", "not a readable checkpoint"]),
+    "unknown model format": (nothing, ["infer", "model.onnx2"], {}, ["model.onnx2", "unknown model format"]),
+    "image missing in inference": (tiny_checkpoint, ["infer", "tiny.pth", "--annotations", "ann.json",
+                                                     "--workers", "0"], {}, ["gone.jpg", "not found", "image id 5"]),
+    "output exists": (tiny_checkpoint, ["infer", "tiny.pth", "--annotations", "ann.json", "--output",
+                                        "exists.json"], {}, ["exists.json", "--override"]),
+    "export size count": (tiny_checkpoint, ["export", "tiny.pth", "o.onnx", "--size", "128", "128", "128"], {},
+                          ["--size"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_naming_it(tmp_path, name):
+    setup, args, env, words = CASES[name]
+    setup(tmp_path)
+    proc = cli(*args, cwd=tmp_path, env=env)
+    assert proc.returncode != 0, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_at_least_fifteen_cases():
+    assert len(CASES) >= 15
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    proc = cli("--debug", "train", *TRAIN[1:], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ann.json" in proc.stderr

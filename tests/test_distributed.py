@@ -1,0 +1,189 @@
+"""Exact resume, crash-safe checkpoints, DDP (gloo, torchrun) equivalence,
+sharded inference and TensorBoard scalars, on a tiny copy of the demo data."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retinanet import checkpoint
+from tests.conftest import run_cli
+
+TRAIN_IMAGES, VAL_IMAGES = 8, 4
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory, demo_root):
+    """RETINANET_CACHE pointing at a 'demo' of 8 train and 4 val images: the demo presets, seconds per run."""
+    from retinanet.data import demo
+
+    cache = tmp_path_factory.mktemp("tinycache")
+    root = cache / f"demo-v{demo.VERSION}"
+    for split, count in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES)):
+        doc = json.loads((demo_root / f"{split}.json").read_text())
+        doc["images"] = doc["images"][:count]
+        keep = {im["id"] for im in doc["images"]}
+        doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
+        (root / split).mkdir(parents=True)
+        for im in doc["images"]:
+            shutil.copy(demo_root / split / im["file_name"], root / split / im["file_name"])
+        (root / f"{split}.json").write_text(json.dumps(doc))
+    return {"RETINANET_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+
+
+def weights(path):
+    return checkpoint.load(str(path))["state_dict"]
+
+
+COMMON = ["--batch", "2", "--seed", "3", "--val-iters", "1000", "--augment-rotate", "--augment-brightness"]
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_env):
+    run_cli("train", "straight.pth", "--iters", "6", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_env)
+    run_cli("train", "resumed.pth", "--iters", "3", "--workers", "2", *COMMON, cwd=tmp_path, env=tiny_env)
+    # The second half runs with other loader workers; augmentation draws depend on (seed, epoch, index) only.
+    proc = run_cli("train", "resumed.pth", "--iters", "6", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_env)
+    assert "resuming resumed.pth at iteration 3" in proc.stdout
+    state = checkpoint.load(str(tmp_path / "resumed.pth"))
+    assert state["iteration"] == 6 and state["data_state"]["epoch"] == 1  # 8 images / batch 2: epoch 0 is 4 iters
+    a, b = weights(tmp_path / "straight.pth"), weights(tmp_path / "resumed.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit-exact on the CPU
+
+
+WRITER = """
+import sys, torch
+from retinanet import checkpoint
+state = checkpoint.load(sys.argv[1])
+state["config"] = state["config"].to_dict()
+state["padding"] = torch.zeros(8_000_000)  # ~32 MB: a write takes a while
+i = state["iteration"]
+print("ready", flush=True)
+while True:
+    i += 1
+    state["iteration"] = i
+    checkpoint.save(sys.argv[1], state)
+"""
+
+
+def test_sigkill_while_writing_leaves_a_loadable_resumable_checkpoint(tmp_path, tiny_env):
+    run_cli("train", "m.pth", "--iters", "1", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_env)
+    path = str(tmp_path / "m.pth")
+    rng = random.Random(0)
+    last = 1
+    for _ in range(6):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, path], env={**os.environ, **tiny_env},
+                                  stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 1.0))  # somewhere inside some write
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        writer.stdout.close()
+        state = checkpoint.load(path)
+        assert state["iteration"] >= last
+        last = state["iteration"]
+    assert last > 1  # some writes completed between the kills
+    # Leftover temp files of killed writes never shadow the checkpoint; resume from it.
+    proc = run_cli("train", "m.pth", "--iters", str(last + 1), "--workers", "0", *COMMON, cwd=tmp_path,
+                   env=tiny_env)
+    assert f"resuming m.pth at iteration {last}" in proc.stdout
+    assert checkpoint.load(path)["iteration"] == last + 1
+
+
+def scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def random_backbone(tmp_path):
+    """ImageNet-style weights file: in the demo it freezes BatchNorm, so the
+    per-rank batches normalise exactly like the global one."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(5)
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    return str(tmp_path / "r18.pth")
+
+
+def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_path, tiny_env):
+    flags = ["--iters", "3", "--batch", "4", "--seed", "1", "--val-iters", "1000", "--workers", "0",
+             "--jitter", "128", "128", "--backbone-weights", random_backbone(tmp_path)]
+    run_cli("train", "one.pth", *flags, "--logdir", "tb1", cwd=tmp_path, env=tiny_env)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_port()), "-m", "retinanet", "train", "two.pth", *flags,
+                           "--logdir", "tb2"],
+                          cwd=tmp_path, env={**os.environ, **tiny_env}, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("saved two.pth") == 1  # only rank 0 logs
+    one, two = scalars(tmp_path / "tb1"), scalars(tmp_path / "tb2")
+    for tag in ("train/loss", "train/cls_loss", "train/box_loss"):
+        assert len(one[tag]) == 3
+        torch.testing.assert_close(torch.tensor(two[tag]), torch.tensor(one[tag]), rtol=2e-3, atol=1e-4)
+    # TensorBoard: loss terms, lr, img/s and the 12 COCO stats of the final validation.
+    assert {"train/lr", "train/img_per_s"} <= one.keys()
+    assert len([t for t in one if t.startswith("val/")]) == 12
+    assert len([t for t in two if t.startswith("val/")]) == 12  # sharded validation, gathered
+    a, b = weights(tmp_path / "one.pth"), weights(tmp_path / "two.pth")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+def _port():
+    from retinanet.distributed import free_port
+
+    return free_port()
+
+
+def test_sharded_inference_returns_every_image_once(tmp_path, tiny_env):
+    from retinanet.config import ModelConfig
+    from retinanet.model import RetinaNet
+
+    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False,
+                      score_threshold=0.0, top_n=5, detections=5)
+    torch.manual_seed(0)
+    checkpoint.save(str(tmp_path / "t.pth"), checkpoint.model_state(cfg, RetinaNet(cfg), [1, 3, 7]))
+    root = os.path.join(tiny_env["RETINANET_CACHE"], "demo-v2")
+    args = ["infer", "t.pth", "--images", os.path.join(root, "val"), "--annotations",
+            os.path.join(root, "val.json"), "--batch", "1", "--workers", "0"]
+    run_cli(*args, "--output", "one.json", cwd=tmp_path, env=tiny_env)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_port()), "-m", "retinanet", *args, "--output", "two.json"],
+                          cwd=tmp_path, env={**os.environ, **tiny_env}, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    ids = [im["id"] for im in json.loads(Path(root, "val.json").read_text())["images"]]
+    for records in (one, two):
+        per_image = {i: sum(r["image_id"] == i for r in records) for i in ids}
+        assert per_image == {i: 5 for i in ids}, per_image  # every image, each exactly once
+    key = lambda r: (r["image_id"], r["category_id"], r["score"], r["bbox"])
+    assert len(one) == len(two)
+    for r1, r2 in zip(sorted(one, key=key), sorted(two, key=key)):
+        assert r1["image_id"] == r2["image_id"] and r1["category_id"] == r2["category_id"]
+        assert r1["score"] == pytest.approx(r2["score"], abs=1e-4)
+
+
+def test_corrupt_jpeg_in_training_is_skipped_warned_and_counted(tmp_path, tiny_env):
+    from retinanet.data import demo
+
+    cache = tmp_path / "cache"
+    shutil.copytree(os.path.join(tiny_env["RETINANET_CACHE"], f"demo-v{demo.VERSION}"),
+                    cache / f"demo-v{demo.VERSION}")
+    victim = cache / f"demo-v{demo.VERSION}" / "train" / "train_00002.jpg"
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
+    proc = run_cli("train", "c.pth", "--iters", "4", "--workers", "0", "--batch", "2", "--val-iters", "1000",
+                   cwd=tmp_path, env={**tiny_env, "RETINANET_CACHE": str(cache)})
+    assert "train_00002.jpg" in proc.stderr and "skipping" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "skipped 1" in proc.stdout
