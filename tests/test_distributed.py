@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from retinanet import checkpoint
-from tests.conftest import run_cli
+from conftest import run_cli
 
 TRAIN_IMAGES, VAL_IMAGES = 8, 4
 
