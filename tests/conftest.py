@@ -35,6 +35,16 @@ def demo_root(tmp_path_factory):
 DEMO_ITERS = 300
 
 
+def assert_user_error(proc, *words):
+    """A user error: exit 2, no traceback, one line holding every word."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
 def run_cli(*args, cwd, env=None, check=True, timeout=600):
     """`python -m retinanet ARGS` in `cwd`; AssertionError with its output when check fails."""
     run_env = {**os.environ, **(env or {})}

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_user_error
 
 from retinanet import checkpoint
 from retinanet.config import ModelConfig
@@ -23,15 +24,6 @@ def tiny_checkpoint(tmp_path):
     path = tmp_path / "tiny.pth"
     checkpoint.save(str(path), checkpoint.model_state(cfg, RetinaNet(cfg), [1, 3, 7]))
     return path
-
-
-def assert_user_error(proc, *words):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("args, words", [

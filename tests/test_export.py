@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -219,15 +219,6 @@ def test_onnx_runtime_backend_through_load(tiny):
     assert (dets[0].boxes[:, 2] <= 200).all() and (dets[1].boxes[:, 3] <= 60).all()
     torch_det = retinanet.load(tiny["pth"], device="cpu")([img])[0]
     np.testing.assert_allclose(np.sort(dets[0].scores.numpy()), np.sort(torch_det.scores.numpy()), atol=1e-5)
-
-
-def assert_user_error(proc, *words):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_export_errors(tiny, tmp_path):
