@@ -9,24 +9,10 @@ wall time.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-
-
-def time_calls(fn, iters, warmup):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from bench_train import time_steps  # benchmarks/ is on sys.path when run as a script
 
 
 def main():
@@ -63,10 +49,10 @@ def main():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
                 return tv([im.float() / 255 for im in images])
 
-        t_ours = time_calls(run_ours, a.iters, a.warmup)
-        t_graph = time_calls(lambda: run_ours(graphed), a.iters, a.warmup)
-        t_comp = time_calls(lambda: run_ours(compiled), a.iters, a.warmup)
-        t_tv = time_calls(run_tv, a.iters, a.warmup)
+        t_ours = time_steps(run_ours, a.iters, a.warmup)
+        t_graph = time_steps(lambda: run_ours(graphed), a.iters, a.warmup)
+        t_comp = time_steps(lambda: run_ours(compiled), a.iters, a.warmup)
+        t_tv = time_steps(run_tv, a.iters, a.warmup)
         rows.append((batch, t_ours, t_graph, t_comp, t_tv))
     print(f"\ninference end to end, ResNet50FPN, 480x640 -> 800, fp16, {torch.cuda.get_device_name()}")
     print(f"{'batch':>5}{'ours eager':>12}{'ours graph':>12}{'ours compiled+graph':>21}{'torchvision':>13}"
