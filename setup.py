@@ -123,7 +123,10 @@ setup(
     extras_require={
         # ONNX export (the torch.onnx dynamo exporter needs onnxscript) and ONNX Runtime inference.
         "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
-        "test": ["pytest>=7", "tensorboard", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        # --with-dali: DALI 2.x for CUDA 13 (its CPU pipelines also run without a GPU).
+        "dali": ["nvidia-dali-cuda130>=2.0"],
+        "test": ["pytest>=7", "tensorboard", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20",
+                 "nvidia-dali-cuda130>=2.0"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["retinanet=retinanet.cli:main"]},

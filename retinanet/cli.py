@@ -73,14 +73,16 @@ def build_parser() -> Parser:
     t.add_argument("--backbone-weights", metavar="FILE", help="ImageNet state dict for the backbone")
     t.add_argument("--no-pretrained", action="store_true", default=None,
                    help="train the backbone from scratch (default for the demo)")
-    for name in ("rotate", "brightness", "contrast", "hue", "saturation"):
+    for name in ("rotate", "brightness", "contrast", "hue", "saturation", "crop"):
         t.add_argument(f"--augment-{name}", action="store_true", default=None, help=f"random {name} augmentation")
     t.add_argument("--anchor-ious", type=unit, nargs=2, metavar=("BG", "FG"), help="matching IoUs [0.4 0.5]")
     t.add_argument("--anchor-ratios", type=positive_float, nargs="+", help="anchor h/w ratios [0.5 1 2]")
     t.add_argument("--anchor-scales", type=positive_float, nargs="+",
                    help="anchor sizes in strides [4*2^(0/3) 4*2^(1/3) 4*2^(2/3)]")
     t.add_argument("--seed", type=non_negative, help="random seed [0]")
-    t.add_argument("--workers", type=non_negative, help="data loader processes [2]")
+    t.add_argument("--workers", type=non_negative, help="data loader processes; with --with-dali its CPU threads [2]")
+    t.add_argument("--with-dali", action="store_true", default=None,
+                   help="decode and augment with NVIDIA DALI (on the GPU; on the CPU without one)")
 
     i = sub.add_parser("infer", help="detect objects in images, optionally measure COCO mAP")
     i.add_argument("model", help="checkpoint (.pth) or ONNX model (.onnx, run with ONNX Runtime)")
@@ -93,7 +95,10 @@ def build_parser() -> Parser:
     i.add_argument("--full-precision", action="store_true", help="float32 on the GPU (default: fp16)")
     i.add_argument("--compile", action="store_true",
                    help="torch.compile the network (GPU: fastest; each new input size compiles once, ~30 s)")
-    i.add_argument("--workers", type=non_negative, default=2, help="data loader processes [2]")
+    i.add_argument("--workers", type=non_negative, default=2,
+                   help="data loader processes; with --with-dali its CPU threads [2]")
+    i.add_argument("--with-dali", action="store_true",
+                   help="decode and resize with NVIDIA DALI (on the GPU; on the CPU without one)")
     i.add_argument("--override", action="store_true", help="replace an existing --output file")
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX (portable or TensorRT form)")
@@ -144,7 +149,7 @@ def run_infer(ns) -> None:
     try:
         detector = runtime.load(ns.model, device=device, full_precision=ns.full_precision, compile=ns.compile)
         infer.infer(detector, ns.images, ns.annotations, ns.output, ns.batch or default_batch(), ns.resize,
-                    ns.max_size, workers=ns.workers, override=ns.override)
+                    ns.max_size, workers=ns.workers, override=ns.override, with_dali=ns.with_dali)
     finally:
         distributed.shutdown()
 

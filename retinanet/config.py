@@ -99,8 +99,10 @@ class TrainConfig:
     augment_contrast: bool = False
     augment_hue: bool = False
     augment_saturation: bool = False
+    augment_crop: bool = False  # random bounding-box crop (SSD style) before the resize
     seed: int = 0
     workers: int = 2
+    with_dali: bool = False  # DALI pipelines instead of the PyTorch DataLoader
     amp_dtype: str = "auto"  # fp16 | bf16 | auto (bf16 where supported)
     full_precision: bool = False
 

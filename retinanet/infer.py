@@ -40,9 +40,15 @@ def detection_records(detector: Detector, loader, log=None) -> list[dict]:
 
 
 def make_loader(detector: Detector, images: str, annotations: CocoAnnotations | None, batch: int,
-                resize: int, max_size: int, workers: int, rank: int = 0, world: int = 1) -> DataLoader:
-    """Rank r of `world` reads images r, r + world, ...: every image on exactly one rank."""
+                resize: int, max_size: int, workers: int, rank: int = 0, world: int = 1,
+                with_dali: bool = False):
+    """Every image on exactly one rank: with PyTorch's loader rank r of `world`
+    reads images r, r + world, ...; with DALI a contiguous shard."""
     dataset = DetectionDataset(images, annotations, resize, max_size)
+    if with_dali:
+        from .data import dali
+        return dali.inference_loader(images, dataset.records, batch, resize, max_size, detector.config.pad_multiple,
+                                     mean_pixel(detector.config.mean), detector.device, max(workers, 1), rank, world)
     if world > 1:
         dataset = Subset(dataset, range(rank, len(dataset), world))
     collate = Collate(detector.config.pad_multiple, mean_pixel(detector.config.mean))
@@ -51,10 +57,10 @@ def make_loader(detector: Detector, images: str, annotations: CocoAnnotations | 
 
 
 def sharded_records(detector: Detector, images: str, annotations: CocoAnnotations | None, batch: int,
-                    resize: int, max_size: int, workers: int, log=None) -> list[dict]:
+                    resize: int, max_size: int, workers: int, log=None, with_dali: bool = False) -> list[dict]:
     """Detections of every image, each inferred on exactly one rank, gathered on all ranks."""
     loader = make_loader(detector, images, annotations, batch, resize, max_size, workers,
-                         distributed.rank(), distributed.world_size())
+                         distributed.rank(), distributed.world_size(), with_dali)
     if distributed.world_size() == 1:
         return detection_records(detector, loader, log)
     # A bad image on one rank must not leave the others waiting in the gather:
@@ -71,7 +77,7 @@ def sharded_records(detector: Detector, images: str, annotations: CocoAnnotation
 
 def infer(detector: Detector, images: str, annotations: str | None, output: str, batch: int,
           resize: int | None, max_size: int | None, workers: int = 2, override: bool = False,
-          quiet: bool = False) -> list[float] | None:
+          quiet: bool = False, with_dali: bool = False) -> list[float] | None:
     """Write COCO result records to `output`; return the 12 stats when annotated.
 
     In a process group (torchrun) the images are sharded over the ranks and
@@ -79,6 +85,9 @@ def infer(detector: Detector, images: str, annotations: str | None, output: str,
     """
     if os.path.exists(output) and not override:
         raise UserError(f"{output}: output file exists; pass --override to replace it or choose another --output")
+    if with_dali:
+        from .data.dali import require_dali
+        require_dali()  # before any work
     coco = None
     if annotations is not None:
         coco = CocoAnnotations(annotations, category_ids=None)
@@ -90,7 +99,7 @@ def infer(detector: Detector, images: str, annotations: str | None, output: str,
     # A live counter on a terminal; in a log file only the final count.
     log = None if quiet or not sys.stderr.isatty() else (lambda s: print(s, end="", file=sys.stderr, flush=True))
     records = sharded_records(detector, images, coco, batch, resize or detector.config.resize,
-                              max_size or detector.config.max_size, workers, log)
+                              max_size or detector.config.max_size, workers, log, with_dali)
     if not main:
         return None
     tmp = output + ".tmp"

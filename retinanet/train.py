@@ -61,7 +61,7 @@ class EpochSampler(Sampler[int]):
 MODEL_FLAGS = ("backbone", "classes", "resize", "max_size", "anchor_ious", "anchor_ratios", "anchor_scales")
 TRAIN_FLAGS = ("batch", "iters", "milestones", "schedule", "lr", "warmup", "gamma", "weight_decay", "val_iters",
                "jitter", "augment_rotate", "augment_brightness", "augment_contrast", "augment_hue",
-               "augment_saturation", "seed", "workers", "amp_dtype", "full_precision")
+               "augment_saturation", "augment_crop", "seed", "workers", "with_dali", "amp_dtype", "full_precision")
 
 
 def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, bool]:
@@ -187,12 +187,13 @@ class Progress:
 
 
 def validate(model: RetinaNet, category_ids: list[int], paths: DataPaths, cfg: ModelConfig,
-             batch: int, workers: int, device: torch.device) -> list[float] | None:
+             batch: int, workers: int, device: torch.device, with_dali: bool = False) -> list[float] | None:
     """The 12 COCO stats on rank 0 (None on the others); the images are sharded over the ranks."""
     backend = TorchBackend(model, category_ids, device)
     detector = Detector(backend, cfg, category_ids)
     coco = CocoAnnotations(paths.val_annotations, category_ids=category_ids)
-    records = sharded_records(detector, paths.val_images, coco, batch, cfg.resize, cfg.max_size, workers)
+    records = sharded_records(detector, paths.val_images, coco, batch, cfg.resize, cfg.max_size, workers,
+                              with_dali=with_dali)
     model.train()
     if distributed.rank() != 0:
         return None
@@ -208,6 +209,9 @@ def check_world(batch: int, world: int) -> None:
 def launch(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, **kw) -> list[float] | None:
     """train() in this process, in the process group torchrun set up, or in one
     process per visible GPU started here when there are several."""
+    if cfg.with_dali:
+        from .data.dali import require_dali
+        require_dali()  # before any process starts
     place = distributed.from_env()
     if place is not None and place.world > 1:
         check_world(cfg.batch, place.world)
@@ -304,11 +308,12 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
     use_amp, amp_dtype = amp_settings(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
+    augment = T.Augment(rotate=cfg.augment_rotate, brightness=cfg.augment_brightness,
+                        contrast=cfg.augment_contrast, hue=cfg.augment_hue, saturation=cfg.augment_saturation,
+                        crop=cfg.augment_crop)
     dataset = DetectionDataset(paths.images, train_coco, model_cfg.resize, model_cfg.max_size, training=True,
                                jitter=tuple(cfg.jitter),
-                               augment=T.Augment(cfg.augment_rotate, cfg.augment_brightness, cfg.augment_contrast,
-                                                 cfg.augment_hue, cfg.augment_saturation),
-                               seed=cfg.seed)
+                               augment=augment, seed=cfg.seed)
     per_rank = cfg.batch // world
     sampler = EpochSampler(len(dataset), cfg.seed, rank, world)
     iteration = 0
@@ -363,6 +368,15 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
         checkpoint.save(model_path, state)
 
     collate = Collate(model_cfg.pad_multiple, mean_pixel(model_cfg.mean))
+    dali_loader = None
+    if cfg.with_dali:
+        # Built once (its threads and buffers live across epochs). It cannot
+        # seek: a resumed run continues the schedule with a fresh shuffle
+        # (seeded by the iteration) rather than the interrupted order.
+        from .data import dali
+        dali_loader = dali.training_loader(paths.images, train_coco, per_rank, model_cfg.max_size,
+                                           model_cfg.pad_multiple, mean_pixel(model_cfg.mean), tuple(cfg.jitter),
+                                           augment, device, max(cfg.workers, 1), cfg.seed + iteration, rank, world)
     progress = Progress(total, iteration, main)
     stats = None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext
@@ -370,9 +384,12 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
         warnings.filterwarnings("always", message="skipping")
         while iteration < total:
             dataset.epoch = sampler.epoch
-            loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
-                                collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
-                                persistent_workers=False)
+            if dali_loader is not None:
+                loader = dali_loader
+            else:
+                loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
+                                    collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
+                                    persistent_workers=False)
             position = sampler.start
             for batch in loader:
                 position += per_rank
@@ -427,7 +444,7 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
                     save_state(position)
                 if paths.val_annotations and (iteration % cfg.val_iters == 0 or last):
                     stats = validate(net, train_coco.category_ids, paths, model_cfg, per_rank, cfg.workers,
-                                     device)
+                                     device, cfg.with_dali)
                     if main:
                         print(f"validation at iteration {iteration}:\n{evaluate.format_stats(stats)}",
                               flush=True)

@@ -185,17 +185,29 @@ class DetectionDataset(Dataset):
             # reach the user wrapped in the worker's traceback.
             return f"{e} (image id {rec.id})"
         height, width = image.shape[-2:]
+        targets = self.targets(rec)
+        rng = self.rng(index)
+        short = rng.randint(*self.jitter) if self.training and self.jitter is not None else self.resize
+        if self.training:
+            objects = targets[targets[:, 4] >= 0, :4]
+            g = self.augment.geometry(rng, short, objects, int(height), int(width))
+        else:
+            g = T.Geometry(short)
+        targets, _, scale = T.transform_targets(targets, g, int(height), int(width), self.max_size)
+        image = T.transform_image(image, g, self.max_size)
+        if self.training:
+            image = self.augment.colour(image, rng)
+        return Sample(image, targets, rec.id, scale, (int(height), int(width)))
+
+    @staticmethod
+    def targets(rec: ImageRecord) -> Tensor:
+        """[M, 5]: x1 y1 x2 y2 in original pixels, contiguous label (or LABEL_CROWD)."""
         boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(rec.labels, dtype=torch.float32).reshape(-1, 1)
-        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
-        if self.training and self.jitter is not None:
-            short = rng.randint(self.jitter[0], self.jitter[1])
-        else:
-            short = self.resize
-        image, boxes, scale = T.resize(image, boxes, short, self.max_size)
-        if self.training:
-            image, boxes = self.augment(image, boxes, rng)
-        return Sample(image, torch.cat([boxes, labels], dim=1), rec.id, scale, (int(height), int(width)))
+        return torch.cat([boxes, labels], dim=1)
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
 
 
 @dataclass
@@ -233,15 +245,21 @@ class Collate:
         h = -(-h // self.multiple) * self.multiple
         w = -(-w // self.multiple) * self.multiple
         images = self.fill.expand(len(samples), 3, h, w).clone()
-        m = max(s.targets.shape[0] for s in samples)
-        targets = torch.zeros(len(samples), m, 5)
-        targets[..., 4] = LABEL_PAD
         for i, s in enumerate(samples):
             images[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
-            targets[i, : s.targets.shape[0]] = s.targets
+        targets = stack_targets([s.targets for s in samples])
         scales = torch.tensor([s.scale for s in samples], dtype=torch.float32)
         return Batch(images, targets, [s.image_id for s in samples], scales, [s.size for s in samples], skipped,
                      errors)
+
+
+def stack_targets(targets: list[Tensor]) -> Tensor:
+    """[B, M, 5] from per-image [M_i, 5]; missing rows get label LABEL_PAD."""
+    out = torch.zeros(len(targets), max((t.shape[0] for t in targets), default=0), 5)
+    out[..., 4] = LABEL_PAD
+    for i, t in enumerate(targets):
+        out[i, : t.shape[0]] = t
+    return out
 
 
 def mean_pixel(mean: list[float]) -> tuple[int, int, int]:
