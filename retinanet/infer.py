@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed, evaluate
-from .data.coco import Collate, CocoAnnotations, DetectionDataset, mean_pixel
+from .data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
 from .errors import UserError
 from .runtime import Detector
 

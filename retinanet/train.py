@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from . import checkpoint, distributed, evaluate
 from .config import LABEL_PAD, ModelConfig, TrainConfig
 from .data import transforms as T
-from .data.coco import Collate, CocoAnnotations, DetectionDataset, mean_pixel
+from .data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
 from .errors import UserError
 from .infer import sharded_records
 from .model import RetinaNet

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from . import transforms as T
-from .coco import Batch, CocoAnnotations, ImageRecord, DetectionDataset, stack_targets
+from .coco import Batch, CocoAnnotations, DetectionDataset, ImageRecord, stack_targets
 
 INSTALL_HINT = "--with-dali needs NVIDIA DALI: pip install 'retinanet[dali]' (nvidia-dali-cuda130)"
 
@@ -246,11 +246,13 @@ class DaliLoader:
             delivered += len(batch.image_ids)
             yield batch
 
-    def _images(self, images_out, sizes: list[tuple[int, int]]) -> Tensor:
-        """[B, 3, H, W] uint8 (a channels-last view), the padding set to the mean pixel."""
-        images = _to_torch(images_out, self.device if self.opts.device_id is not None else None)
+    def _output_device(self) -> torch.device | None:
+        return self.device if self.opts.device_id is not None else None
+
+    def _fill_padding(self, images: Tensor, sizes: list[tuple[int, int]]) -> Tensor:
+        """NHWC images -> [B, 3, H, W] uint8 (a channels-last view), the padding set to the mean pixel."""
         images = images.permute(0, 3, 1, 2)
-        hw = torch.tensor(sizes, device=images.device)
+        hw = torch.tensor(sizes, device=images.device).reshape(-1, 2)
         rows = torch.arange(images.shape[2], device=images.device)
         cols = torch.arange(images.shape[3], device=images.device)
         inside = (rows[None, :, None] < hw[:, 0, None, None]) & (cols[None, None, :] < hw[:, 1, None, None])
@@ -265,7 +267,7 @@ class DaliLoader:
             targets.append(t)
             sizes.append(size)
             scales.append(scale)
-        return Batch(self._images(outs[0], sizes), stack_targets(targets), [p[0] for p in params],
+        return Batch(self._fill_padding(_to_torch(outs[0], self._output_device()), sizes), stack_targets(targets), [p[0] for p in params],
                      torch.tensor(scales, dtype=torch.float32), [p[1] for p in params])
 
     def _inference_batch(self, outs, remaining: int) -> Batch:
@@ -274,19 +276,20 @@ class DaliLoader:
         index = np.array(index.as_tensor()).reshape(-1)
         shapes = np.array(shapes.as_tensor()).reshape(-1, 2)
         keep = min(remaining, len(index))  # the shard's last batch is padded with repeats
-        sizes, scales, image_ids, originals = [], [], [], []
-        for i in range(len(index)):
+        targets, sizes, scales, image_ids, originals = [], [], [], [], []
+        for i in range(keep):
             rec = self.records[int(index[i])]
             h, w = int(shapes[i, 0]), int(shapes[i, 1])
-            _, size, scale = T.transform_targets(torch.zeros(0, 5), T.Geometry(self.resize), h, w,
+            t, size, scale = T.transform_targets(DetectionDataset.targets(rec), T.Geometry(self.resize), h, w,
                                                  self.opts.max_size)
+            targets.append(t)
             sizes.append(size)
             scales.append(scale)
             image_ids.append(rec.id)
             originals.append((h, w))
-        images = self._images(images_out, sizes)[:keep]
-        return Batch(images, torch.zeros(keep, 0, 5), image_ids[:keep],
-                     torch.tensor(scales[:keep], dtype=torch.float32).reshape(-1, 2), originals[:keep])
+        images = _to_torch(images_out, self._output_device())[:keep]
+        return Batch(self._fill_padding(images, sizes), stack_targets(targets), image_ids,
+                     torch.tensor(scales, dtype=torch.float32).reshape(-1, 2), originals)
 
 
 def training_params(outs) -> list[tuple[int, tuple[int, int], T.Geometry]]:

@@ -1,0 +1,245 @@
+"""DALI pipelines (--with-dali) against the PyTorch loader.
+
+The DALI pipelines draw their own random parameters and report them; the
+PyTorch loader is replayed with the same parameters and must give the same
+boxes exactly and the same pixels within IMAGE_TOLERANCE. CPU pipelines run
+here and in CI; the GPU ones (marked gpu) on the lent H100.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_cli
+
+from retinanet.config import LABEL_CROWD, LABEL_PAD
+from retinanet.data import transforms as T
+from retinanet.data.coco import Collate, CocoAnnotations, DetectionDataset, mean_pixel
+
+try:
+    from retinanet.data import dali as D
+
+    D.require_dali()
+    DALI = True
+except Exception as e:  # noqa: BLE001 - any import failure means: no DALI here
+    DALI, WHY = False, f"NVIDIA DALI not importable ({e}); pip install 'retinanet[dali]'"
+
+needs_dali = pytest.mark.skipif(not DALI, reason=WHY if not DALI else "")
+
+MAX_SIZE, MULTIPLE = 333, 128
+FILL = mean_pixel([0.485, 0.456, 0.406])
+# Grey levels. Measured: DALI's antialiased linear resize and torchvision's
+# antialiased bilinear resize of the same decoded JPEG differ by at most 1
+# (libjpeg-turbo decodes identically); GPU decoding (nvJPEG) adds its own
+# chroma upsampling, bounded by GPU_IMAGE_TOLERANCE in mean.
+IMAGE_TOLERANCE = 1
+GPU_MEAN_TOLERANCE = 2.0
+
+
+@pytest.fixture(scope="module")
+def odd_dataset(tmp_path_factory):
+    """JPEGs of assorted sizes and aspect ratios with boxes, a crowd region, an
+    image without annotations and non-contiguous category ids."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(0)
+    sizes = [(97, 143), (200, 120), (64, 300), (150, 150), (321, 180), (90, 91), (240, 320), (133, 77),
+             (180, 260), (111, 222), (300, 64), (128, 129)]
+    images, annotations = [], []
+    for i, (h, w) in enumerate(sizes):
+        # Smooth colour blobs plus mild noise: JPEG-like content, not pure noise.
+        small = rng.integers(0, 255, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR), dtype=np.int16)
+        img = np.clip(img + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"{i:03d}.jpg", quality=92)
+        images.append({"id": 10 + i, "file_name": f"{i:03d}.jpg", "width": w, "height": h})
+        if i == 5:
+            continue  # background only
+        for k in range(1 + i % 4):
+            bw, bh = rng.uniform(8, w / 2), rng.uniform(8, h / 2)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            annotations.append({"id": len(annotations) + 1, "image_id": 10 + i, "category_id": [2, 5, 9][k % 3],
+                                "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)],
+                                "iscrowd": int(i == 3 and k == 1)})
+    path = root / "ann.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": c} for c in (2, 5, 9)]}))
+    return root, CocoAnnotations(str(path))
+
+
+class Replay(T.Augment):
+    """The PyTorch loader's augmentation, made to apply a given geometry."""
+
+    def __init__(self, geometry: T.Geometry):
+        super().__init__()
+        self.fixed = geometry
+
+    def geometry(self, rng, short, boxes, height, width):
+        return self.fixed
+
+
+def pytorch_batch(root, coco, params) -> object:
+    """The PyTorch loader's batch for DALI-reported (image id, size, geometry)."""
+    index = {rec.id: i for i, rec in enumerate(coco.images)}
+    samples = []
+    for image_id, _, g in params:
+        ds = DetectionDataset(str(root), coco, 0, MAX_SIZE, training=True, jitter=(g.short, g.short),
+                              augment=Replay(g))
+        samples.append(ds[index[image_id]])
+    return Collate(MULTIPLE, FILL)(samples)
+
+
+def assert_same_batch(dali_batch, torch_batch, tolerance=IMAGE_TOLERANCE):
+    assert dali_batch.image_ids == torch_batch.image_ids
+    assert dali_batch.sizes == torch_batch.sizes
+    torch.testing.assert_close(dali_batch.scales, torch_batch.scales, rtol=0, atol=0)
+    assert torch.equal(dali_batch.targets, torch_batch.targets)  # boxes exact
+    assert dali_batch.images.shape == torch_batch.images.shape and dali_batch.images.dtype == torch.uint8
+    diff = (dali_batch.images.cpu().int() - torch_batch.images.int()).abs()
+    assert diff.max().item() <= tolerance, diff.max()
+
+
+@needs_dali
+@pytest.mark.parametrize("augment", [T.Augment(), T.Augment(crop=True, rotate=True)], ids=["flip", "crop+rotate"])
+def test_training_pipeline_equals_pytorch_loader_for_the_same_geometry(odd_dataset, augment):
+    root, coco = odd_dataset
+    loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), augment,
+                               torch.device("cpu"), threads=2, seed=3)
+    seen_flips, seen_turns, seen_crops, crowd = set(), set(), 0, False
+    for _ in range(3 * len(loader)):  # three epochs of 3 batches
+        outs = D._run(loader.pipe)
+        params = D.training_params(outs)
+        batch = loader._training_batch(outs)
+        assert_same_batch(batch, pytorch_batch(root, coco, params))
+        for _, (h, w), g in params:
+            assert 60 <= g.short <= 200
+            seen_flips.add(g.flip)
+            seen_turns.add(g.quarter_turns)
+            seen_crops += g.crop is not None
+        crowd |= bool((batch.targets[..., 4] == LABEL_CROWD).any())
+        assert set(batch.targets[..., 4].unique().tolist()) <= {LABEL_PAD, LABEL_CROWD, 0, 1, 2}
+    assert seen_flips == {False, True}
+    assert seen_turns == ({0, 1, 2, 3} if augment.rotate else {0})
+    assert (seen_crops > 0) == augment.crop
+    assert crowd or augment.crop  # crowd regions travel as LABEL_CROWD (a crop may cut them away)
+
+
+@needs_dali
+def test_inference_pipeline_equals_pytorch_loader(odd_dataset):
+    from retinanet.infer import make_loader
+
+    root, coco = odd_dataset
+
+    class FakeDetector:  # what make_loader reads of a detector
+        device = torch.device("cpu")
+
+        class config:
+            pad_multiple, mean = MULTIPLE, [0.485, 0.456, 0.406]
+
+    ours = list(make_loader(FakeDetector, str(root), coco, 5, 150, MAX_SIZE, 2, with_dali=True))
+    theirs = list(make_loader(FakeDetector, str(root), coco, 5, 150, MAX_SIZE, 0))
+    assert [len(b.image_ids) for b in ours] == [5, 5, 2]
+    for a, b in zip(ours, theirs, strict=True):
+        assert_same_batch(a, b)
+
+
+@needs_dali
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharding_is_disjoint_and_complete(odd_dataset, world):
+    root, coco = odd_dataset
+    every = sorted(rec.id for rec in coco.images)
+    # Training: each epoch's global shuffle is cut into disjoint shards.
+    for epoch_of in range(2):
+        shards = []
+        for rank in range(world):
+            loader = D.training_loader(str(root), coco, 1, MAX_SIZE, MULTIPLE, FILL, (64, 64), T.Augment(),
+                                       torch.device("cpu"), threads=1, seed=5, rank=rank, world=world)
+            mine = D.shard_range(len(coco.images), rank, world)
+            ids = []
+            for _ in range(epoch_of + 1):  # the second epoch reshuffles
+                ids = [D.training_params(D._run(loader.pipe))[0][0] for _ in mine]
+            shards.append(ids)
+        flat = [i for s in shards for i in s]
+        assert sorted(flat) == every, shards
+    # Inference: a contiguous shard per rank, the padded last batch dropped.
+    seen = []
+    for rank in range(world):
+        loader = D.inference_loader(str(root), coco.images, 4, 100, MAX_SIZE, MULTIPLE, FILL, torch.device("cpu"),
+                                    threads=1, rank=rank, world=world)
+        seen += [i for b in loader for i in b.image_ids]
+    assert sorted(seen) == every
+
+
+def test_crop_window_meets_threshold_and_keeps_boxes_by_centre():
+    rng = random.Random(0)
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 50.0], [70.0, 20.0, 110.0, 90.0]])
+    crops = 0
+    for _ in range(200):
+        window = T.random_crop_window(rng, boxes, 128, 96)
+        if window is None:
+            continue
+        crops += 1
+        x0, y0, w, h = window
+        assert 0 <= x0 and 0 <= y0 and x0 + w <= 128 and y0 + h <= 96
+        assert 0.3 * 128 - 1 <= w and 0.3 * 96 - 1 <= h
+        assert (T._iou_with_window(boxes, x0, y0, x0 + w, y0 + h) >= 0.1 - 1e-6).all()
+    assert 0 < crops < 200  # "no crop" is one of six outcomes, and failed searches keep the image
+    targets = torch.tensor([[10.0, 10.0, 60.0, 50.0, 0], [70.0, 20.0, 110.0, 90.0, 1]])
+    kept = T.crop_targets(targets, 30, 0, 50, 96)  # centre of box 0 (35, 30) inside, box 1 (90, 55) outside
+    assert kept.tolist() == [[0.0, 10.0, 30.0, 50.0, 0.0]]
+
+
+def test_with_dali_without_dali_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "nvidia.dali", None)
+    from retinanet.data.dali import INSTALL_HINT, require_dali
+    from retinanet.errors import UserError
+
+    with pytest.raises(UserError, match="retinanet\\[dali\\]"):
+        require_dali()
+    # Through the CLI, in a process where DALI cannot be imported.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text("import sys\nsys.modules['nvidia.dali'] = None  # import fails\n")
+    proc = run_cli("train", "x.pth", "--with-dali", "--iters", "1", cwd=tmp_path, check=False,
+                   env={"PYTHONPATH": str(shim)})
+    assert_user_error(proc, INSTALL_HINT)
+    assert not (tmp_path / "x.pth").exists()
+
+
+@needs_dali
+@pytest.mark.slow
+def test_with_dali_infer_map_equals_pytorch_loader_and_train_runs(trained, demo_root, tmp_path):
+    from test_workflow import final_map
+
+    work, _, env = trained
+    args = ["infer", str(work / "demo.pth"), "--images", str(demo_root / "val"), "--annotations",
+            str(demo_root / "val.json")]
+    plain = run_cli(*args, "--output", "a.json", cwd=tmp_path, env=env)
+    dali = run_cli(*args, "--output", "b.json", "--with-dali", cwd=tmp_path, env=env)
+    assert abs(final_map(plain.stdout) - final_map(dali.stdout)) < 0.005
+    run_cli("train", "d.pth", "--with-dali", "--augment-crop", "--iters", "8", "--val-iters", "8", cwd=tmp_path,
+            env=env)
+    assert (tmp_path / "d.pth").exists()
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_gpu_pipelines_match_the_cpu_ones(odd_dataset):
+    root, coco = odd_dataset
+    cuda = torch.device("cuda")
+    for augment in (T.Augment(), T.Augment(crop=True, rotate=True)):
+        loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), augment, cuda,
+                                   threads=2, seed=3)
+        for _ in range(len(loader)):
+            outs = D._run(loader.pipe)
+            params = D.training_params(outs)
+            batch = loader._training_batch(outs)
+            assert batch.images.is_cuda
+            reference = pytorch_batch(root, coco, params)
+            assert_same_batch(batch, reference, tolerance=255)  # geometry and boxes exact
+            diff = (batch.images.cpu().float() - reference.images.float()).abs()
+            assert diff.mean() < GPU_MEAN_TOLERANCE, diff.mean()
