@@ -5,7 +5,9 @@
 #   usage: bash benchmarks/device_run.sh        (from the repository root)
 # Environment: TORCH_CUDA_ARCH_LIST [9.0], CUDA_HOME [found from nvcc], PYTEST_ARGS,
 #   BENCH_ONLY (space-separated benchmark names to run, e.g. "bench_postprocess"; default all),
-#   ARGS_<name> (extra arguments for one benchmark, e.g. ARGS_bench_postprocess=--profile).
+#   ARGS_<name> (extra arguments for one benchmark, e.g. ARGS_bench_postprocess=--profile),
+#   SKIP_TESTS=1 (no pytest), DALI_DEMO=1 (train and infer the demo with --with-dali, then infer
+#   without it: the mAPs of both loaders on one model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -44,8 +46,23 @@ step() {  # step NAME LOG COMMAND...: run, tee, record status and seconds
   "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -2
 } 2>&1 | tee "$OUT/env.log"
 
+dali_demo() {
+  local work demo
+  work=$(mktemp -d)
+  demo=$(python3 -c "from retinanet.data import demo; print(demo.ensure())")
+  (cd "$work" && python3 -m retinanet train demo.pth --with-dali &&
+   python3 -m retinanet infer demo.pth --images "$demo/val" --annotations "$demo/val.json" --output dali.json \
+     --with-dali &&
+   python3 -m retinanet infer demo.pth --images "$demo/val" --annotations "$demo/val.json" --output torch.json)
+}
+
 if step build build.log python3 setup.py build_ext --inplace; then
-  step "gpu tests" tests.log python3 -m pytest -m gpu -q -rfEs --continue-on-collection-errors ${PYTEST_ARGS:-} tests/
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    step "gpu tests" tests.log python3 -m pytest -m gpu -q -rfEs --continue-on-collection-errors ${PYTEST_ARGS:-} tests/
+  fi
+  if [ -n "${DALI_DEMO:-}" ]; then
+    step "dali demo" dali_demo.log dali_demo
+  fi
   for bench in benchmarks/bench_*.py; do
     name=$(basename "$bench" .py)
     if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $name "* ]]; then continue; fi

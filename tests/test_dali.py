@@ -17,7 +17,7 @@ from conftest import assert_user_error, run_cli
 
 from retinanet.config import LABEL_CROWD, LABEL_PAD
 from retinanet.data import transforms as T
-from retinanet.data.coco import Collate, CocoAnnotations, DetectionDataset, mean_pixel
+from retinanet.data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
 
 try:
     from retinanet.data import dali as D
