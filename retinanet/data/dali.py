@@ -206,7 +206,7 @@ def _to_torch(tensor_list, device: torch.device | None) -> Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
         dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
-        feed_ndarray(tensor_list, out, cuda_stream=torch.cuda.current_stream(device))
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         return out
     return torch.from_numpy(np.array(tensor_list.as_tensor()))
 
