@@ -129,6 +129,30 @@ def test_training_pipeline_equals_pytorch_loader_for_the_same_geometry(odd_datas
 
 
 @needs_dali
+def test_colour_augmentations_run_and_keep_the_geometry(odd_dataset):
+    root, coco = odd_dataset
+    loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200),
+                               T.Augment(brightness=True), torch.device("cpu"), threads=2, seed=4)
+    ratios = []
+    for _ in range(len(loader)):
+        outs = D._run(loader.pipe)
+        params = D.training_params(outs)
+        batch, plain = loader._training_batch(outs), pytorch_batch(root, coco, params)
+        assert torch.equal(batch.targets, plain.targets)
+        for i, (_, _, g) in enumerate(params):
+            h, w = T.transform_targets(torch.zeros(0, 5), g, *params[i][1], MAX_SIZE)[1]
+            ratios.append(batch.images[i, :, :h, :w].float().mean() / plain.images[i, :, :h, :w].float().mean())
+    ratios = torch.stack(ratios)
+    # Brightness x U(0.75, 1.25) per image (clipping at 255 pulls bright images down a little).
+    assert ratios.min() > 0.7 and ratios.max() < 1.3 and ratios.std() > 0.05, ratios
+    both = T.Augment(brightness=True, contrast=True, saturation=True, hue=True)
+    loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), both,
+                               torch.device("cpu"), threads=2, seed=4)
+    outs = D._run(loader.pipe)
+    assert torch.equal(loader._training_batch(outs).targets, pytorch_batch(root, coco, D.training_params(outs)).targets)
+
+
+@needs_dali
 def test_inference_pipeline_equals_pytorch_loader(odd_dataset):
     from retinanet.infer import make_loader
 
