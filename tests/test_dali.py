@@ -111,7 +111,7 @@ def test_training_pipeline_equals_pytorch_loader_for_the_same_geometry(odd_datas
                                torch.device("cpu"), threads=2, seed=3)
     seen_flips, seen_turns, seen_crops, crowd = set(), set(), 0, False
     for _ in range(3 * len(loader)):  # three epochs of 3 batches
-        outs = D._run(loader.pipe)
+        outs = loader.run()
         params = D.training_params(outs)
         batch = loader._training_batch(outs)
         assert_same_batch(batch, pytorch_batch(root, coco, params))
@@ -135,7 +135,7 @@ def test_colour_augmentations_run_and_keep_the_geometry(odd_dataset):
                                T.Augment(brightness=True), torch.device("cpu"), threads=2, seed=4)
     ratios = []
     for _ in range(len(loader)):
-        outs = D._run(loader.pipe)
+        outs = loader.run()
         params = D.training_params(outs)
         batch, plain = loader._training_batch(outs), pytorch_batch(root, coco, params)
         assert torch.equal(batch.targets, plain.targets)
@@ -148,7 +148,7 @@ def test_colour_augmentations_run_and_keep_the_geometry(odd_dataset):
     both = T.Augment(brightness=True, contrast=True, saturation=True, hue=True)
     loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), both,
                                torch.device("cpu"), threads=2, seed=4)
-    outs = D._run(loader.pipe)
+    outs = loader.run()
     assert torch.equal(loader._training_batch(outs).targets, pytorch_batch(root, coco, D.training_params(outs)).targets)
 
 
@@ -185,7 +185,7 @@ def test_sharding_is_disjoint_and_complete(odd_dataset, world):
             mine = D.shard_range(len(coco.images), rank, world)
             ids = []
             for _ in range(epoch_of + 1):  # the second epoch reshuffles
-                ids = [D.training_params(D._run(loader.pipe))[0][0] for _ in mine]
+                ids = [D.training_params(loader.run())[0][0] for _ in mine]
             shards.append(ids)
         flat = [i for s in shards for i in s]
         assert sorted(flat) == every, shards
@@ -259,7 +259,7 @@ def test_gpu_pipelines_match_the_cpu_ones(odd_dataset):
         loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), augment, cuda,
                                    threads=2, seed=3)
         for _ in range(len(loader)):
-            outs = D._run(loader.pipe)
+            outs = loader.run()
             params = D.training_params(outs)
             batch = loader._training_batch(outs)
             assert batch.images.is_cuda
@@ -267,3 +267,19 @@ def test_gpu_pipelines_match_the_cpu_ones(odd_dataset):
             assert_same_batch(batch, reference, tolerance=255)  # geometry and boxes exact
             diff = (batch.images.cpu().float() - reference.images.float()).abs()
             assert diff.mean() < GPU_MEAN_TOLERANCE, diff.mean()
+
+
+@needs_dali
+def test_undecodable_image_is_a_user_error_naming_it(odd_dataset, tmp_path):
+    import shutil
+
+    from retinanet.errors import UserError
+
+    root, coco = odd_dataset
+    bad = tmp_path / "imgs"
+    shutil.copytree(root, bad)
+    (bad / coco.images[2].file_name).write_bytes(b"not a jpeg")
+    loader = D.inference_loader(str(bad), coco.images, 4, 100, MAX_SIZE, MULTIPLE, FILL, torch.device("cpu"),
+                                threads=1)
+    with pytest.raises(UserError, match=f"{coco.images[2].file_name}: cannot decode image .*image id 12"):
+        list(loader)

@@ -188,14 +188,27 @@ def inference_pipeline(images_dir: str, files: list[str], opts: PipelineOptions,
     return pipe
 
 
-def _run(pipe) -> tuple:
-    try:
-        return pipe.run()
-    except RuntimeError as e:
-        # DALI's message names the failing file; keep its first meaningful line.
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "rror" in ln), lines[0] if lines else "")
-        raise UserError(f"DALI pipeline failed: {detail}") from None
+def _dali_reason(error: Exception) -> str:
+    """The line of a DALI pipeline error that says what went wrong."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if "encountered:" in lines:
+        after = lines[lines.index("encountered:") + 1:]
+        if after:
+            return after[0]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _unreadable(images_dir: str, records: list[ImageRecord]) -> str | None:
+    """The first record whose file does not open as an image (header check), as a message."""
+    from PIL import Image
+    for rec in records:
+        path = os.path.join(images_dir, rec.file_name)
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            return f"{path}: cannot decode image ({str(e).splitlines()[0]}) (image id {rec.id})"
+    return None
 
 
 def _to_torch(tensor_list, device: torch.device | None) -> Tensor:
@@ -219,9 +232,10 @@ class DaliLoader:
     every image exactly once.
     """
 
-    def __init__(self, pipe, records: list[ImageRecord], opts: PipelineOptions, fill: tuple[int, int, int],
-                 output_device: torch.device, batches: int, shard: range | None = None, resize: int = 0):
-        self.pipe, self.records, self.opts = pipe, records, opts
+    def __init__(self, pipe, images_dir: str, records: list[ImageRecord], opts: PipelineOptions,
+                 fill: tuple[int, int, int], output_device: torch.device, batches: int, shard: range | None = None,
+                 resize: int = 0):
+        self.pipe, self.images_dir, self.records, self.opts = pipe, images_dir, records, opts
         self.fill = torch.tensor(fill, dtype=torch.uint8)
         self.device = output_device
         self.training = shard is None
@@ -238,13 +252,27 @@ class DaliLoader:
     def __iter__(self):
         delivered = 0
         for _ in range(self.batches):
-            outs = _run(self.pipe)
+            outs = self.run()
             if self.training:
                 batch = self._training_batch(outs)
             else:
                 batch = self._inference_batch(outs, self.count - delivered)
             delivered += len(batch.image_ids)
             yield batch
+
+    def run(self) -> tuple:
+        """One batch of pipeline outputs. A DALI failure (a file it cannot
+        decode, typically) becomes a UserError naming the file when a header
+        check finds it, since DALI's message does not name it."""
+        try:
+            return self.pipe.run()
+        except RuntimeError as e:
+            reason = _dali_reason(e)
+            bad = _unreadable(self.images_dir, self.dataset)
+            if bad is not None:
+                raise UserError(f"{bad}; DALI: {reason}") from None
+            raise UserError(f"{self.images_dir}: DALI failed on an image ({reason}); "
+                            "run without --with-dali to find the file") from None
 
     def _output_device(self) -> torch.device | None:
         return self.device if self.opts.device_id is not None else None
@@ -327,7 +355,7 @@ def training_loader(images_dir: str, coco: CocoAnnotations, batch: int, max_size
     batches = (len(coco.images) // world) // batch
     if batches == 0:
         raise UserError(f"{coco.path}: {len(coco.images)} images are fewer than one batch of {batch} per rank")
-    return DaliLoader(pipe, coco.images, opts, fill, device, batches)
+    return DaliLoader(pipe, images_dir, coco.images, opts, fill, device, batches)
 
 
 def inference_loader(images_dir: str, records: list[ImageRecord], batch: int, resize: int, max_size: int,
@@ -341,4 +369,4 @@ def inference_loader(images_dir: str, records: list[ImageRecord], batch: int, re
     opts = PipelineOptions(batch, max_size, multiple, threads, _device_id(device), rank, world)
     pipe = inference_pipeline(images_dir, [rec.file_name for rec in records], opts, resize)
     mine = shard_range(len(records), rank, world)
-    return DaliLoader(pipe, records, opts, fill, device, -(-len(mine) // batch), mine, resize)
+    return DaliLoader(pipe, images_dir, records, opts, fill, device, -(-len(mine) // batch), mine, resize)
