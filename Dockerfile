@@ -12,7 +12,7 @@ COPY . .
 # architecture nvcc supports from 7.5 up).
 ARG CUDA_ARCH=90
 ENV CUDA_ARCH=${CUDA_ARCH}
-RUN pip install --no-cache-dir --no-build-isolation '.[onnx]' \
+RUN pip install --no-cache-dir --no-build-isolation '.[onnx,dali]' \
  && python -c "import retinanet._C, os, retinanet; \
 print('plugins:', os.path.exists(os.path.join(os.path.dirname(retinanet.__file__), 'libretinanet_plugins.so')))"
 
