@@ -189,13 +189,19 @@ def test_sharding_is_disjoint_and_complete(odd_dataset, world):
             shards.append(ids)
         flat = [i for s in shards for i in s]
         assert sorted(flat) == every, shards
-    # Inference: a contiguous shard per rank, the padded last batch dropped.
-    seen = []
+    # Inference: a contiguous shard per rank, the padded last batch dropped;
+    # more ranks than images leave some shards empty.
+    seen, few_seen = [], []
     for rank in range(world):
+        few = D.inference_loader(str(root), coco.images[:2], 4, 100, MAX_SIZE, MULTIPLE, FILL,
+                                 torch.device("cpu"), threads=1, rank=rank, world=world)
+        few_seen += [i for b in few for i in b.image_ids]
+
         loader = D.inference_loader(str(root), coco.images, 4, 100, MAX_SIZE, MULTIPLE, FILL, torch.device("cpu"),
                                     threads=1, rank=rank, world=world)
         seen += [i for b in loader for i in b.image_ids]
     assert sorted(seen) == every
+    assert few_seen == [rec.id for rec in coco.images[:2]]
 
 
 def test_crop_window_meets_threshold_and_keeps_boxes_by_centre():

@@ -58,7 +58,7 @@ class PipelineOptions:
 
 
 def shard_range(size: int, shard: int, shards: int) -> range:
-    """The samples DALI's readers give shard `shard` of `shards` in one epoch."""
+    """The samples of shard `shard` of `shards`: DALI's readers' split, used for inference too."""
     return range(size * shard // shards, size * (shard + 1) // shards)
 
 
@@ -169,16 +169,18 @@ def training_pipeline(images_dir: str, reader_json: str, opts: PipelineOptions, 
     return pipe
 
 
-def inference_pipeline(images_dir: str, files: list[str], opts: PipelineOptions, resize: int):
-    """Outputs: images (HWC, padded), index into `files`, original (h, w)."""
+def inference_pipeline(images_dir: str, files: list[str], labels: list[int], opts: PipelineOptions, resize: int):
+    """Outputs: images (HWC, padded), the label of each file, original (h, w).
+
+    `files` is this rank's share already: DALI's own sharding refuses more
+    shards than files, which a small validation set on many GPUs can meet."""
     from nvidia.dali import Pipeline, fn, types
     pipe = Pipeline(batch_size=opts.batch, num_threads=opts.threads, device_id=opts.device_id,
                     seed=opts.seed, prefetch_queue_depth=opts.prefetch)
     gpu = opts.device_id is not None
     with pipe:
         jpegs, index = fn.readers.file(name="reader", file_root=images_dir, files=files,
-                                       labels=list(range(len(files))), shard_id=opts.shard,
-                                       num_shards=opts.shards, pad_last_batch=True)
+                                       labels=labels, pad_last_batch=True)
         shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                    adjust_orientation=False)
@@ -242,7 +244,8 @@ class DaliLoader:
         self.batches, self.resize = batches, resize
         self.count = len(shard) if shard is not None else None
         self.by_id = {rec.id: rec for rec in records}
-        self.pipe.build()
+        if pipe is not None:
+            pipe.build()
         # Read by progress logging: the images this loader delivers.
         self.dataset = records if shard is None else records[shard.start:shard.stop]
 
@@ -367,6 +370,8 @@ def inference_loader(images_dir: str, records: list[ImageRecord], batch: int, re
         if not os.path.isfile(path):
             raise UserError(f"{path}: image file not found (image id {rec.id})")
     opts = PipelineOptions(batch, max_size, multiple, threads, _device_id(device), rank, world)
-    pipe = inference_pipeline(images_dir, [rec.file_name for rec in records], opts, resize)
     mine = shard_range(len(records), rank, world)
+    pipe = None
+    if len(mine):  # an empty shard (more ranks than images) reads nothing
+        pipe = inference_pipeline(images_dir, [records[i].file_name for i in mine], list(mine), opts, resize)
     return DaliLoader(pipe, images_dir, records, opts, fill, device, -(-len(mine) // batch), mine, resize)
