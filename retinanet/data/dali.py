@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -347,18 +348,20 @@ def training_loader(images_dir: str, coco: CocoAnnotations, batch: int, max_size
                     fill: tuple[int, int, int], jitter: tuple[int, int], augment: T.Augment, device: torch.device,
                     threads: int, seed: int, rank: int = 0, world: int = 1) -> DaliLoader:
     require_dali()
-    folder = tempfile.mkdtemp(prefix="retinanet-dali-")
-    reader_json = _reader_annotations(coco, folder)
-    # One global shuffle (same seed on every rank) cut into disjoint shards;
-    # per-rank augmentation draws.
-    opts = PipelineOptions(batch, max_size, multiple, threads, _device_id(device), rank, world,
-                           seed=seed * 7919 + rank, shuffle_seed=seed)
-    pipe = training_pipeline(images_dir, reader_json, opts, jitter, augment)
     # The same number of steps on every rank: DDP needs every rank at every step.
     batches = (len(coco.images) // world) // batch
     if batches == 0:
         raise UserError(f"{coco.path}: {len(coco.images)} images are fewer than one batch of {batch} per rank")
-    return DaliLoader(pipe, images_dir, coco.images, opts, fill, device, batches)
+    # One global shuffle (same seed on every rank) cut into disjoint shards;
+    # per-rank augmentation draws.
+    opts = PipelineOptions(batch, max_size, multiple, threads, _device_id(device), rank, world,
+                           seed=seed * 7919 + rank, shuffle_seed=seed)
+    folder = tempfile.mkdtemp(prefix="retinanet-dali-")
+    try:
+        pipe = training_pipeline(images_dir, _reader_annotations(coco, folder), opts, jitter, augment)
+        return DaliLoader(pipe, images_dir, coco.images, opts, fill, device, batches)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the reader parsed it when the pipeline was built
 
 
 def inference_loader(images_dir: str, records: list[ImageRecord], batch: int, resize: int, max_size: int,
