@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from bench_train import ours_training  # benchmarks/ is on sys.path when run as a script
 
 FILL = (124, 116, 104)
 
@@ -88,25 +89,15 @@ def epoch_rates(loader, epochs):
 
 def train_rate(loader, epochs):
     """img/s of ResNet50FPN training steps fed by `loader` (median over timed epochs)."""
-    from retinanet.config import ModelConfig
-    from retinanet.model import RetinaNet
-
     torch.manual_seed(0)
-    model = RetinaNet(ModelConfig(classes=3)).cuda().to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    _, step = ours_training(classes=3)
     rates = []
     for e in range(epochs + 1):
         torch.cuda.synchronize()
         t0, n = time.perf_counter(), 0
         for b in loader:
             images = b.images.cuda(non_blocking=True).float().contiguous(memory_format=torch.channels_last)
-            targets = b.targets.cuda(non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                cls, box = model(images)
-            loss = sum(model.loss_from_heads(cls, box, targets).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step(images, b.targets.cuda(non_blocking=True))
             n += len(b.image_ids)
         torch.cuda.synchronize()
         if e:

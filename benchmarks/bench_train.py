@@ -35,20 +35,16 @@ def time_steps(step, iters, warmup):
     return statistics.median(times)
 
 
-def ours(batch, iters, warmup, gen):
+def ours_training(classes=80):
+    """Our ResNet50FPN on the GPU in training mode, its SGD optimiser, and a
+    step(images, targets) running one bf16 forward, loss, backward and update."""
     from retinanet.config import ModelConfig
     from retinanet.model import RetinaNet
 
-    model = RetinaNet(ModelConfig()).cuda().to(memory_format=torch.channels_last).train()
+    model = RetinaNet(ModelConfig(classes=classes)).cuda().to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    h, w = 800, 1067  # 480x640 resized to 800
-    images = (torch.rand(batch, 3, 480, 640, generator=gen) * 255).cuda()
-    images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
-    images = F.pad(images, (0, 1152 - w, 0, 896 - h), value=120.0).contiguous(memory_format=torch.channels_last)
-    boxes, labels = random_targets(batch, h, w, gen)
-    targets = torch.cat([boxes, labels[..., None].float()], dim=-1).cuda()
 
-    def step():
+    def step(images, targets):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             cls, box = model(images)
         loss = sum(model.loss_from_heads(cls, box, targets).values())
@@ -56,7 +52,19 @@ def ours(batch, iters, warmup, gen):
         loss.backward()
         opt.step()
 
-    return time_steps(step, iters, warmup)
+    return model, step
+
+
+def ours(batch, iters, warmup, gen):
+    _, train_step = ours_training()
+    h, w = 800, 1067  # 480x640 resized to 800
+    images = (torch.rand(batch, 3, 480, 640, generator=gen) * 255).cuda()
+    images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    images = F.pad(images, (0, 1152 - w, 0, 896 - h), value=120.0).contiguous(memory_format=torch.channels_last)
+    boxes, labels = random_targets(batch, h, w, gen)
+    targets = torch.cat([boxes, labels[..., None].float()], dim=-1).cuda()
+
+    return time_steps(lambda: train_step(images, targets), iters, warmup)
 
 
 def torchvision_model(batch, iters, warmup, gen):

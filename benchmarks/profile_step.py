@@ -6,7 +6,7 @@ Prints the top CUDA kernels by total time for each, ResNet50FPN at 480x640 -> 80
 from __future__ import annotations
 
 import torch
-
+from bench_train import ours_training  # benchmarks/ is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -43,19 +43,13 @@ def main():
             torch.cuda.synchronize()
         top(prof, f"inference bs{batch} (5 calls)")
 
-    model = RetinaNet(ModelConfig()).cuda().to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    _, train_step = ours_training()
     images = (torch.rand(8, 3, 896, 1152, device="cuda") * 255).contiguous(memory_format=torch.channels_last)
     targets = torch.tensor([[100.0, 100.0, 300.0, 400.0, 3.0], [500.0, 200.0, 700.0, 300.0, 7.0]],
                            device="cuda").repeat(8, 3, 1)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            cls, box = model(images)
-        loss = sum(model.loss_from_heads(cls, box, targets).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(images, targets)
 
     for _ in range(5):
         step()
