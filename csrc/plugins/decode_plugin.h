@@ -15,6 +15,7 @@
 #include <NvInferRuntime.h>
 
 #include "kernels/decode.h"
+#include "plugins/plugin_base.h"
 
 namespace retinanet {
 namespace plugins {
@@ -27,76 +28,41 @@ struct DecodeParams {
   std::vector<float> anchors;  // A*4
 
   int num_anchors() const { return static_cast<int>(anchors.size() / 4); }
+  // The plugin fields, in serialization order.
+  std::vector<FieldRef> fields();
   // Empty if valid, else what is wrong.
   std::string check() const;
 };
 
-class DecodePlugin : public nvinfer1::IPluginV3,
-                     public nvinfer1::IPluginV3OneCore,
-                     public nvinfer1::IPluginV3OneBuild,
-                     public nvinfer1::IPluginV3OneRuntime {
+class DecodePlugin : public PluginBase<DecodePlugin, DecodeParams> {
  public:
+  static constexpr char const* kName = "RetinaNetDecode";
+  static constexpr int32_t kNbInputs = 2;  // scores, deltas
+  static constexpr int32_t kScoresRank = 4;
+  static bool is_int_input(int32_t /*pos*/) { return false; }
+  int32_t output_length() const { return params_.top_n; }
+
   explicit DecodePlugin(DecodeParams params);
   ~DecodePlugin() override;
-  DecodePlugin(DecodePlugin const&) = delete;
-  DecodePlugin& operator=(DecodePlugin const&) = delete;
 
-  // IPluginV3
-  nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-  nvinfer1::IPluginV3* clone() noexcept override;
-
-  // IPluginV3OneCore
-  char const* getPluginName() const noexcept override;
-  char const* getPluginVersion() const noexcept override;
-  char const* getPluginNamespace() const noexcept override;
-
-  // IPluginV3OneBuild
   int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-  int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
-                             nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
-  int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-                          int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-                          nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-  bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-                                 int32_t nbOutputs) noexcept override;
-  int32_t getNbOutputs() const noexcept override;
   size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-
-  // IPluginV3OneRuntime
   int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
                         int32_t nbOutputs) noexcept override;
   int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
                   void const* const* inputs, void* const* outputs, void* workspace,
                   cudaStream_t stream) noexcept override;
-  nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-  nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
  private:
   // Kernel arguments for input dims [B, A*C, H, W] (false if they do not fit the fields).
   bool make_args(nvinfer1::Dims const& scores, nvinfer1::Dims const& deltas, DecodeArgs* args) const;
 
-  DecodeParams params_;
   float* device_anchors_ = nullptr;  // uploaded once per runtime instance, before the first enqueue
-  std::vector<nvinfer1::PluginField> fields_;
-  nvinfer1::PluginFieldCollection field_collection_{};
 };
 
-class DecodePluginCreator : public nvinfer1::IPluginCreatorV3One {
- public:
-  DecodePluginCreator();
-  nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
-                                    nvinfer1::TensorRTPhase phase) noexcept override;
-  nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-  char const* getPluginName() const noexcept override;
-  char const* getPluginVersion() const noexcept override;
-  char const* getPluginNamespace() const noexcept override;
-
- private:
-  std::vector<nvinfer1::PluginField> fields_;
-  nvinfer1::PluginFieldCollection field_collection_{};
-};
+using DecodePluginCreator = PluginCreatorBase<DecodePlugin, DecodeParams>;
 
 }  // namespace plugins
 }  // namespace retinanet

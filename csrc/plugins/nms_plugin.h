@@ -13,6 +13,7 @@
 #include <NvInferRuntime.h>
 
 #include "kernels/nms.h"
+#include "plugins/plugin_base.h"
 
 namespace retinanet {
 namespace plugins {
@@ -21,72 +22,39 @@ struct NmsParams {
   float nms_iou = 0.f;
   int32_t detections = 0;
 
+  // The plugin fields, in serialization order.
+  std::vector<FieldRef> fields();
+  // Empty if valid, else what is wrong.
   std::string check() const;
 };
 
-class NmsPlugin : public nvinfer1::IPluginV3,
-                  public nvinfer1::IPluginV3OneCore,
-                  public nvinfer1::IPluginV3OneBuild,
-                  public nvinfer1::IPluginV3OneRuntime {
+class NmsPlugin : public PluginBase<NmsPlugin, NmsParams> {
  public:
+  static constexpr char const* kName = "RetinaNetNMS";
+  static constexpr int32_t kNbInputs = 3;  // scores, boxes, classes
+  static constexpr int32_t kScoresRank = 2;
+  static bool is_int_input(int32_t pos) { return pos == 2; }  // classes
+  int32_t output_length() const { return params_.detections; }
+
   explicit NmsPlugin(NmsParams params);
 
-  // IPluginV3
-  nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-  nvinfer1::IPluginV3* clone() noexcept override;
-
-  // IPluginV3OneCore
-  char const* getPluginName() const noexcept override;
-  char const* getPluginVersion() const noexcept override;
-  char const* getPluginNamespace() const noexcept override;
-
-  // IPluginV3OneBuild
   int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-  int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
-                             nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
-  int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-                          int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-                          nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-  bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-                                 int32_t nbOutputs) noexcept override;
-  int32_t getNbOutputs() const noexcept override;
   size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-
-  // IPluginV3OneRuntime
   int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
                         int32_t nbOutputs) noexcept override;
   int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
                   void const* const* inputs, void* const* outputs, void* workspace,
                   cudaStream_t stream) noexcept override;
-  nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-  nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
  private:
   // Kernel arguments for inputs [B, N], [B, N, 4], [B, N] (false if inconsistent).
   bool make_args(nvinfer1::Dims const& scores, nvinfer1::Dims const& boxes, nvinfer1::Dims const& classes,
                  NmsArgs* args) const;
-
-  NmsParams params_;
-  std::vector<nvinfer1::PluginField> fields_;
-  nvinfer1::PluginFieldCollection field_collection_{};
 };
 
-class NmsPluginCreator : public nvinfer1::IPluginCreatorV3One {
- public:
-  NmsPluginCreator();
-  nvinfer1::IPluginV3* createPlugin(char const* name, nvinfer1::PluginFieldCollection const* fc,
-                                    nvinfer1::TensorRTPhase phase) noexcept override;
-  nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-  char const* getPluginName() const noexcept override;
-  char const* getPluginVersion() const noexcept override;
-  char const* getPluginNamespace() const noexcept override;
-
- private:
-  std::vector<nvinfer1::PluginField> fields_;
-  nvinfer1::PluginFieldCollection field_collection_{};
-};
+using NmsPluginCreator = PluginCreatorBase<NmsPlugin, NmsParams>;
 
 }  // namespace plugins
 }  // namespace retinanet

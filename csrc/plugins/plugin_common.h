@@ -47,22 +47,24 @@ inline bool is_float_type(nvinfer1::DataType t) {
   return to_kernel_dtype(t, &unused);
 }
 
-// One scalar field as float / int. The ONNX parser passes float attributes as
-// kFLOAT32 and int attributes as kINT32; 64-bit forms are accepted as well.
-inline bool read_float(nvinfer1::PluginField const& f, float* out) {
-  if (f.data == nullptr || f.length < 1) return false;
-  switch (f.type) {
-    case nvinfer1::PluginFieldType::kFLOAT32:
-      *out = static_cast<float const*>(f.data)[0];
-      return true;
-    case nvinfer1::PluginFieldType::kFLOAT64:
-      *out = static_cast<float>(static_cast<double const*>(f.data)[0]);
-      return true;
-    default:
-      return false;
+// Element i of a float field: the ONNX parser passes float attributes as kFLOAT32;
+// kFLOAT64 is accepted as well. False for any other type.
+inline bool float_at(nvinfer1::PluginField const& f, int32_t i, float* out) {
+  if (f.type == nvinfer1::PluginFieldType::kFLOAT32) {
+    *out = static_cast<float const*>(f.data)[i];
+  } else if (f.type == nvinfer1::PluginFieldType::kFLOAT64) {
+    *out = static_cast<float>(static_cast<double const*>(f.data)[i]);
+  } else {
+    return false;
   }
+  return true;
 }
 
+inline bool read_float(nvinfer1::PluginField const& f, float* out) {
+  return f.data != nullptr && f.length >= 1 && float_at(f, 0, out);
+}
+
+// An int field: kINT32 from the ONNX parser, or kINT64 within int32 range.
 inline bool read_int(nvinfer1::PluginField const& f, int32_t* out) {
   if (f.data == nullptr || f.length < 1) return false;
   switch (f.type) {
@@ -84,13 +86,7 @@ inline bool read_floats(nvinfer1::PluginField const& f, std::vector<float>* out)
   if (f.data == nullptr || f.length < 0) return false;
   out->resize(static_cast<size_t>(f.length));
   for (int32_t i = 0; i < f.length; ++i) {
-    if (f.type == nvinfer1::PluginFieldType::kFLOAT32) {
-      (*out)[i] = static_cast<float const*>(f.data)[i];
-    } else if (f.type == nvinfer1::PluginFieldType::kFLOAT64) {
-      (*out)[i] = static_cast<float>(static_cast<double const*>(f.data)[i]);
-    } else {
-      return false;
-    }
+    if (!float_at(f, i, &(*out)[i])) return false;
   }
   return true;
 }
