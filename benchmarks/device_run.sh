@@ -7,7 +7,9 @@
 #   BENCH_ONLY (space-separated benchmark names to run, e.g. "bench_postprocess"; default all),
 #   ARGS_<name> (extra arguments for one benchmark, e.g. ARGS_bench_postprocess=--profile),
 #   SKIP_TESTS=1 (no pytest), DALI_DEMO=1 (train and infer the demo with --with-dali, then infer
-#   without it: the mAPs of both loaders on one model).
+#   without it: the mAPs of both loaders on one model),
+#   TENSORRT_INCLUDE=DIR (TensorRT headers, carried: build the plugins and run their harness
+#   against retinanet.ops.reference; no TensorRT library needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -56,9 +58,20 @@ dali_demo() {
    python3 -m retinanet infer demo.pth --images "$demo/val" --annotations "$demo/val.json" --output torch.json)
 }
 
+plugin_harness() {
+  local cases=$OUT/plugin_cases
+  bash scripts/check_plugins.sh build/check_plugins &&
+  python3 tests/plugins/compare.py write "$cases" &&
+  mkdir -p "$cases/out" && build/check_plugins/plugin_harness "$cases" "$cases/out" &&
+  python3 tests/plugins/compare.py check "$cases" "$cases/out" && rm -rf "$cases"
+}
+
 if step build build.log python3 setup.py build_ext --inplace; then
   if [ -z "${SKIP_TESTS:-}" ]; then
     step "gpu tests" tests.log python3 -m pytest -m gpu -q -rfEs --continue-on-collection-errors ${PYTEST_ARGS:-} tests/
+  fi
+  if [ -n "${TENSORRT_INCLUDE:-}" ]; then
+    step "plugin harness" plugins.log plugin_harness
   fi
   if [ -n "${DALI_DEMO:-}" ]; then
     step "dali demo" dali_demo.log dali_demo
