@@ -31,7 +31,9 @@ DecodePlugin::~DecodePlugin() {
   if (device_anchors_ != nullptr) cudaFree(device_anchors_);
 }
 
-bool DecodePlugin::make_args(nvinfer1::Dims const& scores, nvinfer1::Dims const& deltas, DecodeArgs* args) const {
+bool DecodePlugin::make_args(nvinfer1::Dims const* inputs, DecodeArgs* args) const {
+  nvinfer1::Dims const& scores = inputs[0];
+  nvinfer1::Dims const& deltas = inputs[1];
   if (scores.nbDims != 4 || deltas.nbDims != 4) return false;
   int64_t const a = params_.num_anchors();
   if (scores.d[1] <= 0 || scores.d[1] % a != 0 || deltas.d[1] != a * 4) return false;
@@ -50,68 +52,27 @@ bool DecodePlugin::make_args(nvinfer1::Dims const& scores, nvinfer1::Dims const&
   return true;
 }
 
-int32_t DecodePlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-                                      nvinfer1::DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept {
-  if (!counts_match(nbInputs, nbOutputs)) return -1;
-  DecodeArgs args;
-  if (!make_args(in[0].max, in[1].max, &args)) {
-    log_error("RetinaNetDecode: inputs must be scores [B, A*C, H, W] and deltas [B, A*4, H, W] with A = " +
-              std::to_string(params_.num_anchors()) + " anchors");
+int32_t DecodePlugin::prepare() {
+  if (device_anchors_ != nullptr) return 0;
+  size_t const bytes = params_.anchors.size() * sizeof(float);
+  void* memory = nullptr;
+  if (cudaMalloc(&memory, bytes) != cudaSuccess) {
+    log_error("RetinaNetDecode: cannot allocate the anchor table on the device");
     return -1;
   }
+  if (cudaMemcpy(memory, params_.anchors.data(), bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
+    cudaFree(memory);
+    log_error("RetinaNetDecode: cannot copy the anchor table to the device");
+    return -1;
+  }
+  device_anchors_ = static_cast<float*>(memory);  // only once complete: ready() means usable
   return 0;
 }
 
-size_t DecodePlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-                                      nvinfer1::DynamicPluginTensorDesc const* /*outputs*/,
-                                      int32_t /*nbOutputs*/) const noexcept {
-  DecodeArgs args;
-  if (nbInputs != kNbInputs || !make_args(inputs[0].max, inputs[1].max, &args)) return 0;
-  return decode_workspace_size(args);  // at the profile's largest batch: enough for every smaller one
-}
-
-int32_t DecodePlugin::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
-                                    nvinfer1::PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept {
-  if (!counts_match(nbInputs, nbOutputs)) return -1;
-  DecodeArgs args;
-  if (!make_args(in[0].dims, in[1].dims, &args)) {
-    log_error("RetinaNetDecode: input shapes do not match the plugin's anchors");
-    return -1;
-  }
-  if (device_anchors_ == nullptr) {
-    // Once per runtime instance, outside enqueue: enqueue stays copy-free (CUDA-graph safe).
-    size_t const bytes = params_.anchors.size() * sizeof(float);
-    void* memory = nullptr;
-    if (cudaMalloc(&memory, bytes) != cudaSuccess) {
-      log_error("RetinaNetDecode: cannot allocate the anchor table on the device");
-      return -1;
-    }
-    device_anchors_ = static_cast<float*>(memory);
-    if (cudaMemcpy(device_anchors_, params_.anchors.data(), bytes, cudaMemcpyHostToDevice) != cudaSuccess) {
-      log_error("RetinaNetDecode: cannot copy the anchor table to the device");
-      return -1;
-    }
-  }
-  return 0;
-}
-
-int32_t DecodePlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
-                              nvinfer1::PluginTensorDesc const* /*outputDesc*/, void const* const* inputs,
-                              void* const* outputs, void* workspace, cudaStream_t stream) noexcept {
-  DecodeArgs args;
-  DType dtype;
-  if (device_anchors_ == nullptr || !make_args(inputDesc[0].dims, inputDesc[1].dims, &args) ||
-      !to_kernel_dtype(inputDesc[0].type, &dtype)) {
-    log_error("RetinaNetDecode: enqueue before onShapeChange or with unsupported inputs");
-    return -1;
-  }
-  cudaError_t const err = decode(args, dtype, inputs[0], inputs[1], device_anchors_, outputs[0], outputs[1],
-                                 static_cast<int32_t*>(outputs[2]), workspace, decode_workspace_size(args), stream);
-  if (err != cudaSuccess) {
-    log_error(std::string("RetinaNetDecode: ") + cudaGetErrorString(err));
-    return -1;
-  }
-  return 0;
+cudaError_t DecodePlugin::run(DecodeArgs const& args, DType dtype, void const* const* inputs, void* const* outputs,
+                              void* workspace, cudaStream_t stream) {
+  return decode(args, dtype, inputs[0], inputs[1], device_anchors_, outputs[0], outputs[1],
+                static_cast<int32_t*>(outputs[2]), workspace, decode_workspace_size(args), stream);
 }
 
 }  // namespace plugins

@@ -37,7 +37,8 @@ struct DecodeParams {
 class DecodePlugin : public PluginBase<DecodePlugin, DecodeParams> {
  public:
   static constexpr char const* kName = "RetinaNetDecode";
-  static constexpr int32_t kNbInputs = 2;  // scores, deltas
+  static constexpr char const* kInputs = "scores [B, A*C, H, W] and deltas [B, A*4, H, W], A = the anchors' count";
+  static constexpr int32_t kNbInputs = 2;
   static constexpr int32_t kScoresRank = 4;
   static bool is_int_input(int32_t /*pos*/) { return false; }
   int32_t output_length() const { return params_.top_n; }
@@ -45,21 +46,19 @@ class DecodePlugin : public PluginBase<DecodePlugin, DecodeParams> {
   explicit DecodePlugin(DecodeParams params);
   ~DecodePlugin() override;
 
-  int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-                          nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-                          nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-  int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-                        int32_t nbOutputs) noexcept override;
-  int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-                  void const* const* inputs, void* const* outputs, void* workspace,
-                  cudaStream_t stream) noexcept override;
-
  private:
-  // Kernel arguments for input dims [B, A*C, H, W] (false if they do not fit the fields).
-  bool make_args(nvinfer1::Dims const& scores, nvinfer1::Dims const& deltas, DecodeArgs* args) const;
+  friend class PluginBase<DecodePlugin, DecodeParams>;
+  using Args = DecodeArgs;
 
-  float* device_anchors_ = nullptr;  // uploaded once per runtime instance, before the first enqueue
+  bool make_args(nvinfer1::Dims const* inputs, DecodeArgs* args) const;
+  static size_t workspace_size(DecodeArgs const& args) { return decode_workspace_size(args); }
+  cudaError_t run(DecodeArgs const& args, DType dtype, void const* const* inputs, void* const* outputs,
+                  void* workspace, cudaStream_t stream);
+  // Uploads the anchor table once per runtime instance, outside enqueue: enqueue stays copy-free.
+  int32_t prepare();
+  bool ready() const { return device_anchors_ != nullptr; }
+
+  float* device_anchors_ = nullptr;
 };
 
 using DecodePluginCreator = PluginCreatorBase<DecodePlugin, DecodeParams>;

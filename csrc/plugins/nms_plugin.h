@@ -31,27 +31,22 @@ struct NmsParams {
 class NmsPlugin : public PluginBase<NmsPlugin, NmsParams> {
  public:
   static constexpr char const* kName = "RetinaNetNMS";
-  static constexpr int32_t kNbInputs = 3;  // scores, boxes, classes
+  static constexpr char const* kInputs = "scores [B, N], boxes [B, N, 4] and classes [B, N]";
+  static constexpr int32_t kNbInputs = 3;
   static constexpr int32_t kScoresRank = 2;
   static bool is_int_input(int32_t pos) { return pos == 2; }  // classes
   int32_t output_length() const { return params_.detections; }
 
   explicit NmsPlugin(NmsParams params);
 
-  int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-                          nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-                          nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-  int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-                        int32_t nbOutputs) noexcept override;
-  int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-                  void const* const* inputs, void* const* outputs, void* workspace,
-                  cudaStream_t stream) noexcept override;
-
  private:
-  // Kernel arguments for inputs [B, N], [B, N, 4], [B, N] (false if inconsistent).
-  bool make_args(nvinfer1::Dims const& scores, nvinfer1::Dims const& boxes, nvinfer1::Dims const& classes,
-                 NmsArgs* args) const;
+  friend class PluginBase<NmsPlugin, NmsParams>;
+  using Args = NmsArgs;
+
+  bool make_args(nvinfer1::Dims const* inputs, NmsArgs* args) const;
+  static size_t workspace_size(NmsArgs const& args) { return nms_workspace_size(args); }
+  cudaError_t run(NmsArgs const& args, DType dtype, void const* const* inputs, void* const* outputs,
+                  void* workspace, cudaStream_t stream);
 };
 
 using NmsPluginCreator = PluginCreatorBase<NmsPlugin, NmsParams>;

@@ -2,18 +2,25 @@
 //
 // Both plugins output (scores [B, K], boxes [B, K, 4], classes [B, K] INT32) in the
 // scores' floating-point type, expose the three V3One capabilities, are configured
-// only by scalar / float-list fields, and keep no per-context state. The parts that
-// differ (input shapes, workspace, enqueue, field checks) stay in each plugin; the
-// rest is here, parameterised by a traits-style Derived class (CRTP):
+// only by scalar / float-list fields, keep no per-context state, and turn their
+// input shapes into one kernel-argument struct that sizes the workspace and drives
+// the kernel. That plumbing is here; each plugin supplies, as Derived (CRTP):
 //
 //   static constexpr char const* kName;        plugin name
+//   static constexpr char const* kInputs;      the inputs it takes, for error messages
 //   static constexpr int32_t kNbInputs;        number of inputs
 //   static constexpr int32_t kScoresRank;      rank of input 0 (scores)
 //   static bool is_int_input(int32_t pos);     inputs that must be INT32
 //   int32_t output_length() const;             K
+//   using Args;                                the kernel's argument struct
+//   bool make_args(Dims const* inputs, Args*) const;   false if the shapes do not fit
+//   static size_t workspace_size(Args const&);
+//   cudaError_t run(Args const&, DType, inputs, outputs, workspace, stream);
+//   optionally int32_t prepare() (once per shape change, outside enqueue) and
+//   bool ready() const (prepare has succeeded).
 //
-// and a Params type with `std::vector<FieldRef> fields()` (its fields in
-// serialization order, pointing into the object) and `std::string check() const`.
+// Params has `std::vector<FieldRef> fields()` (its fields in serialization order,
+// pointing into the object) and `std::string check() const`.
 #pragma once
 
 #include <cstdint>
@@ -140,7 +147,47 @@ class PluginBase : public nvinfer1::IPluginV3,
     return desc.type == inOut[0].desc.type;  // every other float tensor: the scores' type
   }
 
+  int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+                          nvinfer1::DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept override {
+    typename Derived::Args args;
+    if (!counts_match(nbInputs, nbOutputs)) return -1;
+    if (!args_for(in, &args)) return shape_error();
+    return 0;
+  }
+
+  size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+                          nvinfer1::DynamicPluginTensorDesc const* /*outputs*/,
+                          int32_t nbOutputs) const noexcept override {
+    typename Derived::Args args;
+    if (!counts_match(nbInputs, nbOutputs) || !args_for(inputs, &args)) return 0;
+    return Derived::workspace_size(args);  // at the profile's largest batch: enough for every smaller one
+  }
+
   // IPluginV3OneRuntime
+  int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+                        nvinfer1::PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept override {
+    typename Derived::Args args;
+    if (!counts_match(nbInputs, nbOutputs) || !args_for(in, &args)) return shape_error();
+    return derived().prepare();
+  }
+
+  int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* /*outputDesc*/,
+                  void const* const* inputs, void* const* outputs, void* workspace,
+                  cudaStream_t stream) noexcept override {
+    typename Derived::Args args;
+    DType dtype;
+    if (!derived().ready() || !args_for(inputDesc, &args) || !to_kernel_dtype(inputDesc[0].type, &dtype)) {
+      log_error(std::string(Derived::kName) + ": enqueue before onShapeChange or with unsupported inputs");
+      return -1;
+    }
+    cudaError_t const err = derived().run(args, dtype, inputs, outputs, workspace, stream);
+    if (err != cudaSuccess) {
+      log_error(std::string(Derived::kName) + ": " + cudaGetErrorString(err));
+      return -1;
+    }
+    return 0;
+  }
+
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept override {
     return clone();
   }
@@ -152,13 +199,31 @@ class PluginBase : public nvinfer1::IPluginV3,
   }
 
  protected:
-  static bool counts_match(int32_t nbInputs, int32_t nbOutputs) {
-    return nbInputs == Derived::kNbInputs && nbOutputs == kNbOutputs;
-  }
+  // Defaults for plugins with nothing to set up per shape.
+  int32_t prepare() { return 0; }
+  bool ready() const { return true; }
 
   Params params_;
 
  private:
+  static bool counts_match(int32_t nbInputs, int32_t nbOutputs) {
+    return nbInputs == Derived::kNbInputs && nbOutputs == kNbOutputs;
+  }
+  static int32_t shape_error() {
+    log_error(std::string(Derived::kName) + ": inputs must be " + Derived::kInputs);
+    return -1;
+  }
+  // Kernel arguments from the build-time (profile maximum) or the runtime input shapes.
+  static nvinfer1::Dims shape_of(nvinfer1::DynamicPluginTensorDesc const& desc) { return desc.max; }
+  static nvinfer1::Dims shape_of(nvinfer1::PluginTensorDesc const& desc) { return desc.dims; }
+  template <class Desc, class Args>
+  bool args_for(Desc const* in, Args* args) const {
+    nvinfer1::Dims dims[Derived::kNbInputs];
+    for (int32_t i = 0; i < Derived::kNbInputs; ++i) dims[i] = shape_of(in[i]);
+    return derived().make_args(dims, args);
+  }
+
+  Derived& derived() { return static_cast<Derived&>(*this); }
   Derived const& derived() const { return static_cast<Derived const&>(*this); }
 
   std::vector<nvinfer1::PluginField> serialized_;
