@@ -477,19 +477,11 @@ cudaError_t decode(const DecodeArgs& args, DType dtype, const void* cls_scores, 
   if (args.batch == 0 || args.top_n == 0) return cudaSuccess;
   if (workspace == nullptr || workspace_size < layout(args).total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch(args, static_cast<const float*>(cls_scores), static_cast<const float*>(box_deltas), anchors,
-                    static_cast<float*>(out_scores), static_cast<float*>(out_boxes), out_classes, ws, stream);
-    case DType::kFloat16:
-      return launch(args, static_cast<const __half*>(cls_scores), static_cast<const __half*>(box_deltas), anchors,
-                    static_cast<__half*>(out_scores), static_cast<__half*>(out_boxes), out_classes, ws, stream);
-    case DType::kBFloat16:
-      return launch(args, static_cast<const __nv_bfloat16*>(cls_scores),
-                    static_cast<const __nv_bfloat16*>(box_deltas), anchors, static_cast<__nv_bfloat16*>(out_scores),
-                    static_cast<__nv_bfloat16*>(out_boxes), out_classes, ws, stream);
-  }
-  return cudaErrorInvalidValue;
+  return detail::dispatch_float(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return launch(args, static_cast<const T*>(cls_scores), static_cast<const T*>(box_deltas), anchors,
+                  static_cast<T*>(out_scores), static_cast<T*>(out_boxes), out_classes, ws, stream);
+  });
 }
 
 }  // namespace retinanet

@@ -7,8 +7,30 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/dtype.h"
+
 namespace retinanet {
 namespace detail {
+
+// Calls f(Type<T>{}) with T the element type of `dtype` (float, __half or __nv_bfloat16):
+// the entry points' one switch from the runtime dtype to their templated launch.
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+template <typename F>
+cudaError_t dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(Type<float>{});
+    case DType::kFloat16:
+      return f(Type<__half>{});
+    case DType::kBFloat16:
+      return f(Type<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

@@ -400,19 +400,11 @@ cudaError_t nms(const NmsArgs& args, DType dtype, const void* scores, const void
   if (args.batch == 0 || args.detections == 0) return cudaSuccess;
   if (workspace == nullptr || workspace_size < layout(args).total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch(args, static_cast<const float*>(scores), static_cast<const float*>(boxes), classes,
-                    static_cast<float*>(out_scores), static_cast<float*>(out_boxes), out_classes, ws, stream);
-    case DType::kFloat16:
-      return launch(args, static_cast<const __half*>(scores), static_cast<const __half*>(boxes), classes,
-                    static_cast<__half*>(out_scores), static_cast<__half*>(out_boxes), out_classes, ws, stream);
-    case DType::kBFloat16:
-      return launch(args, static_cast<const __nv_bfloat16*>(scores), static_cast<const __nv_bfloat16*>(boxes),
-                    classes, static_cast<__nv_bfloat16*>(out_scores), static_cast<__nv_bfloat16*>(out_boxes),
-                    out_classes, ws, stream);
-  }
-  return cudaErrorInvalidValue;
+  return detail::dispatch_float(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return launch(args, static_cast<const T*>(scores), static_cast<const T*>(boxes), classes,
+                  static_cast<T*>(out_scores), static_cast<T*>(out_boxes), out_classes, ws, stream);
+  });
 }
 
 }  // namespace retinanet

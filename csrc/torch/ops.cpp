@@ -32,6 +32,13 @@ retinanet::DType to_dtype(at::ScalarType t) {
   }
 }
 
+// The outputs scores [B, K], boxes [B, K, 4] (options' type) and classes [B, K] int32.
+// SymInt, so that the Meta kernels keep a symbolic batch.
+Outputs empty_outputs(const c10::SymInt& batch, int64_t k, const at::TensorOptions& options) {
+  return {at::empty_symint({batch, k}, options), at::empty_symint({batch, k, 4}, options),
+          at::empty_symint({batch, k}, options.dtype(at::kInt))};
+}
+
 // Scores and boxes in one element type the kernels take; float32 otherwise
 // (the reference computes in float32 anyway, so results do not change).
 at::ScalarType work_dtype(const at::Tensor& a, const at::Tensor& b) {
@@ -89,9 +96,7 @@ Outputs decode_cuda(const at::Tensor& cls_scores, const at::Tensor& box_deltas, 
   args.top_n = static_cast<int>(top_n);
   args.box_clamp = static_cast<float>(box_clamp);
 
-  at::Tensor out_scores = at::empty({args.batch, top_n}, scores.options());
-  at::Tensor out_boxes = at::empty({args.batch, top_n, 4}, scores.options());
-  at::Tensor out_classes = at::empty({args.batch, top_n}, scores.options().dtype(at::kInt));
+  auto [out_scores, out_boxes, out_classes] = empty_outputs(args.batch, top_n, scores.options());
   const size_t ws_bytes = retinanet::decode_workspace_size(args);
   TORCH_CHECK(ws_bytes > 0 || args.batch == 0, "retinanet::decode: unsupported sizes ", scores.sizes(),
               " (at most 65535 images and 2^31 scores per image)");
@@ -125,9 +130,7 @@ Outputs nms_cuda(const at::Tensor& scores_in, const at::Tensor& boxes_in, const 
   args.iou_threshold = static_cast<float>(iou_threshold);
   args.detections = static_cast<int>(detections);
 
-  at::Tensor out_scores = at::empty({args.batch, detections}, scores.options());
-  at::Tensor out_boxes = at::empty({args.batch, detections, 4}, scores.options());
-  at::Tensor out_classes = at::empty({args.batch, detections}, scores.options().dtype(at::kInt));
+  auto [out_scores, out_boxes, out_classes] = empty_outputs(args.batch, detections, scores.options());
   const size_t ws_bytes = retinanet::nms_workspace_size(args);
   TORCH_CHECK(ws_bytes > 0 || args.batch == 0, "retinanet::nms: unsupported sizes ", scores.sizes());
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, scores.options().dtype(at::kByte));
@@ -145,20 +148,14 @@ Outputs decode_meta(const at::Tensor& cls_scores, const at::Tensor& box_deltas, 
                     int64_t /*stride*/, double /*score_threshold*/, int64_t top_n, double /*box_clamp*/) {
   TORCH_CHECK(cls_scores.dim() == 4 && box_deltas.dim() == 4 && anchors.dim() == 2,
               "retinanet::decode: expected [B, A*C, H, W], [B, A*4, H, W] and [A, 4]");
-  const c10::SymInt batch = cls_scores.sym_size(0);
-  const auto options = cls_scores.options();
-  return {at::empty_symint({batch, top_n}, options), at::empty_symint({batch, top_n, 4}, options),
-          at::empty_symint({batch, top_n}, options.dtype(at::kInt))};
+  return empty_outputs(cls_scores.sym_size(0), top_n, cls_scores.options());
 }
 
 Outputs nms_meta(const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& classes,
                  double /*iou_threshold*/, int64_t detections) {
   TORCH_CHECK(scores.dim() == 2 && boxes.dim() == 3 && classes.dim() == 2,
               "retinanet::nms: expected [B, N], [B, N, 4] and [B, N]");
-  const c10::SymInt batch = scores.sym_size(0);
-  const auto options = scores.options();
-  return {at::empty_symint({batch, detections}, options), at::empty_symint({batch, detections, 4}, options),
-          at::empty_symint({batch, detections}, options.dtype(at::kInt))};
+  return empty_outputs(scores.sym_size(0), detections, scores.options());
 }
 
 }  // namespace
