@@ -290,38 +290,31 @@ class DaliLoader:
         inside = (rows[None, :, None] < hw[:, 0, None, None]) & (cols[None, None, :] < hw[:, 1, None, None])
         return torch.where(inside[:, None], images, self.fill.to(images.device).view(1, 3, 1, 1))
 
-    def _training_batch(self, outs) -> Batch:
+    def _batch(self, images: Tensor, samples: list[tuple[ImageRecord, T.Geometry, tuple[int, int]]]) -> Batch:
+        """The `Batch` of DALI's images and, per image, its record, the Geometry DALI
+        applied and the original (h, w): the targets come from the PyTorch loader's code."""
         targets, sizes, scales = [], [], []
-        params = training_params(outs)
-        for image_id, (h, w), g in params:
-            t, size, scale = T.transform_targets(DetectionDataset.targets(self.by_id[image_id]), g, h, w,
-                                                 self.opts.max_size)
+        for rec, geometry, (h, w) in samples:
+            t, size, scale = T.transform_targets(DetectionDataset.targets(rec), geometry, h, w, self.opts.max_size)
             targets.append(t)
             sizes.append(size)
             scales.append(scale)
-        return Batch(self._fill_padding(_to_torch(outs[0], self._output_device()), sizes), stack_targets(targets), [p[0] for p in params],
-                     torch.tensor(scales, dtype=torch.float32), [p[1] for p in params])
+        return Batch(self._fill_padding(images, sizes), stack_targets(targets), [rec.id for rec, _, _ in samples],
+                     torch.tensor(scales, dtype=torch.float32).reshape(-1, 2), [hw for _, _, hw in samples])
+
+    def _training_batch(self, outs) -> Batch:
+        samples = [(self.by_id[image_id], geometry, hw) for image_id, hw, geometry in training_params(outs)]
+        return self._batch(_to_torch(outs[0], self._output_device()), samples)
 
     def _inference_batch(self, outs, remaining: int) -> Batch:
         import numpy as np
-        images_out, index, shapes = outs
+        images, index, shapes = outs
         index = np.array(index.as_tensor()).reshape(-1)
         shapes = np.array(shapes.as_tensor()).reshape(-1, 2)
         keep = min(remaining, len(index))  # the shard's last batch is padded with repeats
-        targets, sizes, scales, image_ids, originals = [], [], [], [], []
-        for i in range(keep):
-            rec = self.records[int(index[i])]
-            h, w = int(shapes[i, 0]), int(shapes[i, 1])
-            t, size, scale = T.transform_targets(DetectionDataset.targets(rec), T.Geometry(self.resize), h, w,
-                                                 self.opts.max_size)
-            targets.append(t)
-            sizes.append(size)
-            scales.append(scale)
-            image_ids.append(rec.id)
-            originals.append((h, w))
-        images = _to_torch(images_out, self._output_device())[:keep]
-        return Batch(self._fill_padding(images, sizes), stack_targets(targets), image_ids,
-                     torch.tensor(scales, dtype=torch.float32).reshape(-1, 2), originals)
+        samples = [(self.records[int(index[i])], T.Geometry(self.resize), (int(shapes[i, 0]), int(shapes[i, 1])))
+                   for i in range(keep)]
+        return self._batch(_to_torch(images, self._output_device())[:keep], samples)
 
 
 def training_params(outs) -> list[tuple[int, tuple[int, int], T.Geometry]]:
