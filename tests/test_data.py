@@ -6,7 +6,7 @@ import torch
 
 from retinanet.config import LABEL_CROWD, LABEL_PAD
 from retinanet.data import transforms as T
-from retinanet.data.coco import Collate, CocoAnnotations, DetectionDataset
+from retinanet.data.coco import CocoAnnotations, Collate, DetectionDataset
 from retinanet.errors import UserError
 
 
@@ -66,10 +66,13 @@ def test_resize_keeps_aspect_and_caps_longer_side():
 def test_flip_and_rotate_move_boxes_with_pixels():
     img = torch.zeros(3, 20, 30, dtype=torch.uint8)
     img[:, 2:6, 4:10] = 255  # rows 2..5, cols 4..9
-    box = torch.tensor([[4.0, 2.0, 10.0, 6.0]])
-    for fn in (lambda i, b: T.hflip(i, b), *(lambda i, b, k=k: T.rotate90(i, b, k) for k in range(4))):
-        out, ob = fn(img, box)
-        x1, y1, x2, y2 = ob[0].int().tolist()
+    targets = torch.tensor([[4.0, 2.0, 10.0, 6.0, 1.0]])
+    # Shorter side 20 = no resize: only the flip / rotation moves pixels and boxes.
+    for g in (T.Geometry(20, flip=True), *(T.Geometry(20, quarter_turns=k) for k in range(4))):
+        out = T.transform_image(img, g, 1000)
+        ot, size, _ = T.transform_targets(targets, g, 20, 30, 1000)
+        assert tuple(out.shape[-2:]) == size
+        x1, y1, x2, y2 = ot[0, :4].int().tolist()
         assert out[0, y1:y2, x1:x2].min() == 255 and out[0].sum() == 255 * 24
 
 

@@ -36,13 +36,13 @@ def resized_shape(height: int, width: int, short: int, max_size: int) -> tuple[i
     return max(1, math.floor(height * scale + 0.5)), max(1, math.floor(width * scale + 0.5))
 
 
-def resize(image: Tensor, boxes: Tensor, short: int, max_size: int) -> tuple[Tensor, Tensor, tuple[float, float]]:
+def resize_image(image: Tensor, short: int, max_size: int) -> tuple[Tensor, tuple[float, float]]:
+    """The image at `resized_shape`, and the scale (x, y) applied."""
     h, w = image.shape[-2:]
     nh, nw = resized_shape(h, w, short, max_size)
-    sx, sy = nw / w, nh / h
     if (nh, nw) != (h, w):
         image = F.resize(image, [nh, nw], antialias=True)
-    return image, boxes * torch.tensor([sx, sy, sx, sy]), (sx, sy)
+    return image, (nw / w, nh / h)
 
 
 def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
@@ -56,16 +56,6 @@ def rotate90_boxes(boxes: Tensor, width: int, height: int, k: int) -> Tensor:
         boxes = torch.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], dim=1)
         width, height = height, width
     return boxes
-
-
-def hflip(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    return image.flip(-1), hflip_boxes(boxes, image.shape[-1])
-
-
-def rotate90(image: Tensor, boxes: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Rotate counter-clockwise by k * 90 degrees (as torch.rot90 on H, W)."""
-    h, w = image.shape[-2:]
-    return torch.rot90(image, k % 4, dims=(-2, -1)), rotate90_boxes(boxes, w, h, k)
 
 
 def crop_targets(targets: Tensor, x0: int, y0: int, width: int, height: int) -> Tensor:
@@ -138,10 +128,7 @@ def transform_image(image: Tensor, g: Geometry, max_size: int) -> Tensor:
     if g.crop is not None:
         x0, y0, w, h = g.crop
         image = image[:, y0:y0 + h, x0:x0 + w]
-    h, w = image.shape[-2:]
-    nh, nw = resized_shape(h, w, g.short, max_size)
-    if (nh, nw) != (h, w):
-        image = F.resize(image, [nh, nw], antialias=True)
+    image, _ = resize_image(image, g.short, max_size)
     if g.flip:
         image = image.flip(-1)
     if g.quarter_turns % 4:

@@ -86,7 +86,7 @@ def _calibration_batches(config: ModelConfig, size, folder: str, batches: int):
                 img = read_image(os.path.join(folder, name))
             except CorruptImage as e:
                 raise UserError(f"{e} (calibration image)") from None
-            img, _, _ = T.resize(img, torch.zeros(0, 4), fitted.resize, fitted.max_size)
+            img, _ = T.resize_image(img, fitted.resize, fitted.max_size)
             images.append(img[:, : size[0], : size[1]])
         batch = torch.tensor(fill, dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(images), 1, 1, 1)
         batch = batch.expand(-1, -1, *size).clone()

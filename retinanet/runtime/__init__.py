@@ -66,7 +66,7 @@ class Detector:
         for item in items:
             img = _as_chw_uint8(item, device)
             h, w = img.shape[-2:]
-            img, _, scale = T.resize(img, torch.zeros(0, 4), resize, max_size)
+            img, scale = T.resize_image(img, resize, max_size)
             tensors.append(img)
             scales.append(scale)
             sizes.append((int(h), int(w)))
