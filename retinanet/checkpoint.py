@@ -2,43 +2,22 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 
 from .config import FORMAT_VERSION, ModelConfig
 from .errors import UserError
+from .files import atomic_write
 
 REQUIRED = ("format_version", "backbone", "classes", "config", "state_dict", "category_ids")
 
 
 def save(path: str, state: dict) -> None:
-    """Write `state` so that `path` always holds either the old or the new file.
-
-    A temp file in the same folder is written, flushed to disk, then renamed
-    over the target; a crash at any point leaves the previous checkpoint intact.
-    """
+    """Write `state` so that `path` always holds either the old or the new file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def load(path: str) -> dict:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed, evaluate
 from .data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
 from .errors import UserError
+from .files import atomic_write, check_output
 from .runtime import Detector
 
 
@@ -83,8 +84,7 @@ def infer(detector: Detector, images: str, annotations: str | None, output: str,
     In a process group (torchrun) the images are sharded over the ranks and
     gathered; rank 0 writes the file and prints. `batch` is per process.
     """
-    if os.path.exists(output) and not override:
-        raise UserError(f"{output}: output file exists; pass --override to replace it or choose another --output")
+    check_output(output, override, "--output file")
     if with_dali:
         from .data.dali import require_dali
         require_dali()  # before any work
@@ -102,10 +102,8 @@ def infer(detector: Detector, images: str, annotations: str | None, output: str,
                               max_size or detector.config.max_size, workers, log, with_dali)
     if not main:
         return None
-    tmp = output + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(output, "w") as f:
         json.dump(records, f)
-    os.replace(tmp, output)
     if not quiet:
         print(f"wrote {len(records)} detections to {output}")
     if coco is None:
