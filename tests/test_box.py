@@ -35,6 +35,34 @@ def test_decode_clamps_size_before_exp():
     assert out[0, 2] - out[0, 0] == pytest.approx(10 * 1000 / 16, rel=1e-5)
 
 
+# Worked by hand from cx = acx + dx*aw, cy = acy + dy*ah, w = aw*exp(min(dw, clamp)),
+# h = ah*exp(min(dh, clamp)), box = (cx - w/2, cy - h/2, cx + w/2, cy + h/2).
+HAND_ANCHORS = [[0.0, 0.0, 32.0, 32.0],  # centre (16, 16), 32 x 32
+                [10.0, 20.0, 50.0, 40.0],  # centre (30, 30), 40 x 20
+                [0.0, 0.0, 64.0, 16.0],  # centre (32, 8), 64 x 16
+                [-8.0, -8.0, 8.0, 8.0]]  # centre (0, 0), 16 x 16
+HAND_DELTAS = [[0.5, -0.25, math.log(2), 0.0],  # cx 32, cy 8, w 64, h 32
+               [-0.25, 1.0, math.log(0.5), math.log(3)],  # cx 20, cy 50, w 20, h 60
+               [0.125, 0.5, 0.0, math.log(0.25)],  # cx 40, cy 16, w 64, h 4
+               [0.0, 0.0, 10.0, -math.log(4)]]  # dw clamped to log(1000/16): w 16 * 62.5 = 1000, h 4
+HAND_BOXES = [[0.0, -8.0, 64.0, 24.0],
+              [10.0, 20.0, 30.0, 80.0],
+              [8.0, 14.0, 72.0, 18.0],
+              [-500.0, -2.0, 500.0, 2.0]]
+
+
+def test_decode_and_encode_of_hand_worked_boxes():
+    anchors, deltas = torch.tensor(HAND_ANCHORS), torch.tensor(HAND_DELTAS)
+    out = box_ops.decode(deltas, anchors, clamp=math.log(1000 / 16))
+    torch.testing.assert_close(out, torch.tensor(HAND_BOXES), rtol=1e-6, atol=1e-4)
+    # Without the clamp the last box would be 16 * e^10 (~352000) wide.
+    unclamped = box_ops.decode(deltas[3:], anchors[3:], clamp=100.0)
+    assert unclamped[0, 2] - unclamped[0, 0] == pytest.approx(16 * math.exp(10), rel=1e-5)
+    # encode inverts decode where the clamp did not act.
+    torch.testing.assert_close(box_ops.encode(torch.tensor(HAND_BOXES[:3]), anchors[:3]), deltas[:3],
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_base_anchors_sizes_ratios_and_count():
     cfg = ModelConfig()
     bases = level_base_anchors(cfg)

@@ -81,14 +81,22 @@ def naive_decode(cls_scores, box_deltas, anchors, stride, threshold, top_n):
         cands.sort()
         rows = []
         for neg_s, _, a, c, y, x in cands[:top_n]:
-            cx, cy = (x + 0.5) * stride, (y + 0.5) * stride
-            anchor = anchors[a] + torch.tensor([cx, cy, cx, cy])
-            d = box_deltas[b, a * 4:(a + 1) * 4, y, x]
-            bx = box_ops.decode(d[None], anchor[None], CLAMP)[0]
-            bx = torch.minimum(bx.clamp(min=0), torch.tensor([w * stride, h * stride] * 2, dtype=torch.float32))
-            rows.append((-neg_s, bx, c))
+            rows.append((-neg_s, naive_box(anchors[a].tolist(), box_deltas[b, a * 4:(a + 1) * 4, y, x].tolist(),
+                                           x, y, stride, w * stride, h * stride), c))
         results.append(rows)
     return results
+
+
+def naive_box(anchor, deltas, x, y, stride, width, height):
+    """One box in float64 scalars, written from the formulas rather than through box_ops."""
+    ax1, ay1, ax2, ay2 = anchor
+    aw, ah = ax2 - ax1, ay2 - ay1
+    acx, acy = (x + 0.5) * stride + (ax1 + ax2) / 2, (y + 0.5) * stride + (ay1 + ay2) / 2
+    dx, dy, dw, dh = deltas
+    cx, cy = acx + dx * aw, acy + dy * ah
+    bw, bh = aw * math.exp(min(dw, CLAMP)), ah * math.exp(min(dh, CLAMP))
+    box = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+    return torch.tensor([min(max(v, 0.0), limit) for v, limit in zip(box, [width, height] * 2)])
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -112,6 +120,32 @@ def test_decode_matches_naive_loop(case):
             torch.testing.assert_close(out_b[b, :k], torch.stack([r[1] for r in rows]), rtol=1e-5, atol=1e-4)
             assert out_c[b, :k].tolist() == [r[2] for r in rows]
         assert (out_s[b, k:] == 0).all() and (out_c[b, k:] == -1).all()
+
+
+def test_decode_of_a_hand_worked_level():
+    """Stride 16, a 2 x 3 map (a 48 x 32 input), one 32 x 32 anchor, two classes;
+    every expected value below is worked out by hand."""
+    scores = torch.zeros(2, 2, 2, 3)  # image 1: nothing above the threshold
+    scores[0, 0] = torch.tensor([[0.9, 0.0, 0.3], [0.0, 0.04, 0.0]])  # class 0
+    scores[0, 1] = torch.tensor([[0.0, 0.7, 0.0], [0.3, 0.0, 0.06]])  # class 1
+    scores[1] = 0.05  # at the threshold, not above it
+    deltas = torch.zeros(2, 4, 2, 3)  # (dx, dy, dw, dh) per cell; anchor centres ((x + 0.5) * 16, (y + 0.5) * 16)
+    deltas[0, :, 0, 0] = torch.tensor([0.25, 0.0, 0.0, 0.0])  # centre (16, 8): [0, -8, 32, 24] -> y1 clipped to 0
+    deltas[0, :, 0, 1] = torch.tensor([0.0, 0.5, math.log(0.5), math.log(0.5)])  # centre (24, 24), 16 x 16
+    deltas[0, :, 0, 2] = 0.0  # the anchor itself: [24, -8, 56, 24] -> clipped to [24, 0, 48, 24]
+    deltas[0, :, 1, 0] = torch.tensor([0.0, 0.0, 10.0, 0.0])  # dw clamped: 2000 wide, clipped to [0, 48]
+    deltas[0, :, 1, 1] = 1e4  # not a candidate (score 0.04): must not leak anywhere
+    deltas[0, :, 1, 2] = torch.tensor([-0.5, -0.25, math.log(0.25), 0.0])  # centre (24, 16), 8 x 32
+    anchors = torch.tensor([[-16.0, -16.0, 16.0, 16.0]])
+    s, b, c = reference.decode(scores, deltas, anchors, 16, 0.05, 6, CLAMP)
+    # Score order; the two 0.3s by flat index ((a*C + c)*H + y)*W + x: 2 (class 0) before 9 (class 1).
+    torch.testing.assert_close(s[0], torch.tensor([0.9, 0.7, 0.3, 0.3, 0.06, 0.0]))
+    assert c[0].tolist() == [0, 1, 0, 1, 1, -1]
+    torch.testing.assert_close(b[0], torch.tensor([[0.0, 0.0, 32.0, 24.0], [16.0, 16.0, 32.0, 32.0],
+                                                   [24.0, 0.0, 48.0, 24.0], [0.0, 8.0, 48.0, 32.0],
+                                                   [20.0, 0.0, 28.0, 32.0], [0.0, 0.0, 0.0, 0.0]]),
+                               rtol=1e-6, atol=1e-5)
+    assert (s[1] == 0).all() and (b[1] == 0).all() and (c[1] == -1).all()
 
 
 def test_decode_fp16_inputs_give_fp16_outputs():
