@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,6 +33,14 @@ positive = _number(int, 1)
 non_negative = _number(int, 0)
 positive_float = _number(float, 0, low_open=True)
 unit = _number(float, 0, 1)
+
+
+def _timeout_flag(parser) -> None:
+    from .distributed import DEFAULT_TIMEOUT_S
+
+    parser.add_argument("--dist-timeout", type=positive_float, metavar="S",
+                        help=f"multi-process runs: seconds a rank waits for the others before the job "
+                             f"fails [{DEFAULT_TIMEOUT_S:g}]")
 
 
 def build_parser() -> Parser:
@@ -64,6 +72,8 @@ def build_parser() -> Parser:
     t.add_argument("--regularization-l2", type=_number(float, 0), dest="weight_decay",
                    help="weight decay on conv weights [1e-4]")
     t.add_argument("--val-iters", type=positive, help="validate and checkpoint every N iterations [8000; demo: 300]")
+    t.add_argument("--clip-grad", type=_number(float, 0), metavar="NORM",
+                   help="clip the gradients' total L2 norm to NORM, 0 = off [0]")
     t.add_argument("--logdir", help="TensorBoard log folder")
     t.add_argument("--override", action="store_true", help="start fresh even if MODEL exists")
     t.add_argument("--full-precision", action="store_true", default=None, help="disable mixed precision")
@@ -84,6 +94,7 @@ def build_parser() -> Parser:
     t.add_argument("--with-dali", action="store_true", default=None,
                    help="decode and augment with NVIDIA DALI (on the GPU; on the CPU without one)")
 
+    _timeout_flag(t)
     i = sub.add_parser("infer", help="detect objects in images, optionally measure COCO mAP")
     i.add_argument("model", help="checkpoint (.pth) or ONNX model (.onnx, run with ONNX Runtime)")
     i.add_argument("--images", default=".", help="image folder [.]")
@@ -100,6 +111,7 @@ def build_parser() -> Parser:
     i.add_argument("--with-dali", action="store_true",
                    help="decode and resize with NVIDIA DALI (on the GPU; on the CPU without one)")
     i.add_argument("--override", action="store_true", help="replace an existing --output file")
+    _timeout_flag(i)
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX (portable or TensorRT form)")
     e.add_argument("model", help="checkpoint (.pth)")
@@ -130,11 +142,12 @@ def build_parser() -> Parser:
 def run_train(ns) -> None:
     from . import train
 
-    given = {k: v for k, v in vars(ns).items() if v is not None and k not in ("command", "debug", "model")}
+    given = {k: v for k, v in vars(ns).items()
+             if v is not None and k not in ("command", "debug", "model", "dist_timeout")}
     model_cfg, train_cfg, paths, pretrained = train.resolve_settings(given)
     train.launch(ns.model, model_cfg, train_cfg, paths, override=ns.override, fine_tune=ns.fine_tune,
                  pretrained=pretrained, backbone_weights=ns.backbone_weights, logdir=ns.logdir,
-                 explicit=frozenset(given))
+                 explicit=frozenset(given), timeout_s=ns.dist_timeout)
 
 
 def run_infer(ns) -> None:
@@ -145,7 +158,7 @@ def run_infer(ns) -> None:
     device = None
     if place is not None and place.world > 1:
         device = distributed.device_for(place)
-        distributed.init(place, device)
+        distributed.init(place, device, timeout_s=ns.dist_timeout)
     try:
         detector = runtime.load(ns.model, device=device, full_precision=ns.full_precision, compile=ns.compile)
         infer.infer(detector, ns.images, ns.annotations, ns.output, ns.batch or default_batch(), ns.resize,
@@ -177,14 +190,19 @@ def run_export(ns) -> None:
 
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
+    main_rank = os.environ.get("RANK", "0") == "0"  # one line per run, not per process
     try:
         {"train": run_train, "infer": run_infer, "export": run_export}[ns.command](ns)
     except UserError as e:
         if ns.debug:
             raise
-        if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        if main_rank:
             print(f"retinanet: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if main_rank:
+            print(f"retinanet: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("retinanet: interrupted", file=sys.stderr)
         return 130

@@ -7,12 +7,15 @@ the CPU. Every helper here is a no-op in a single process.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,13 @@ def device_for(place: Place) -> torch.device:
     return torch.device("cpu")
 
 
-def init(place: Place, device: torch.device, init_method: str = "env://") -> None:
+# Long enough for rank 0 to write a large checkpoint to a slow disk while the
+# others wait in the next step's all-reduce; short enough that a lost rank ends
+# the job within the hour instead of hanging it.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def init(place: Place, device: torch.device, init_method: str = "env://", timeout_s: float | None = None) -> None:
     """Join the process group: NCCL for GPU processes, gloo for CPU ones."""
     if place.world <= 1 or is_initialized():
         return
@@ -51,7 +60,9 @@ def init(place: Place, device: torch.device, init_method: str = "env://") -> Non
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, init_method=init_method, rank=place.rank, world_size=place.world, **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+    dist.init_process_group(backend, init_method=init_method, rank=place.rank, world_size=place.world,
+                            timeout=timeout, **kwargs)
 
 
 def shutdown() -> None:
@@ -87,6 +98,21 @@ def gather_lists(items: list) -> list:
     parts: list = [None] * world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def raise_first_error(error: UserError | None) -> None:
+    """A collective: each rank passes its error or None; if any rank had one, every
+    rank raises the lowest failing rank's, prefixed with that rank. Every rank
+    then stops at the same point (none is left waiting in a collective) and
+    rank 0, which alone prints, reports it once."""
+    if world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    errors = gather_lists([(rank(), str(error))] if error is not None else [])
+    if errors:
+        first, message = errors[0]
+        raise UserError(f"[rank {first}] {message}")
 
 
 def barrier() -> None:

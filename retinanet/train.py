@@ -5,11 +5,12 @@ has to supply `rank`/`world` and wrap the model.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from . import checkpoint, distributed, evaluate
 from .config import LABEL_PAD, ModelConfig, TrainConfig
 from .data import transforms as T
 from .data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .infer import sharded_records
 from .model import RetinaNet
 from .runtime import Detector
@@ -59,7 +60,7 @@ class EpochSampler(Sampler[int]):
 
 
 MODEL_FLAGS = ("backbone", "classes", "resize", "max_size", "anchor_ious", "anchor_ratios", "anchor_scales")
-TRAIN_FLAGS = ("batch", "iters", "milestones", "schedule", "lr", "warmup", "gamma", "weight_decay", "val_iters",
+TRAIN_FLAGS = ("clip_grad", "batch", "iters", "milestones", "schedule", "lr", "warmup", "gamma", "weight_decay", "val_iters",
                "jitter", "augment_rotate", "augment_brightness", "augment_contrast", "augment_hue",
                "augment_saturation", "augment_crop", "seed", "workers", "with_dali", "amp_dtype", "full_precision")
 
@@ -160,16 +161,20 @@ class Progress:
         self.sums: dict[str, float] = {}
         self.count = 0
         self.skipped = 0
+        self.nonfinite = 0
 
     def rate(self) -> float:
         """Images per second since the start (all ranks together)."""
         return self.images / max(time.perf_counter() - self.t0, 1e-9)
 
-    def update(self, iteration: int, losses: dict[str, float], images: int, lr: float, skipped: int) -> None:
+    def update(self, iteration: int, losses: dict[str, float], images: int, lr: float, skipped: int,
+               nonfinite: bool = False) -> None:
         self.images += images
         self.skipped += skipped
-        self.count += 1
-        for k, v in losses.items():
+        self.nonfinite += nonfinite
+        if not nonfinite:  # a skipped step's loss would poison the average
+            self.count += 1
+        for k, v in ({} if nonfinite else losses).items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         now = time.perf_counter()
         if not self.enabled or (now - self.last < self.every_s and iteration not in (self.start + 1, self.total)):
@@ -177,27 +182,15 @@ class Progress:
         rate = self.images / (now - self.t0)
         its = (iteration - self.start) / (now - self.t0)
         eta = (self.total - iteration) / max(its, 1e-9)
-        terms = " ".join(f"{k.replace('_loss', '')} {v / self.count:.4f}" for k, v in self.sums.items())
-        total = sum(self.sums.values()) / self.count
+        count = max(self.count, 1)
+        terms = " ".join(f"{k.replace('_loss', '')} {v / count:.4f}" for k, v in self.sums.items())
+        total = sum(self.sums.values()) / count
         extra = f" skipped {self.skipped}" if self.skipped else ""
+        extra += f" non-finite steps skipped {self.nonfinite}" if self.nonfinite else ""
         print(f"[{iteration:>{len(str(self.total))}}/{self.total}] loss {total:.4f} ({terms}) lr {lr:.5f} "
               f"{rate:.1f} img/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}{extra}", flush=True)
         self.last = now
         self.sums, self.count = {}, 0
-
-
-def validate(model: RetinaNet, category_ids: list[int], paths: DataPaths, cfg: ModelConfig,
-             batch: int, workers: int, device: torch.device, with_dali: bool = False) -> list[float] | None:
-    """The 12 COCO stats on rank 0 (None on the others); the images are sharded over the ranks."""
-    backend = TorchBackend(model, category_ids, device)
-    detector = Detector(backend, cfg, category_ids)
-    coco = CocoAnnotations(paths.val_annotations, category_ids=category_ids)
-    records = sharded_records(detector, paths.val_images, coco, batch, cfg.resize, cfg.max_size, workers,
-                              with_dali=with_dali)
-    model.train()
-    if distributed.rank() != 0:
-        return None
-    return evaluate.coco_stats(paths.val_annotations, records, [r.id for r in coco.images])
 
 
 def check_world(batch: int, world: int) -> None:
@@ -206,7 +199,8 @@ def check_world(batch: int, world: int) -> None:
                         f"(GPUs); use a multiple of {world}")
 
 
-def launch(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, **kw) -> list[float] | None:
+def launch(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths,
+           timeout_s: float | None = None, **kw) -> list[float] | None:
     """train() in this process, in the process group torchrun set up, or in one
     process per visible GPU started here when there are several."""
     if cfg.with_dali:
@@ -216,23 +210,42 @@ def launch(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Dat
     if place is not None and place.world > 1:
         check_world(cfg.batch, place.world)
         device = distributed.device_for(place)
-        distributed.init(place, device)
+        distributed.init(place, device, timeout_s=timeout_s)
         try:
             return train(model_path, model_cfg, cfg, paths, rank=place.rank, world=place.world, device=device, **kw)
         finally:
             distributed.shutdown()
     gpus = torch.cuda.device_count()
     if place is None and gpus > 1:
-        import torch.multiprocessing as mp
-
         check_world(cfg.batch, gpus)
-        port = distributed.free_port()
-        try:
-            mp.spawn(_spawned, args=(gpus, port, (model_path, model_cfg, cfg, paths), kw), nprocs=gpus)
-        except mp.ProcessExitedException as e:  # the worker printed its error
-            raise SystemExit(e.exit_code or 1) from None
+        spawn(gpus, (model_path, model_cfg, cfg, paths), {**kw, "timeout_s": timeout_s})
         return None
     return train(model_path, model_cfg, cfg, paths, **kw)
+
+
+def spawn(gpus: int, args: tuple, kw: dict) -> None:
+    """One process per GPU; exits with the first failing process's code (it printed why)."""
+    import torch.multiprocessing as mp
+
+    port = distributed.free_port()
+    context = mp.start_processes(_spawned, args=(gpus, port, args, kw), nprocs=gpus, join=False,
+                                 start_method="spawn")
+
+    def forward(signum, frame):  # `kill` reaches this process only: pass it on so each rank saves and stops
+        for p in context.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    # A Ctrl-C on the terminal reaches every process of the group, the ranks included.
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, forward)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        raise SystemExit(e.exit_code or 1) from None
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
 
 
 def _spawned(local_rank: int, world: int, port: int, args: tuple, kw: dict) -> None:
@@ -241,15 +254,373 @@ def _spawned(local_rank: int, world: int, port: int, args: tuple, kw: dict) -> N
                       WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     place = distributed.Place(local_rank, world, local_rank)
     device = distributed.device_for(place)
-    distributed.init(place, device)
+    distributed.init(place, device, timeout_s=kw.pop("timeout_s"))
+    code = 0
     try:
         train(*args, rank=local_rank, world=world, device=device, **kw)
     except UserError as e:
-        if local_rank == 0:
-            print(f"retinanet: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code, message = 2, f"retinanet: error: {e}"
+    except Interrupted as e:
+        code, message = 128 + e.signum, f"retinanet: {e}"
     finally:
         distributed.shutdown()
+    if code:
+        if local_rank == 0:  # every rank raised the same error: print it once
+            print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop: it finishes the current step, saves a
+    checkpoint at that iteration and exits. A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._saved: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Loader workers share the terminal's process group: without this a Ctrl-C
+    # kills them and the main process, finishing its step, finds its loader dead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_images(images_dir: str, coco: CocoAnnotations, flag: str, batch: int = 1) -> None:
+    """Before any work: the folder exists, every annotated image is in it, and there are
+    enough images for one batch (a loader that drops the last partial batch would
+    otherwise yield nothing, epoch after epoch)."""
+    if not os.path.isdir(images_dir):
+        raise UserError(f"{images_dir}: image folder not found ({flag})")
+    if not coco.images:
+        raise UserError(f"{coco.path}: no images to train on")
+    missing = [r for r in coco.images if not os.path.isfile(os.path.join(images_dir, r.file_name))]
+    if missing:
+        first = missing[0]
+        raise UserError(f"{images_dir}: {len(missing)} of the {len(coco.images)} images of {coco.path} are not "
+                        f"there, the first {first.file_name} (image id {first.id}); is {flag} the right folder?")
+    if len(coco.images) < batch:
+        raise UserError(f"{coco.path}: {len(coco.images)} images cannot fill one batch of {batch}; "
+                        f"lower --batch")
+
+
+def resume_settings(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, coco: CocoAnnotations,
+                    override: bool, explicit: frozenset) -> tuple[dict | None, ModelConfig, TrainConfig]:
+    """The checkpoint to resume (None: start fresh) and the settings to run with:
+    the checkpoint's, except the training flags the user gave."""
+    if not os.path.exists(model_path) or override:
+        if model_cfg.classes != coco.classes:
+            raise UserError(f"{coco.path}: has {coco.classes} categories but --classes is {model_cfg.classes}")
+        return None, model_cfg, cfg
+    resume = checkpoint.load(model_path)
+    lacking = [k for k in RESUME_KEYS if k not in resume]
+    if lacking:
+        raise UserError(f"{model_path}: holds weights but no training state ({', '.join(lacking)}), so it cannot "
+                        f"be resumed; pass --override to start fresh or --fine-tune {model_path}")
+    if coco.category_ids != list(resume["category_ids"]):
+        raise UserError(f"{model_path}: checkpoint has {len(resume['category_ids'])} classes (category ids "
+                        f"{resume['category_ids']}), {coco.path} has {coco.classes} "
+                        f"({coco.category_ids}); pass --override to start fresh or --fine-tune")
+    saved = resume["config"]
+    for name in ("backbone", "classes"):
+        if name in explicit and getattr(model_cfg, name) != getattr(saved, name):
+            raise UserError(f"{model_path}: checkpoint is {name} {getattr(saved, name)}, "
+                            f"not {getattr(model_cfg, name)}; pass --override to start fresh")
+    cfg = TrainConfig.from_dict({**resume.get("train_config", {}),
+                                 **{k: getattr(cfg, k) for k in TRAIN_FLAGS if k in explicit}})
+    return resume, saved, cfg
+
+
+RESUME_KEYS = ("iteration", "optimizer", "scheduler", "scaler", "data_state")
+# fp16 starts with a loss scale that overflows for a few steps by design; a long
+# run of non-finite steps means the run has diverged.
+MAX_NONFINITE_STEPS = 20
+
+
+@dataclass
+class Setup:
+    """What a run needs, decided before the process group's first collective."""
+
+    model_path: str
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    paths: DataPaths
+    coco: CocoAnnotations
+    resume: dict | None
+
+
+def prepare(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, world: int,
+            override: bool, explicit: frozenset) -> Setup:
+    """Every check that can fail on the user's input, before any model is built."""
+    coco = CocoAnnotations(paths.annotations)
+    resume, model_cfg, cfg = resume_settings(model_path, model_cfg, cfg, coco, override, explicit)
+    check_world(cfg.batch, world)
+    check_images(paths.images, coco, "--images", cfg.batch // world)
+    if paths.val_annotations:
+        val = CocoAnnotations(paths.val_annotations, category_ids=coco.category_ids)
+        check_images(paths.val_images, val, "--val-images")
+    return Setup(model_path, model_cfg, cfg, paths, coco, resume)
+
+
+class Trainer:
+    """One process's share of a training run: model, optimiser, data, the step."""
+
+    def __init__(self, s: Setup, device: torch.device, rank: int, world: int, pretrained: bool,
+                 backbone_weights: str | None, fine_tune: str | None):
+        self.s, self.cfg, self.device, self.rank, self.world = s, s.cfg, device, rank, world
+        torch.manual_seed(self.cfg.seed + rank)
+        random.seed(self.cfg.seed + rank)
+        fresh = s.resume is None
+        self.net = RetinaNet(s.model_cfg, pretrained=pretrained and fresh and not fine_tune,
+                             weights_file=backbone_weights if fresh else None)
+        if fine_tune and fresh:
+            fine_tune_weights(self.net, fine_tune)
+        self.net.to(device)
+        if device.type == "cuda":
+            self.net.to(memory_format=torch.channels_last)
+        if world > 1 and device.type == "cuda" and not s.model_cfg.freeze_bn:
+            # Trainable BatchNorm: statistics over the global batch, as in one process.
+            self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+        self.net.train()
+        self.model: torch.nn.Module = self.net  # DDP-wrapped by wrap() once every rank is ready
+        self.optimizer = torch.optim.SGD(param_groups(self.net, self.cfg.weight_decay), lr=self.cfg.lr,
+                                         momentum=self.cfg.momentum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.cfg.lr_factor)
+        self.use_amp, self.amp_dtype = amp_settings(self.cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.augment = T.Augment(rotate=self.cfg.augment_rotate, brightness=self.cfg.augment_brightness,
+                                 contrast=self.cfg.augment_contrast, hue=self.cfg.augment_hue,
+                                 saturation=self.cfg.augment_saturation, crop=self.cfg.augment_crop)
+        self.dataset = DetectionDataset(s.paths.images, s.coco, s.model_cfg.resize, s.model_cfg.max_size,
+                                        training=True, jitter=tuple(self.cfg.jitter), augment=self.augment,
+                                        seed=self.cfg.seed)
+        self.per_rank = self.cfg.batch // world
+        self.sampler = EpochSampler(len(self.dataset), self.cfg.seed, rank, world)
+        self.collate = Collate(s.model_cfg.pad_multiple, mean_pixel(s.model_cfg.mean))
+        self.iteration = 0
+        self.nonfinite_run = 0
+        if s.resume is not None:
+            self.restore(s.resume)
+
+    def restore(self, resume: dict) -> None:
+        self.net.load_state_dict(resume["state_dict"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.scheduler.load_state_dict(resume["scheduler"])
+        self.scaler.load_state_dict(resume["scaler"])
+        self.iteration = resume["iteration"]
+        data_state = resume["data_state"]
+        self.sampler.epoch = data_state["epoch"]
+        # Same world size: exactly where it stopped; another: about the same
+        # number of samples into the epoch (the order per rank differs).
+        self.sampler.start = data_state.get("samples", data_state["position"]) // self.world
+        for key, fn in (("rng_torch", torch.set_rng_state), ("rng_python", random.setstate)):
+            if key in resume:
+                fn(resume[key])
+
+    def wrap(self) -> None:
+        """DistributedDataParallel: a collective, so every rank must have got here."""
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.net, device_ids=ids)
+
+    def loader(self):
+        """This epoch's batches: DALI's loader (built once, reused) or a fresh DataLoader."""
+        self.dataset.epoch = self.sampler.epoch
+        if self.cfg.with_dali:
+            if not hasattr(self, "_dali"):
+                # DALI cannot seek: a resumed run continues the schedule with a
+                # fresh shuffle (seeded by the iteration), not the interrupted order.
+                from .data import dali
+
+                m = self.s.model_cfg
+                self._dali = dali.training_loader(
+                    self.s.paths.images, self.s.coco, self.per_rank, m.max_size, m.pad_multiple,
+                    mean_pixel(m.mean), tuple(self.cfg.jitter), self.augment, self.device,
+                    max(self.cfg.workers, 1), self.cfg.seed + self.iteration, self.rank, self.world)
+            return self._dali
+        return DataLoader(self.dataset, batch_size=self.per_rank, sampler=self.sampler,
+                          num_workers=self.cfg.workers, collate_fn=self.collate,
+                          pin_memory=self.device.type == "cuda", drop_last=True,
+                          worker_init_fn=_ignore_sigint if self.cfg.workers else None)
+
+    def stand_in(self, batch) -> None:
+        """Every image of this rank's batch was skipped while the other ranks step: join
+        with a zero-weight stand-in image (the gradient all-reduce needs every rank)."""
+        m = self.collate.multiple
+        batch.images = torch.zeros(1, 3, m, m, dtype=torch.uint8)
+        batch.targets = torch.zeros(1, 1, 5)
+        batch.targets[..., 4] = LABEL_PAD
+
+    def step(self, batch, stop: int) -> dict:
+        """Forward, backward, and an optimiser step unless the gradients are not finite.
+
+        Returns the loss terms and counters summed over the ranks, with the
+        stop and error flags, all from one all-reduce."""
+        empty = not batch.image_ids
+        if empty:
+            self.stand_in(batch)
+        images = batch.images.to(self.device, non_blocking=True).float()
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = batch.targets.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            cls_heads, box_heads = self.model(images)  # through DDP: its backward syncs the gradients
+        count_foreground = distributed.sum_ if self.world > 1 else None
+        losses = self.net.loss_from_heads(cls_heads, box_heads, targets, count_foreground)
+        if empty or batch.errors:
+            losses = {k: v * 0 for k, v in losses.items()}
+        # Each rank's loss is its share of the global batch's loss (the foreground
+        # count is summed over ranks); DDP averages gradients, so scale back to their sum.
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss * self.world if self.world > 1 else loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        norm = self.clip_gradients()
+        own = [float(len(batch.image_ids)), float(batch.skipped), float(stop), float(bool(batch.errors))]
+        logged = distributed.sum_(torch.stack([v.detach().float() for v in losses.values()] + [norm.float()]
+                                              + [torch.tensor(x, device=loss.device) for x in own])).tolist()
+        finite = all(map(math.isfinite, logged))  # the same on every rank: the sums are
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # fp16: a non-finite step lowers the loss scale
+        self.scheduler.step()
+        self.iteration += 1
+        self.nonfinite_run = 0 if finite else self.nonfinite_run + 1
+        terms = dict(zip(losses, logged))
+        images_n, skipped, stops, errors = logged[-4:]
+        return {"losses": terms, "norm": logged[len(losses)] / self.world, "images": int(images_n),
+                "skipped": int(skipped), "stop": stops > 0, "error": errors > 0, "finite": finite}
+
+    def clip_gradients(self) -> torch.Tensor:
+        """The gradients' total L2 norm (inf/nan when any is not finite), clipped to --clip-grad."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.cfg.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.clip_grad, norm)
+        return norm
+
+    def save(self, position: int) -> None:
+        """Rank 0 writes the checkpoint; weights that are not finite are never written."""
+        if self.rank != 0:
+            return
+        bad = [k for k, v in self.net.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise UserError(f"{self.s.model_path}: weights became non-finite at iteration {self.iteration} "
+                            f"({bad[0]}); not saving them, the checkpoint keeps its last finite state")
+        state = checkpoint.model_state(self.s.model_cfg, self.net, self.s.coco.category_ids)
+        state.update(iteration=self.iteration, optimizer=self.optimizer.state_dict(),
+                     scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                     train_config=self.cfg.to_dict(),
+                     data_state={"epoch": self.sampler.epoch, "position": position,
+                                 "samples": position * self.world, "world": self.world},
+                     rng_torch=torch.get_rng_state(), rng_python=random.getstate())
+        checkpoint.save(self.s.model_path, state)
+
+    def validate(self) -> list[float]:
+        """The 12 COCO stats, on every rank: the images are sharded over the ranks and the
+        detections gathered, and each rank scores them, so no rank waits on another."""
+        m = self.s.model_cfg
+        ids = self.s.coco.category_ids
+        detector = Detector(TorchBackend(self.net, ids, self.device), m, ids)
+        coco = CocoAnnotations(self.s.paths.val_annotations, category_ids=ids)
+        records = sharded_records(detector, self.s.paths.val_images, coco, self.per_rank, m.resize, m.max_size,
+                                  self.cfg.workers, with_dali=self.cfg.with_dali)
+        self.net.train()
+        return evaluate.coco_stats(self.s.paths.val_annotations, records, [r.id for r in coco.images])
+
+
+def run(t: Trainer, stop: StopRequest, writer, log: bool) -> list[float] | None:
+    """Steps until the schedule ends (or a signal asks to stop); returns the last validation stats."""
+    total, stats = t.cfg.total_iters, None
+    progress = Progress(total, t.iteration, log)
+    while t.iteration < total:
+        resumed_at, position, steps, skipped = t.sampler.start, t.sampler.start, 0, 0
+        for batch in t.loader():
+            position += t.per_rank
+            skipped += batch.skipped
+            if not batch.image_ids and not batch.errors and t.world == 1:
+                continue
+            out = t.step(batch, stop.signum)
+            steps += 1
+            if out["error"]:
+                distributed.raise_first_error(UserError(batch.errors[0]) if batch.errors else None)
+            check_finite(t, out)
+            lr = t.optimizer.param_groups[0]["lr"]
+            progress.update(t.iteration, out["losses"], out["images"], lr, out["skipped"], not out["finite"])
+            log_scalars(writer, t.iteration, out, lr, progress.rate())
+            last = t.iteration == total
+            if out["stop"]:
+                t.save(position)
+                raise Interrupted(f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at iteration "
+                                  f"{t.iteration}: saved {t.s.model_path}; run the same command to resume",
+                                  stop.signum or signal.SIGTERM)
+            if t.iteration % t.cfg.checkpoint_iters == 0 or t.iteration % t.cfg.val_iters == 0 or last:
+                t.save(position)
+            if t.s.paths.val_annotations and (t.iteration % t.cfg.val_iters == 0 or last):
+                stats = t.validate()
+                report_validation(writer, t.iteration, stats, log)
+            if last:
+                return stats
+        if steps == 0 and (position > resumed_at or resumed_at == 0):  # else: resumed at the epoch's end
+            raise UserError(f"{t.s.paths.images}: epoch {t.sampler.epoch} completed no training step: every "
+                            f"image of its batches was skipped as unreadable ({skipped} images)")
+        t.sampler.epoch += 1
+        t.sampler.start = 0
+    return stats
+
+
+def check_finite(t: Trainer, out: dict) -> None:
+    """Non-finite steps are skipped (the weights stay as they were); a long run of them is divergence."""
+    if t.nonfinite_run >= MAX_NONFINITE_STEPS:
+        loss = sum(out["losses"].values())
+        raise UserError(f"training diverged: {t.nonfinite_run} steps in a row with a non-finite loss or gradient "
+                        f"(loss {loss}, gradient norm {out['norm']}) at iteration {t.iteration}; "
+                        f"{t.s.model_path} keeps its last finite weights; lower --lr or --clip-grad")
+
+
+def log_scalars(writer, iteration: int, out: dict, lr: float, rate: float) -> None:
+    if writer is None:
+        return
+    for k, v in out["losses"].items():
+        writer.add_scalar(f"train/{k}", v, iteration)
+    writer.add_scalar("train/loss", sum(out["losses"].values()), iteration)
+    writer.add_scalar("train/grad_norm", out["norm"], iteration)
+    writer.add_scalar("train/lr", lr, iteration)
+    writer.add_scalar("train/img_per_s", rate, iteration)
+
+
+def report_validation(writer, iteration: int, stats: list[float], log: bool) -> None:
+    if log:
+        print(f"validation at iteration {iteration}:\n{evaluate.format_stats(stats)}", flush=True)
+    if writer is not None:
+        for (kind, iou, area, dets), v in zip(evaluate.STAT_NAMES, stats):
+            writer.add_scalar(f"val/{kind}@{iou}/{area}/{dets}", v, iteration)
+
+
+def open_writer(logdir: str | None, main: bool):
+    if not logdir or not main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--logdir needs TensorBoard: pip install 'retinanet[tensorboard]'") from None
+    return SummaryWriter(logdir)
 
 
 def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, *,
@@ -259,208 +630,37 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
     """Train (or resume) and return the final validation stats, if validated.
 
     explicit: names of the settings the user gave; on resume those override
-    the checkpoint's, the rest come from the checkpoint.
+    the checkpoint's, the rest come from the checkpoint. With several ranks, an
+    error in the checks or the set-up of any rank stops every rank with that
+    rank's message (rank 0 prints it), before the first collective that could hang.
     """
     device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     main = rank == 0
-    resume = None
-    if os.path.exists(model_path) and not override:
-        resume = checkpoint.load(model_path)
-
-    train_coco = CocoAnnotations(paths.annotations)
-    if resume and train_coco.category_ids != list(resume["category_ids"]):
-        raise UserError(f"{model_path}: checkpoint has {len(resume['category_ids'])} classes (category ids "
-                        f"{resume['category_ids']}), {paths.annotations} has {train_coco.classes} "
-                        f"({train_coco.category_ids}); pass --override to start fresh or --fine-tune")
-    if paths.val_annotations:
-        CocoAnnotations(paths.val_annotations, category_ids=train_coco.category_ids)  # fail early
-    if resume:
-        saved = resume["config"]
-        for name in ("backbone", "classes"):
-            if name in explicit and getattr(model_cfg, name) != getattr(saved, name):
-                raise UserError(f"{model_path}: checkpoint is {name} {getattr(saved, name)}, "
-                                f"not {getattr(model_cfg, name)}; pass --override to start fresh")
-        model_cfg = saved
-        cfg = TrainConfig.from_dict({**resume.get("train_config", {}),
-                                     **{k: getattr(cfg, k) for k in TRAIN_FLAGS if k in explicit}})
-    elif model_cfg.classes != train_coco.classes:
-        raise UserError(f"{paths.annotations}: has {train_coco.classes} categories but --classes is "
-                        f"{model_cfg.classes}")
-
-    check_world(cfg.batch, world)
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    model = RetinaNet(model_cfg, pretrained=pretrained and not resume and not fine_tune,
-                      weights_file=None if resume else backbone_weights)
-    if fine_tune and not resume:
-        fine_tune_weights(model, fine_tune)
-    model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    if world > 1 and device.type == "cuda" and not model_cfg.freeze_bn:
-        # Trainable BatchNorm: statistics over the global batch, as in one process.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.train()
-
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
-    use_amp, amp_dtype = amp_settings(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-
-    augment = T.Augment(rotate=cfg.augment_rotate, brightness=cfg.augment_brightness,
-                        contrast=cfg.augment_contrast, hue=cfg.augment_hue, saturation=cfg.augment_saturation,
-                        crop=cfg.augment_crop)
-    dataset = DetectionDataset(paths.images, train_coco, model_cfg.resize, model_cfg.max_size, training=True,
-                               jitter=tuple(cfg.jitter),
-                               augment=augment, seed=cfg.seed)
-    per_rank = cfg.batch // world
-    sampler = EpochSampler(len(dataset), cfg.seed, rank, world)
-    iteration = 0
-    if resume:
-        model.load_state_dict(resume["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        iteration = resume["iteration"]
-        data_state = resume["data_state"]
-        sampler.epoch = data_state["epoch"]
-        # Same world size: exactly where it stopped; another: about the same
-        # number of samples into the epoch (the order per rank differs).
-        sampler.start = data_state.get("samples", data_state["position"]) // world
-        for key, fn in (("rng_torch", torch.set_rng_state), ("rng_python", random.setstate)):
-            if key in resume:
-                fn(resume[key])
+    trainer, error = None, None
+    try:
+        setup = prepare(model_path, model_cfg, cfg, paths, world, override, explicit)
+        if setup.resume and main:
+            print(f"resuming {model_path} at iteration {setup.resume['iteration']}", flush=True)
+        trainer = Trainer(setup, device, rank, world, pretrained, backbone_weights, fine_tune)
+        writer = open_writer(logdir, main)
+    except UserError as e:
+        error = e
+    distributed.raise_first_error(error)
+    assert trainer is not None
+    if trainer.iteration >= trainer.cfg.total_iters:
         if main:
-            print(f"resuming {model_path} at iteration {iteration}", flush=True)
-
-    total = cfg.total_iters
-    if iteration >= total:
-        if main:
-            print(f"{model_path} is already trained to {iteration} iterations (--iters {total}); "
-                  "raise --iters or pass --override to start fresh")
+            print(f"{model_path} is already trained to {trainer.iteration} iterations (--iters "
+                  f"{trainer.cfg.total_iters}); raise --iters or pass --override to start fresh")
         return None
-
-    writer = None
-    if logdir and main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--logdir needs TensorBoard: pip install 'retinanet[tensorboard]'") from None
-        writer = SummaryWriter(logdir)
-
-    net = model  # the module itself: checkpoints, loss, validation
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    count_foreground = distributed.sum_ if world > 1 else None
-
-    def save_state(position: int) -> None:
-        if not main:
-            return
-        state = checkpoint.model_state(model_cfg, net, train_coco.category_ids)
-        state.update(iteration=iteration, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                     scaler=scaler.state_dict(), train_config=cfg.to_dict(),
-                     data_state={"epoch": sampler.epoch, "position": position, "samples": position * world,
-                                 "world": world},
-                     rng_torch=torch.get_rng_state(), rng_python=random.getstate())
-        checkpoint.save(model_path, state)
-
-    collate = Collate(model_cfg.pad_multiple, mean_pixel(model_cfg.mean))
-    dali_loader = None
-    if cfg.with_dali:
-        # Built once (its threads and buffers live across epochs). It cannot
-        # seek: a resumed run continues the schedule with a fresh shuffle
-        # (seeded by the iteration) rather than the interrupted order.
-        from .data import dali
-        dali_loader = dali.training_loader(paths.images, train_coco, per_rank, model_cfg.max_size,
-                                           model_cfg.pad_multiple, mean_pixel(model_cfg.mean), tuple(cfg.jitter),
-                                           augment, device, max(cfg.workers, 1), cfg.seed + iteration, rank, world)
-    progress = Progress(total, iteration, main)
-    stats = None
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if use_amp else contextlib.nullcontext
-    with warnings.catch_warnings():
-        warnings.filterwarnings("always", message="skipping")
-        while iteration < total:
-            dataset.epoch = sampler.epoch
-            if dali_loader is not None:
-                loader = dali_loader
-            else:
-                loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
-                                    collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
-                                    persistent_workers=False)
-            position = sampler.start
-            for batch in loader:
-                position += per_rank
-                empty = not batch.image_ids
-                if empty and world == 1:
-                    continue
-                if empty:
-                    # Every corrupt image of this rank's batch was skipped; the
-                    # other ranks step, so this one joins with a zero-weight
-                    # stand-in image (the gradient all-reduce needs every rank).
-                    batch.images = torch.zeros(1, 3, collate.multiple, collate.multiple, dtype=torch.uint8)
-                    batch.targets = torch.zeros(1, 1, 5)
-                    batch.targets[..., 4] = LABEL_PAD
-                images = batch.images.to(device, non_blocking=True).float()
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                targets = batch.targets.to(device, non_blocking=True)
-                with autocast():
-                    cls_heads, box_heads = model(images)  # through DDP: its backward syncs the gradients
-                losses = net.loss_from_heads(cls_heads, box_heads, targets, count_foreground)
-                if empty:
-                    losses = {k: v * 0 for k, v in losses.items()}
-                loss = sum(losses.values())
-                # Each rank's loss is its share of the global batch's loss (the
-                # foreground count is summed over ranks): the sum is the loss of
-                # one process on the global batch.
-                logged = torch.stack([v.detach().float() for v in losses.values()] + [
-                    torch.tensor(float(len(batch.image_ids)), device=loss.device),
-                    torch.tensor(float(batch.skipped), device=loss.device)])
-                logged = distributed.sum_(logged).tolist()
-                if not all(map(math.isfinite, logged)):
-                    raise UserError(f"loss is {sum(logged[:len(losses)])} at iteration {iteration + 1}; "
-                                    "lower --lr or use --full-precision")
-                optimizer.zero_grad(set_to_none=True)
-                # DDP averages gradients over the ranks; scale back to their sum.
-                scaler.scale(loss * world if world > 1 else loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                iteration += 1
-                values = dict(zip(losses, logged))
-                lr = optimizer.param_groups[0]["lr"]
-                progress.update(iteration, values, int(logged[-2]), lr, int(logged[-1]))
-                if writer is not None:
-                    for k, v in values.items():
-                        writer.add_scalar(f"train/{k}", v, iteration)
-                    writer.add_scalar("train/loss", sum(values.values()), iteration)
-                    writer.add_scalar("train/lr", lr, iteration)
-                    writer.add_scalar("train/img_per_s", progress.rate(), iteration)
-                last = iteration == total
-                if iteration % cfg.checkpoint_iters == 0 or iteration % cfg.val_iters == 0 or last:
-                    save_state(position)
-                if paths.val_annotations and (iteration % cfg.val_iters == 0 or last):
-                    stats = validate(net, train_coco.category_ids, paths, model_cfg, per_rank, cfg.workers,
-                                     device, cfg.with_dali)
-                    if main:
-                        print(f"validation at iteration {iteration}:\n{evaluate.format_stats(stats)}",
-                              flush=True)
-                    if writer is not None:
-                        for (kind, iou, area, dets), v in zip(evaluate.STAT_NAMES, stats):
-                            writer.add_scalar(f"val/{kind}@{iou}/{area}/{dets}", v, iteration)
-                if last:
-                    break
-            else:
-                sampler.epoch += 1
-                sampler.start = 0
-                continue
-            break
-    if writer is not None:
-        writer.close()
+    trainer.wrap()
+    try:
+        with warnings.catch_warnings(), StopRequest() as stop:
+            warnings.filterwarnings("always", message="skipping")
+            stats = run(trainer, stop, writer, main)
+    finally:
+        if writer is not None:
+            writer.close()
     if main:
-        print(f"saved {model_path} at iteration {iteration}", flush=True)
+        print(f"saved {model_path} at iteration {trainer.iteration}", flush=True)
     return stats
-
