@@ -126,6 +126,16 @@ def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_pa
                           cwd=tmp_path, env={**os.environ, **tiny_env}, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("saved two.pth") == 1  # only rank 0 logs
+    # Two "nodes" on localhost: one launcher each, one rendezvous (the multi-node path).
+    port = str(_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "retinanet", "train", "nodes.pth", *flags],
+                              cwd=tmp_path, env={**os.environ, **tiny_env}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    assert "saved nodes.pth at iteration 3" in outs[0][0]
     one, two = scalars(tmp_path / "tb1"), scalars(tmp_path / "tb2")
     for tag in ("train/loss", "train/cls_loss", "train/box_loss"):
         assert len(one[tag]) == 3
@@ -134,9 +144,10 @@ def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_pa
     assert {"train/lr", "train/img_per_s"} <= one.keys()
     assert len([t for t in one if t.startswith("val/")]) == 12
     assert len([t for t in two if t.startswith("val/")]) == 12  # sharded validation, gathered
-    a, b = weights(tmp_path / "one.pth"), weights(tmp_path / "two.pth")
+    a, b, c = (weights(tmp_path / f"{name}.pth") for name in ("one", "two", "nodes"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(c[k], b[k], rtol=1e-5, atol=1e-6)  # the same two ranks, however launched
 
 
 def _port():
@@ -187,3 +198,74 @@ def test_corrupt_jpeg_in_training_is_skipped_warned_and_counted(tmp_path, tiny_e
     assert "train_00002.jpg" in proc.stderr and "skipping" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "skipped 1" in proc.stdout
+
+
+GROUP = """
+import os, sys, time
+import torch
+from retinanet import distributed
+from retinanet.errors import UserError
+
+rank, mode = int(sys.argv[1]), sys.argv[2]
+place = distributed.Place(rank, 2, rank)
+distributed.init(place, torch.device("cpu"), init_method=f"tcp://127.0.0.1:{sys.argv[3]}", timeout_s=float(sys.argv[4]))
+if mode == "error":
+    try:
+        distributed.raise_first_error(UserError("bad record in b.json") if rank == 1 else None)
+    except UserError as e:
+        print(f"rank {rank} raised: {e}", flush=True)
+elif mode == "timeout":
+    if rank == 1:
+        time.sleep(60)  # a lost rank
+    start = time.perf_counter()
+    try:
+        distributed.barrier()
+    except Exception as e:
+        print(f"rank {rank} gave up after {time.perf_counter() - start:.0f} s: {type(e).__name__}", flush=True)
+        os._exit(3)
+"""
+
+
+def _pair(mode, timeout_s):
+    port = _port()
+    return [subprocess.Popen([sys.executable, "-c", GROUP, str(r), mode, str(port), str(timeout_s)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+
+
+def test_an_error_of_one_rank_is_raised_on_every_rank_with_its_rank():
+    outs = [p.communicate(timeout=120)[0] for p in _pair("error", 60)]
+    assert outs == ["rank 0 raised: [rank 1] bad record in b.json\n", "rank 1 raised: [rank 1] bad record in b.json\n"]
+
+
+def test_the_process_group_timeout_is_the_one_given():
+    rank0, rank1 = _pair("timeout", 4)
+    out, err = rank0.communicate(timeout=50)  # the default (30 min) would hang here
+    rank1.kill()
+    rank1.communicate()
+    assert rank0.returncode == 3, out + err
+    waited = int(out.split("after ")[1].split(" s")[0])
+    assert 2 <= waited <= 30, out
+
+
+def test_a_data_error_on_one_rank_ends_the_job_with_one_line(tmp_path, tiny_env):
+    root = Path(tiny_env["RETINANET_CACHE"]) / "demo-v2"
+    doc = json.loads((root / "train.json").read_text())
+    for im in doc["images"]:  # sizes unknown until decoded: the check runs in the loader of one rank
+        im.pop("width", None)
+        im.pop("height", None)
+    victim = doc["images"][5]
+    bad = next(a for a in doc["annotations"] if a["image_id"] == victim["id"])
+    bad["bbox"] = [10, 10, 5000, 20]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_port()), "-m", "retinanet", "train", "m.pth", "--annotations",
+                           "bad.json", "--images", str(root / "train"), "--batch", "2", "--iters", "8",
+                           "--workers", "0", "--no-pretrained", "--backbone", "ResNet18FPN", "--resize", "96",
+                           "--max-size", "96", "--jitter", "96", "96"],
+                          cwd=tmp_path, env={**os.environ, **tiny_env}, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("retinanet: error:")]
+    assert len(ours) == 1, proc.stderr
+    assert ours[0].startswith("retinanet: error: [rank ") and victim["file_name"] in ours[0], ours[0]
+    assert not (tmp_path / "m.pth").exists()
