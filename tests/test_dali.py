@@ -8,6 +8,7 @@ here and in CI; the GPU ones (marked gpu) on the lent H100.
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -16,27 +17,34 @@ import torch
 from conftest import assert_user_error, run_cli
 
 from retinanet.config import LABEL_CROWD, LABEL_PAD
+from retinanet.data import dali as D  # our module: an error in it is a failure, never a skip
 from retinanet.data import transforms as T
 from retinanet.data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
 
 try:
-    from retinanet.data import dali as D
+    import nvidia.dali  # noqa: F401
 
-    D.require_dali()
-    DALI = True
-except Exception as e:  # noqa: BLE001 - any import failure means: no DALI here
-    DALI, WHY = False, f"NVIDIA DALI not importable ({e}); pip install 'retinanet[dali]'"
+    MISSING = None
+except ImportError as e:
+    MISSING = f"NVIDIA DALI is not installed ({e}); pip install 'retinanet[dali]'"
 
-needs_dali = pytest.mark.skipif(not DALI, reason=WHY if not DALI else "")
+# DALI is in the [test] extra, so CI has it: there its absence fails these tests.
+needs_dali = pytest.mark.skipif(MISSING is not None and os.environ.get("CI") != "true", reason=str(MISSING))
 
 MAX_SIZE, MULTIPLE = 333, 128
 FILL = mean_pixel([0.485, 0.456, 0.406])
 # Grey levels. Measured: DALI's antialiased linear resize and torchvision's
 # antialiased bilinear resize of the same decoded JPEG differ by at most 1
-# (libjpeg-turbo decodes identically); GPU decoding (nvJPEG) adds its own
-# chroma upsampling, bounded by GPU_IMAGE_TOLERANCE in mean.
+# (libjpeg-turbo decodes identically). GPU decoding (nvJPEG) upsamples the
+# 4:2:0 chroma its own way. Emulated here by replacing libjpeg-turbo's
+# triangular chroma upsampling with pixel replication on these images: at most
+# 20 levels apart, 2.5 in mean per image before resizing (crops are resized up
+# as often as down). The bounds leave room for IDCT and resize rounding, and
+# still fail a mirrored, rotated or misplaced crop (~220 max, ~55 mean) and a
+# one-pixel shift (~5 in mean).
 IMAGE_TOLERANCE = 1
-GPU_MEAN_TOLERANCE = 2.0
+GPU_MAX_TOLERANCE = 40
+GPU_MEAN_TOLERANCE = 3.5
 
 
 @pytest.fixture(scope="module")
@@ -270,9 +278,13 @@ def test_gpu_pipelines_match_the_cpu_ones(odd_dataset):
             batch = loader._training_batch(outs)
             assert batch.images.is_cuda
             reference = pytorch_batch(root, coco, params)
-            assert_same_batch(batch, reference, tolerance=255)  # geometry and boxes exact
+            assert_same_batch(batch, reference, tolerance=GPU_MAX_TOLERANCE)  # geometry and boxes exact
             diff = (batch.images.cpu().float() - reference.images.float()).abs()
-            assert diff.mean() < GPU_MEAN_TOLERANCE, diff.mean()
+            for i, (image_id, (h, w), g) in enumerate(params):
+                # Over the image itself: padding (equal on both sides) would dilute the mean.
+                rows, cols = T.transform_targets(torch.zeros(0, 5), g, h, w, MAX_SIZE)[1]
+                mean = diff[i, :, :rows, :cols].mean().item()
+                assert mean <= GPU_MEAN_TOLERANCE, (image_id, g, mean, diff[i].max().item())
 
 
 @needs_dali
