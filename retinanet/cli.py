@@ -73,7 +73,7 @@ def build_parser() -> Parser:
                    help="weight decay on conv weights [1e-4]")
     t.add_argument("--val-iters", type=positive, help="validate and checkpoint every N iterations [8000; demo: 300]")
     t.add_argument("--clip-grad", type=_number(float, 0), metavar="NORM",
-                   help="clip the gradients' total L2 norm to NORM, 0 = off [0]")
+                   help="clip the gradients' total L2 norm to NORM, 0 = off [35]")
     t.add_argument("--logdir", help="TensorBoard log folder")
     t.add_argument("--override", action="store_true", help="start fresh even if MODEL exists")
     t.add_argument("--full-precision", action="store_true", default=None, help="disable mixed precision")
