@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import pickle
+import warnings
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -21,17 +25,7 @@ def load_imagenet(model: nn.Module, weights_enum, name: str, weights_file: str |
     neither works the user gets one error naming both ways out.
     """
     if weights_file is not None:
-        try:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
-            raise WeightsUnavailable(f"{weights_file}: cannot read backbone weights ({e})") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
-        if missing:
-            raise WeightsUnavailable(
-                f"{weights_file}: not a {name} state dict (missing {len(missing)} keys, e.g. {missing[0]})")
+        model.load_state_dict(_read_state_dict(model, name, weights_file), strict=False)
         return
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # torch hub prints "Downloading: ..."
@@ -42,6 +36,51 @@ def load_imagenet(model: nn.Module, weights_enum, name: str, weights_file: str |
             "pass --backbone-weights FILE (a torchvision state dict) or --no-pretrained to train from scratch"
         ) from None
     model.load_state_dict(state)
+
+
+def _read_state_dict(model: nn.Module, name: str, weights_file: str) -> dict:
+    """The state dict in a user's file, checked key by key and shape by shape
+    against `model` (the classifier head aside, which the detector drops).
+
+    weights_only: a user's file is data, never code to run while unpickling.
+    """
+    if not os.path.isfile(weights_file):
+        raise WeightsUnavailable(f"{weights_file}: backbone weights file not found")
+    try:
+        with warnings.catch_warnings():  # torch's notes on foreign pickle protocols: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - I/O, zip and unpickling errors of a damaged or foreign file
+        raise WeightsUnavailable(f"{weights_file}: {_load_failure(weights_file, e)}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise WeightsUnavailable(f"{weights_file}: not a {name} state dict (expected names mapped to tensors, "
+                                 f"got a {type(state).__name__})")
+    head = ("fc.", "classifier.")
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {len(missing)} keys, e.g. {missing[0]}" if missing
+                  else f"{len(unexpected)} unknown keys, e.g. {unexpected[0]}" if unexpected
+                  else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)}")
+        raise WeightsUnavailable(f"{weights_file}: not a {name} state dict ({detail})")
+    return state
+
+
+def _load_failure(path: str, error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in words for its user."""
+    if isinstance(error, OSError):
+        return f"cannot read backbone weights ({error.strerror or error})"
+    if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):
+        return "not a state dict of tensors (it holds other Python objects, which are not unpickled from user files)"
+    # Only the zip reader's messages say something; the unpickler's are bare keys and opcodes.
+    detail = ": " + " ".join(str(error).split()).split(". ")[0] if isinstance(error, RuntimeError) else ""
+    return f"cannot read backbone weights (not a torch.save file, or a truncated one{detail})"
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
