@@ -10,6 +10,10 @@ Division of labour, so both loaders give the same batches:
   code the PyTorch loader runs. Crowd regions and the category-id map are thus
   handled identically by construction (DALI's own COCO reader would remap ids
   and return crowd boxes unmarked).
+- Both decode the image as displayed: DALI's decoders and shape peeks apply
+  the EXIF orientation (set explicitly below, not left to DALI's default) as
+  `coco.read_image` does, so boxes, sizes and crop windows all refer to the
+  oriented image, and its size is checked against the annotations the same way.
 - The result is the PyTorch loader's `Batch`: uint8 pixels (the model
   normalises, as for every input), padded to the model's multiple with the
   mean pixel.
@@ -30,7 +34,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from . import transforms as T
-from .coco import Batch, CocoAnnotations, DetectionDataset, ImageRecord, stack_targets
+from .coco import Batch, CocoAnnotations, DetectionDataset, ImageRecord, check_decoded_size, stack_targets
 
 INSTALL_HINT = "--with-dali needs NVIDIA DALI: pip install 'retinanet[dali]' (nvidia-dali-cuda130)"
 
@@ -135,10 +139,11 @@ def training_pipeline(images_dir: str, reader_json: str, opts: PipelineOptions, 
             include_iscrowd=False, skip_empty=False, size_threshold=0.0, avoid_class_remapping=True,
             shuffle_after_epoch=True, shuffle_after_epoch_seed=opts.shuffle_seed, shard_id=opts.shard,
             num_shards=opts.shards)
-        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=True)
         height, width = _float64(shape[0]), _float64(shape[1])
         short = _float64(fn.random.uniform(values=[float(v) for v in range(jitter[0], jitter[1] + 1)]))
-        decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
+        # The crop window is in oriented coordinates, as image_slice reads it.
+        decode = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=True)
         if augment.crop:
             anchor, size = _crop_window(boxes, height, width)
             images = fn.decoders.image_slice(jpegs, anchor, size, axis_names="WH", **decode)
@@ -182,9 +187,9 @@ def inference_pipeline(images_dir: str, files: list[str], labels: list[int], opt
     with pipe:
         jpegs, index = fn.readers.file(name="reader", file_root=images_dir, files=files,
                                        labels=labels, pad_last_batch=True)
-        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=True)
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                   adjust_orientation=False)
+                                   adjust_orientation=True)
         images = _resize_to(images, _float64(shape[0]), _float64(shape[1]), float(resize), opts.max_size)
         images = fn.pad(images, axes=(0, 1), align=(opts.multiple, opts.multiple), fill_value=0)
         pipe.set_outputs(images, index, fn.stack(shape[0], shape[1]))
@@ -295,6 +300,9 @@ class DaliLoader:
         applied and the original (h, w): the targets come from the PyTorch loader's code."""
         targets, sizes, scales = [], [], []
         for rec, geometry, (h, w) in samples:
+            error = check_decoded_size(rec, h, w, os.path.join(self.images_dir, rec.file_name))
+            if error is not None:  # raised here: DALI runs in this process
+                raise UserError(error)
             t, size, scale = T.transform_targets(DetectionDataset.targets(rec), geometry, h, w, self.opts.max_size)
             targets.append(t)
             sizes.append(size)
