@@ -83,6 +83,8 @@ def build_parser() -> Parser:
     t.add_argument("--backbone-weights", metavar="FILE", help="ImageNet state dict for the backbone")
     t.add_argument("--no-pretrained", action="store_true", default=None,
                    help="train the backbone from scratch (default for the demo)")
+    t.add_argument("--head-norm", action=argparse.BooleanOptionalAction,
+                   help="GroupNorm in the head towers [on when training from scratch, off on ImageNet weights]")
     for name in ("rotate", "brightness", "contrast", "hue", "saturation", "crop"):
         t.add_argument(f"--augment-{name}", action="store_true", default=None, help=f"random {name} augmentation")
     t.add_argument("--anchor-ious", type=unit, nargs=2, metavar=("BG", "FG"), help="matching IoUs [0.4 0.5]")

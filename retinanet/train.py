@@ -59,7 +59,7 @@ class EpochSampler(Sampler[int]):
         return self.size // self.world - self.start
 
 
-MODEL_FLAGS = ("backbone", "classes", "resize", "max_size", "anchor_ious", "anchor_ratios", "anchor_scales")
+MODEL_FLAGS = ("head_norm", "backbone", "classes", "resize", "max_size", "anchor_ious", "anchor_ratios", "anchor_scales")
 TRAIN_FLAGS = ("clip_grad", "batch", "iters", "milestones", "schedule", "lr", "warmup", "gamma", "weight_decay", "val_iters",
                "jitter", "augment_rotate", "augment_brightness", "augment_contrast", "augment_hue",
                "augment_saturation", "augment_crop", "seed", "workers", "with_dali", "amp_dtype", "full_precision")
@@ -96,6 +96,10 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
                           given.get("val_annotations"))
         pretrained = not given.get("no_pretrained", False)
         model_kw.setdefault("freeze_bn", pretrained or "backbone_weights" in given)
+        # From scratch, unnormalised head towers on a backbone whose features
+        # are still moving let activations (and gradients) grow layer by layer
+        # until the loss is NaN; GroupNorm in the towers keeps them bounded.
+        model_kw.setdefault("head_norm", not model_kw["freeze_bn"])
     if "fine_tune" in given:
         # The architecture comes from the checkpoint being fine-tuned; only the
         # class count (from the annotations) and explicit flags change.
