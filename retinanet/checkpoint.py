@@ -7,7 +7,7 @@ import torch
 
 from .config import FORMAT_VERSION, ModelConfig
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, load_tensors
 
 REQUIRED = ("format_version", "backbone", "classes", "config", "state_dict", "category_ids")
 
@@ -22,8 +22,6 @@ def save(path: str, state: dict) -> None:
 
 def load(path: str) -> dict:
     """Read and check a checkpoint; UserError with the path on any problem."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: checkpoint not found")
     state = load_tensors(path, "checkpoint")
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
@@ -36,29 +34,6 @@ def load(path: str) -> dict:
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad model config in checkpoint ({e})") from None
     return state
-
-
-def load_tensors(path: str, what: str):
-    """torch.load with weights_only=True: tensors, numbers, strings and containers
-    only, so that a file someone sent cannot run code when opened. Everything
-    this toolkit saves loads this way."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e) and "Weights only" not in str(e):
-            raise UserError(f"{path}: not a readable {what} ({_first_line(e)})") from None
-        raise UserError(f"{path}: refusing to load this {what}: it holds Python objects beyond tensors and "
-                        f"plain containers, and unpickling them could run code; re-save its tensors "
-                        f"(state_dict) alone") from None
-    except Exception as e:  # torch raises many types for a damaged file
-        raise UserError(f"{path}: not a readable {what} ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:160] if lines else type(e).__name__
 
 
 def model_state(config: ModelConfig, model: torch.nn.Module, category_ids: list[int]) -> dict:

@@ -93,3 +93,33 @@ def check_output(path: str, override: bool, what: str = "output file", flag: str
         raise UserError(f"{path}: folder {folder} is not writable ({e.strerror})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def load_tensors(path: str, what: str):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers
+    only, so that a file someone sent cannot run code when opened (everything
+    this toolkit saves loads this way). UserError naming `path` otherwise."""
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} not found")
+    try:
+        with warnings.catch_warnings():  # torch's notes on foreign pickle protocols: the error below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except pickle.UnpicklingError:
+        if zipfile.is_zipfile(path):  # a real torch.save file whose pickle names other classes
+            raise UserError(f"{path}: refusing to load this {what}: it holds Python objects beyond tensors "
+                            f"and plain containers, and unpickling them could run code; re-save its tensors "
+                            f"(state_dict) alone") from None
+        raise UserError(f"{path}: not a readable {what} (not a torch.save file, or a truncated one)") from None
+    except Exception as e:  # noqa: BLE001 - zip and unpickling errors of a damaged or foreign file
+        # Only the zip reader's messages say something; the unpickler's are bare keys and opcodes.
+        detail = ": " + " ".join(str(e).split()).split(". ")[0] if isinstance(e, RuntimeError) else ""
+        raise UserError(f"{path}: not a readable {what} (not a torch.save file, or a truncated one{detail})") from None

@@ -93,7 +93,7 @@ CASES = {
                       ["ann.json", "categories is empty"]),
     "backbone weights not a torch file": (text_as_backbone_weights,
                                           TRAIN + ["--batch", "1", "--backbone-weights", "w.pth"], {},
-                                          ["w.pth", "cannot read backbone weights", "not a torch.save file"]),
+                                          ["w.pth", "not a readable backbone weights file", "not a torch.save file"]),
     "bbox width zero": (annotations(lambda d: d["annotations"][0].update(bbox=[1, 1, 0, 5])), TRAIN, {},
                         ["ann.json", "annotations[0]", "(id 1)", "width or height <= 0"]),
     "bbox outside image": (annotations(lambda d: d["annotations"][0].update(bbox=[90, 10, 20, 5])), TRAIN, {},

@@ -334,13 +334,14 @@ def weights_file(kind: str, folder) -> str:
 
 @pytest.mark.parametrize("kind, reason", [
     ("missing", "backbone weights file not found"),
-    ("truncated", "cannot read backbone weights (not a torch.save file, or a truncated one: PytorchStreamReader "
+    ("truncated", "not a readable backbone weights file (not a torch.save file, or a truncated one: PytorchStreamReader "
                   "failed reading zip archive: failed finding central directory)"),
-    ("text", "cannot read backbone weights (not a torch.save file, or a truncated one)"),
+    ("text", "not a readable backbone weights file (not a torch.save file, or a truncated one)"),
     ("resnet34", "not a ResNet18FPN state dict (96 unknown keys, e.g. layer1.2.conv1.weight)"),
     ("mobilenet", "not a ResNet18FPN state dict (missing 120 keys, e.g. conv1.weight)"),
     ("wrong-shape", "not a ResNet18FPN state dict (conv1.weight has shape (64, 1, 7, 7), not (64, 3, 7, 7))"),
-    ("code", "not a state dict of tensors (it holds other Python objects, which are not unpickled from user files)"),
+    ("code", "refusing to load this backbone weights file: it holds Python objects beyond tensors and plain "
+             "containers, and unpickling them could run code; re-save its tensors (state_dict) alone"),
 ])
 def test_unusable_backbone_weights_file_is_one_line(tmp_path, kind, reason):
     from retinanet.model import backbones

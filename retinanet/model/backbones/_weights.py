@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import pickle
-import warnings
-import zipfile
 
 import torch
 import torch.nn as nn
 
 from ...errors import UserError
+from ...files import load_tensors
 
 
 class WeightsUnavailable(UserError):
@@ -44,14 +41,10 @@ def _read_state_dict(model: nn.Module, name: str, weights_file: str) -> dict:
 
     weights_only: a user's file is data, never code to run while unpickling.
     """
-    if not os.path.isfile(weights_file):
-        raise WeightsUnavailable(f"{weights_file}: backbone weights file not found")
     try:
-        with warnings.catch_warnings():  # torch's notes on foreign pickle protocols: the error below says it
-            warnings.simplefilter("ignore")
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - I/O, zip and unpickling errors of a damaged or foreign file
-        raise WeightsUnavailable(f"{weights_file}: {_load_failure(weights_file, e)}") from None
+        state = load_tensors(weights_file, "backbone weights file")
+    except UserError as e:
+        raise WeightsUnavailable(str(e)) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -70,17 +63,6 @@ def _read_state_dict(model: nn.Module, name: str, weights_file: str) -> dict:
                   else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)}")
         raise WeightsUnavailable(f"{weights_file}: not a {name} state dict ({detail})")
     return state
-
-
-def _load_failure(path: str, error: Exception) -> str:
-    """Why torch.load(weights_only=True) refused a file, in words for its user."""
-    if isinstance(error, OSError):
-        return f"cannot read backbone weights ({error.strerror or error})"
-    if isinstance(error, pickle.UnpicklingError) and zipfile.is_zipfile(path):
-        return "not a state dict of tensors (it holds other Python objects, which are not unpickled from user files)"
-    # Only the zip reader's messages say something; the unpickler's are bare keys and opcodes.
-    detail = ": " + " ".join(str(error).split()).split(". ")[0] if isinstance(error, RuntimeError) else ""
-    return f"cannot read backbone weights (not a torch.save file, or a truncated one{detail})"
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
