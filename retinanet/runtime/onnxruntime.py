@@ -23,6 +23,9 @@ from ..errors import UserError
 # runtime/ sits below export/ and must not import it).
 _CONFIG, _CATEGORY_IDS, _INPUT_SIZE, _FORM = ("retinanet.config", "retinanet.category_ids",
                                               "retinanet.input_size", "retinanet.form")
+_FORMAT_VERSION = "retinanet.format_version"
+# The metadata layout this runtime reads; export/onnx.py's FORMAT_VERSION (a test holds them equal).
+FORMAT_VERSION = 1
 
 
 def fit_config(config: ModelConfig, size: tuple[int, int]) -> ModelConfig:
@@ -39,7 +42,7 @@ def pad_to(images: Tensor, size: tuple[int, int], fill) -> Tensor:
     if h > size[0] or w > size[1]:
         raise UserError(f"image batch of {h}x{w} pixels does not fit the model input {size[0]}x{size[1]}: "
                         f"lower --resize/--max-size or export with a larger --size")
-    out = torch.tensor(fill, dtype=images.dtype).view(1, 3, 1, 1).repeat(b, 1, *size)
+    out = torch.tensor(fill, dtype=images.dtype, device=images.device).view(1, 3, 1, 1).repeat(b, 1, *size)
     out[:, :, :h, :w] = images
     return out
 
@@ -57,6 +60,49 @@ def providers_for(device) -> list[str]:
     if want is None and "CUDAExecutionProvider" in available and torch.cuda.is_available():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, tuple[int, int], list[int]]:
+    """config, input size and category ids from an export's metadata_props, checked: a model
+    whose metadata is broken, incomplete or of another format version is one line naming it."""
+    if not any(k.startswith("retinanet.") for k in props):
+        raise UserError(f"{path}: not a retinanet ONNX export (no retinanet.* metadata)")
+    values = {}
+    for key, text in props.items():
+        if key.startswith("retinanet."):
+            try:
+                values[key] = json.loads(text)
+            except ValueError as e:
+                raise UserError(f"{path}: metadata {key} is not valid JSON ({e}); re-export the model") from None
+    version = values.get(_FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        got = "missing" if version is None else f"{version!r}"
+        raise UserError(f"{path}: metadata format version {got}, this retinanet reads version {FORMAT_VERSION}: "
+                        f"re-export the model with this retinanet")
+    missing = [k for k in (_CONFIG, _CATEGORY_IDS, _INPUT_SIZE) if k not in values]
+    if missing:
+        raise UserError(f"{path}: not a complete retinanet ONNX export (metadata {', '.join(missing)} missing)")
+    if values.get(_FORM, "portable") != "portable":
+        raise UserError(f"{path}: this is the TensorRT (plugin) form; ONNX Runtime runs the portable form")
+    key = _CONFIG
+    try:
+        config = ModelConfig.from_dict(values[_CONFIG])
+        key = _INPUT_SIZE
+        h, w = (_count(v) for v in values[_INPUT_SIZE])
+        key = _CATEGORY_IDS
+        category_ids = [_count(v, 0) for v in values[_CATEGORY_IDS]]
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad metadata {key} ({str(e).splitlines()[0][:120]})") from None
+    if len(category_ids) != config.classes:
+        raise UserError(f"{path}: metadata {_CATEGORY_IDS} lists {len(category_ids)} ids for a model of "
+                        f"{config.classes} classes")
+    return config, (h, w), category_ids
+
+
+def _count(value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{value!r} is not an integer >= {low}")
+    return value
 
 
 class OnnxRuntimeBackend:
@@ -82,19 +128,9 @@ class OnnxRuntimeBackend:
                 raise UserError(f"{path}: this is the TensorRT (plugin) form; ONNX Runtime runs the portable "
                                 f"form (export without --plugin-form) or build a TensorRT engine from it") from None
             raise UserError(f"{path}: ONNX Runtime cannot load the model ({text})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        missing = [k for k in (_CONFIG, _CATEGORY_IDS, _INPUT_SIZE) if k not in meta]
-        if missing:
-            raise UserError(f"{path}: not a retinanet ONNX export (metadata {', '.join(missing)} missing)")
-        if json.loads(meta.get(_FORM, '"portable"')) != "portable":
-            raise UserError(f"{path}: this is the TensorRT (plugin) form; ONNX Runtime runs the portable form")
-        try:
-            config = ModelConfig.from_dict(json.loads(meta[_CONFIG]))
-        except (TypeError, ValueError) as e:
-            raise UserError(f"{path}: bad model config in metadata ({e})") from None
-        self.input_size = tuple(json.loads(meta[_INPUT_SIZE]))
+        config, self.input_size, self.category_ids = read_model_metadata(
+            path, self.session.get_modelmeta().custom_metadata_map)
         self.config = fit_config(config, self.input_size)
-        self.category_ids = list(json.loads(meta[_CATEGORY_IDS]))
         self.fill = mean_pixel(config.mean)
         self.providers = self.session.get_providers()
         # Results come back through host memory either way; the data loader pins nothing.
