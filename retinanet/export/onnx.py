@@ -30,7 +30,6 @@ import copy
 import hashlib
 import io
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import torch.nn as nn
 from .. import checkpoint
 from ..config import ModelConfig
 from ..errors import UserError
+from ..files import check_output, write_bytes
 from ..model import RetinaNet
 from ..model.batchnorm import fold_batchnorm
 
@@ -269,17 +269,19 @@ def parse_size(size, config: ModelConfig) -> tuple[int, int]:
 
 def export_onnx(model_path: str, output: str, options: ExportOptions, log=print) -> dict:
     """Write the ONNX model (and, for INT8 from images, its calibration table). Returns timings and paths."""
-    try:
-        import onnx
-    except ImportError:
-        raise UserError("ONNX export needs the onnx package: pip install 'retinanet[onnx]'") from None
-    from . import quantize
+    from . import calibrating, quantize, require_onnx_packages
+
+    require_onnx_packages(calibrating(options))
+    import onnx
 
     if options.opset not in SUPPORTED_OPSETS:
         raise UserError(f"--opset {options.opset}: unsupported; choose one of "
                         f"{', '.join(map(str, SUPPORTED_OPSETS))}")
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}")
+    check_output(output, True, "ONNX model")  # API callers replace; `export` asks for --override
+    if calibrating(options):
+        check_output(quantize.table_path(output), True, "calibration table")
     model, state = checkpoint.load_model(model_path)
     config = model.config
     size = parse_size(options.size, config)
@@ -311,7 +313,6 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
                                        digest, log=log if options.verbose else None)
             result["calibration_s"] = time.perf_counter() - t0
             result["table"] = quantize.table_path(output)
-            quantize.write_table(result["table"], table)
         net = quantize.insert_qdq(net, table)
     if options.plugin_form:
         nodes, outputs, infos = _plugin_tail(config, model.base_anchors(), net)
@@ -334,9 +335,8 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:  # a bug here, not a user error: keep the details
         raise RuntimeError(f"exported graph fails onnx.checker: {e}") from None
-    tmp = output + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(proto.SerializeToString())
-    os.replace(tmp, output)
+    if result["table"]:  # written only for a model that passed the checker
+        quantize.write_table(result["table"], table)
+    write_bytes(output, proto.SerializeToString())
     result["export_s"] = time.perf_counter() - start
     return result

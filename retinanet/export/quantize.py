@@ -9,8 +9,8 @@ network runs in ONNX Runtime over the calibration images and each Conv input's
 percentile, scale = amax / 127. Decode and NMS come after the network and are
 never quantised. Everything else (adds, resizes, norms) stays float32.
 
-Calibration table (``OUTPUT.calibration.json`` next to the exported model),
-JSON written with sorted keys:
+Calibration table (``NAME.calibration.json`` beside the exported ``NAME.onnx``;
+for an engine export that is the engine's ONNX), JSON written with sorted keys:
 
     {"format": "retinanet-calibration", "version": 1,
      "model_sha256": "<export.onnx.model_hash of the checkpoint>",
@@ -34,6 +34,7 @@ from ..config import ModelConfig
 from ..data import transforms as T
 from ..data.coco import IMAGE_SUFFIXES, CorruptImage, mean_pixel, read_image
 from ..errors import UserError
+from ..files import write_text
 from ..runtime.onnxruntime import fit_config
 
 TABLE_FORMAT = "retinanet-calibration"
@@ -47,6 +48,7 @@ QMAX = 127.0
 
 
 def table_path(output: str) -> str:
+    """The table beside an ONNX export `output` (export.onnx_path gives it for any OUTPUT)."""
     base = output[: -len(".onnx")] if output.lower().endswith(".onnx") else output
     return base + ".calibration.json"
 
@@ -143,11 +145,7 @@ def calibrate(net, config: ModelConfig, size, folder: str, batches: int, digest:
 
 
 def write_table(path: str, table: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
 def read_table(path: str, digest: str, size) -> dict:

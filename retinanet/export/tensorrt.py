@@ -6,14 +6,19 @@ STRONGLY_TYPED flag on 10.x. No precision builder flags, no calibrator.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 
+from .. import files
 from ..errors import UserError
 
 DEFAULT_BATCH_OPTS = (1, 8, 16)
 PLUGIN_LIBRARY = "libretinanet_plugins.so"
 METADATA_SUFFIX = ".json"
+TIMING_CACHE_SUFFIX = ".timing_cache"
+METADATA_KEYS = ("config", "category_ids", "input_size", "tensorrt_version", "gpu", "batch_opts", "plan_sha256")
 
 
 def check_batch_opts(opts) -> tuple[int, int, int]:
@@ -28,22 +33,49 @@ def check_batch_opts(opts) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
-def profile_shapes(input_size, batch_opts) -> dict[str, tuple[int, int, int, int]]:
-    """The optimisation profile for input `images`: min/opt/max [B, 3, H, W]."""
+def profile_shapes(input_size, batch_opts, names=("images",)) -> dict[str, dict[str, tuple]]:
+    """The optimisation profile: min/opt/max shape of each input, `images` [B, 3, H, W] and, for
+    GroupNorm-head models, `image_sizes` [B, 2] (export/onnx.py)."""
     h, w = input_size
-    return {k: (b, 3, h, w) for k, b in zip(("min", "opt", "max"), batch_opts)}
+    per_image = {"images": (3, h, w), "image_sizes": (2,)}
+    unknown = [n for n in names if n not in per_image]
+    if unknown:
+        raise UserError(f"model input {unknown[0]!r} is not one of {', '.join(per_image)}: "
+                        f"not a retinanet export")
+    return {n: {k: (b, *per_image[n]) for k, b in zip(("min", "opt", "max"), batch_opts)} for n in names}
 
 
 def metadata_path(plan_path: str) -> str:
     return plan_path + METADATA_SUFFIX
 
 
+def timing_cache_path(plan_path: str) -> str:
+    return plan_path + TIMING_CACHE_SUFFIX
+
+
+def plan_digest(plan: bytes) -> str:
+    return hashlib.sha256(plan).hexdigest()
+
+
 def write_metadata(plan_path: str, values: dict) -> str:
     path = metadata_path(plan_path)
-    with open(path + ".tmp", "w") as f:
-        json.dump(values, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    files.write_text(path, json.dumps(values, indent=1, sort_keys=True) + "\n")
     return path
+
+
+def write_engine(plan_path: str, plan: bytes, values: dict) -> str:
+    """The plan, then its metadata, each whole (atomic_write). The metadata names the plan's
+    sha256, so a run killed between the two renames leaves a plan the old metadata does not
+    describe, which the runtime refuses. If the metadata cannot be written the new plan is
+    removed, and the old metadata with it (its plan is gone): nothing half-done remains."""
+    files.write_bytes(plan_path, plan)
+    try:
+        return write_metadata(plan_path, {**values, "plan_sha256": plan_digest(plan)})
+    except BaseException:
+        for path in (plan_path, metadata_path(plan_path)):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
 
 
 def read_metadata(plan_path: str) -> dict:
@@ -55,11 +87,13 @@ def read_metadata(plan_path: str) -> dict:
         raise UserError(f"{plan_path}: metadata {path} missing (it is written beside the engine by "
                         f"`retinanet export`; copy it with the plan)") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable engine metadata ({e})") from None
-    missing = [k for k in ("config", "category_ids", "input_size", "tensorrt_version", "gpu", "batch_opts")
-               if k not in meta]
+        raise UserError(f"{path}: unreadable engine metadata ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: engine metadata is not a JSON object")
+    missing = [k for k in METADATA_KEYS if k not in meta]
     if missing:
-        raise UserError(f"{path}: engine metadata lacks {', '.join(missing)}")
+        raise UserError(f"{path}: engine metadata lacks {', '.join(missing)} (written by another retinanet "
+                        f"version?); rebuild the engine with `retinanet export`")
     return meta
 
 
@@ -87,7 +121,8 @@ def load_plugins(trt, path: str | None = None) -> str:
     try:
         trt.get_plugin_registry().load_library(path)
     except Exception as e:  # TensorRT raises plain RuntimeError/TypeError
-        raise UserError(f"{path}: TensorRT cannot load the plugin library ({str(e).splitlines()[0] if str(e) else e})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: TensorRT cannot load the plugin library ({reason})") from None
     return path
 
 
@@ -105,17 +140,9 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown"
 
 
-def build_engine(onnx_path: str, plan_path: str, onnx_metadata: dict, batch_opts=None, workspace_mib: int = 4096,
-                 timing_cache: str | None = None, verbose: bool = False, log=print) -> dict:
-    """Build and write the engine and its metadata. onnx_metadata: the ONNX export's retinanet.* values."""
-    batch_opts = check_batch_opts(batch_opts)
-    if workspace_mib <= 0:
-        raise UserError(f"--workspace {workspace_mib}: must be positive (MiB)")
-    if onnx_metadata.get("retinanet.form") != "tensorrt":
-        raise UserError(f"{onnx_path}: not the TensorRT (plugin) form of the ONNX export")
-    input_size = tuple(onnx_metadata["retinanet.input_size"])
-    trt = import_tensorrt()
-    load_plugins(trt)
+def build_plan(trt, onnx_path: str, input_size, batch_opts, workspace_mib: int, cache_blob: bytes,
+               verbose: bool = False, log=print) -> tuple[bytes, bytes]:
+    """The TensorRT calls: parse, one optimisation profile, build. Returns (plan, timing cache)."""
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
@@ -129,25 +156,47 @@ def build_engine(onnx_path: str, plan_path: str, onnx_metadata: dict, batch_opts
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     profile = builder.create_optimization_profile()
-    shapes = profile_shapes(input_size, batch_opts)
-    profile.set_shape(network.get_input(0).name, shapes["min"], shapes["opt"], shapes["max"])
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    for name, shapes in profile_shapes(input_size, batch_opts, names).items():
+        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
-    cache_blob = b""
-    if timing_cache and os.path.isfile(timing_cache):
-        with open(timing_cache, "rb") as f:
-            cache_blob = f.read()
     cache = config.create_timing_cache(cache_blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        # Timings from another GPU or TensorRT version would mislead the tactic choice.
+        log("timing cache is from another GPU or TensorRT version; starting a new one")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError(f"{onnx_path}: TensorRT engine build failed (run with --verbose for the builder log)")
-    with open(plan_path + ".tmp", "wb") as f:
-        f.write(plan)
-    os.replace(plan_path + ".tmp", plan_path)
-    if timing_cache:
-        with open(timing_cache, "wb") as f:
-            f.write(config.get_timing_cache().serialize())
-    write_metadata(plan_path, {
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
+
+
+def _read_timing_cache(path: str | None) -> bytes:
+    if not path or not os.path.isfile(path):
+        return b""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the timing cache ({e.strerror})") from None
+
+
+def build_engine(onnx_path: str, plan_path: str, onnx_metadata: dict, batch_opts=None, workspace_mib: int = 4096,
+                 timing_cache: str | None = None, verbose: bool = False, log=print) -> dict:
+    """Build and write the engine, its metadata and the timing cache. onnx_metadata: the ONNX
+    export's retinanet.* values."""
+    batch_opts = check_batch_opts(batch_opts)
+    if workspace_mib <= 0:
+        raise UserError(f"--workspace {workspace_mib}: must be positive (MiB)")
+    if onnx_metadata.get("retinanet.form") != "tensorrt":
+        raise UserError(f"{onnx_path}: not the TensorRT (plugin) form of the ONNX export")
+    input_size = tuple(onnx_metadata["retinanet.input_size"])
+    trt = import_tensorrt()
+    load_plugins(trt)
+    plan, cache = build_plan(trt, onnx_path, input_size, batch_opts, workspace_mib, _read_timing_cache(timing_cache),
+                             verbose, log)
+    write_engine(plan_path, plan, {
         "config": onnx_metadata["retinanet.config"],
         "category_ids": onnx_metadata["retinanet.category_ids"],
         "input_size": list(input_size),
@@ -157,4 +206,9 @@ def build_engine(onnx_path: str, plan_path: str, onnx_metadata: dict, batch_opts
         "gpu": gpu_name(),
         "batch_opts": list(batch_opts),
     })
-    return {"output": plan_path, "metadata": metadata_path(plan_path)}
+    if timing_cache:
+        files.write_bytes(timing_cache, cache)
+    result = {"output": plan_path, "metadata": metadata_path(plan_path)}
+    if timing_cache:
+        result["timing_cache"] = timing_cache
+    return result

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..config import ModelConfig
 from ..data.coco import mean_pixel
 from ..errors import UserError
-from ..export.tensorrt import import_tensorrt, load_plugins, read_metadata
+from ..export.tensorrt import import_tensorrt, load_plugins, metadata_path, plan_digest, read_metadata
 from .onnxruntime import fit_config, pad_to
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "BF16": torch.bfloat16}
@@ -33,37 +33,60 @@ def check_build_match(path: str, meta: dict, trt_version: str, gpu: str) -> None
         raise UserError(f"{path}: engine built on {meta['gpu']}, this GPU is {gpu}: rebuild it here")
 
 
+def check_plan(path: str, meta: dict, plan: bytes) -> None:
+    """The metadata must describe this very plan (a plan copied without its .json, or beside
+    another build's, would run with the wrong config and category ids)."""
+    if meta["plan_sha256"] != plan_digest(plan):
+        raise UserError(f"{metadata_path(path)}: engine metadata is for another plan (sha256 "
+                        f"{str(meta['plan_sha256'])[:12]}..., {path} is {plan_digest(plan)[:12]}...): "
+                        f"copy the .json built with this plan, or rebuild it with `retinanet export`")
+
+
+def settings(path: str, meta: dict) -> tuple[ModelConfig, tuple[int, int], list[int], tuple[int, int, int]]:
+    """config, input size, category ids and batch range from the metadata; one line naming it if bad."""
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+        h, w = (int(v) for v in meta["input_size"])
+        category_ids = [int(v) for v in meta["category_ids"]]
+        lo, opt, hi = (int(v) for v in meta["batch_opts"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{metadata_path(path)}: bad engine metadata ({str(e).splitlines()[0][:120]})") from None
+    return config, (h, w), category_ids, (lo, opt, hi)
+
+
 class TensorRTBackend:
     def __init__(self, path: str, device=None):
         meta = read_metadata(path)
+        config, self.input_size, self.category_ids, self.batch_opts = settings(path, meta)
         trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise UserError(f"{path}: TensorRT engines need a CUDA GPU")
         self.device = torch.device(device or "cuda")
         self.preprocess_device = self.device
         check_build_match(path, meta, trt.__version__, torch.cuda.get_device_name(self.device))
+        try:
+            with open(path, "rb") as f:
+                plan = f.read()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read the engine ({e.strerror})") from None
+        check_plan(path, meta, plan)
         load_plugins(trt)
         self.path = path
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        with open(path, "rb") as f:
-            self.engine = self.runtime.deserialize_cuda_engine(f.read())
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise UserError(f"{path}: TensorRT cannot deserialise the engine (another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in self.names}
-        config = ModelConfig.from_dict(meta["config"])
-        self.input_size = tuple(meta["input_size"])
         self.config = fit_config(config, self.input_size)
-        self.category_ids = list(meta["category_ids"])
-        self.batch_opts = tuple(meta["batch_opts"])
         self.fill = mean_pixel(config.mean)
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         check_batch(self.path, images.shape[0], self.batch_opts)
-        batch = pad_to(images.cpu(), self.input_size, self.fill).to(self.device)
+        batch = pad_to(images.to(self.device), self.input_size, self.fill)
         name = self.inputs[0]
         x = batch.to(self.dtypes[name]).contiguous()
         self.context.set_input_shape(name, tuple(x.shape))
