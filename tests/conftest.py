@@ -69,3 +69,47 @@ def trained(tmp_path_factory, demo_root):
     proc = run_cli("train", "demo.pth", "--schedule", "0.5", "--val-iters", str(DEMO_ITERS), "--seed", "1",
                    cwd=work, env=env)
     return work, proc.stdout, env
+
+
+# A tiny random-weight model and its ONNX exports, shared by the export, TensorRT and
+# plugin-form tests (built once per session: the exports take about a minute on 2 cores).
+TINY_SIZE = (128, 256)  # H, W of the exports: not square, so a swapped axis shows
+
+
+def tiny_model(classes=3, busy=True):
+    from retinanet.config import ModelConfig
+    from retinanet.model import RetinaNet
+
+    cfg = ModelConfig(backbone="ResNet18FPN", classes=classes, channels=32, resize=128, max_size=256,
+                      freeze_bn=False, top_n=300)
+    torch.manual_seed(0)
+    model = RetinaNet(cfg).eval()
+    if busy:  # many candidates above threshold, wide boxes: NMS has work to do
+        torch.nn.init.normal_(model.cls_head.out.weight, std=0.3)
+        torch.nn.init.constant_(model.cls_head.out.bias, -1.5)
+        torch.nn.init.normal_(model.box_head.out.weight, std=0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, demo_root):
+    """A busy tiny checkpoint and its exports: portable FP32, plugin FP16, plugin INT8 (images, then table)."""
+    from retinanet import checkpoint
+    from retinanet.export import ExportOptions, export_onnx
+
+    work = tmp_path_factory.mktemp("tiny")
+    images = demo_root / "val"
+    model = tiny_model()
+    path = str(work / "tiny.pth")
+    checkpoint.save(path, checkpoint.model_state(model.config, model, [1, 3, 7]))
+    out = {"work": work, "pth": path, "model": model, "images": str(images)}
+    out["fp32"] = export_onnx(path, str(work / "fp32.onnx"), ExportOptions(TINY_SIZE, "fp32"))["output"]
+    out["plugin"] = export_onnx(path, str(work / "plugin.onnx"),
+                                ExportOptions(TINY_SIZE, "fp16", plugin_form=True))["output"]
+    r = export_onnx(path, str(work / "int8.onnx"),
+                    ExportOptions(TINY_SIZE, "int8", plugin_form=True, calibration_images=str(images)))
+    out["int8"], out["table"] = r["output"], r["table"]
+    out["int8_from_table"] = export_onnx(path, str(work / "int8_table.onnx"),
+                                         ExportOptions(TINY_SIZE, "int8", plugin_form=True,
+                                                       calibration_table=r["table"]))["output"]
+    return out

@@ -8,53 +8,20 @@ import os
 from collections import Counter
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import onnxscript  # noqa: F401  (torch.onnx's exporter: a missing one fails here, not deep in an export)
 import pytest
 import torch
-from conftest import assert_user_error, run_cli
+from conftest import TINY_SIZE, assert_user_error, run_cli, tiny_model
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+from retinanet import checkpoint
+from retinanet.config import ModelConfig
+from retinanet.errors import UserError
+from retinanet.export import ExportOptions, export, export_onnx, quantize
+from retinanet.export import onnx as export_onnx_module
 
-from retinanet import checkpoint  # noqa: E402
-from retinanet.config import ModelConfig  # noqa: E402
-from retinanet.export import ExportOptions, export_onnx, quantize  # noqa: E402
-from retinanet.export import onnx as export_onnx_module  # noqa: E402
-from retinanet.model import RetinaNet  # noqa: E402
-
-SIZE = (128, 256)
-
-
-def tiny_model(classes=3, busy=True):
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=classes, channels=32, resize=128, max_size=256,
-                      freeze_bn=False, top_n=300)
-    torch.manual_seed(0)
-    model = RetinaNet(cfg).eval()
-    if busy:  # many candidates above threshold, wide boxes: NMS has work to do
-        torch.nn.init.normal_(model.cls_head.out.weight, std=0.3)
-        torch.nn.init.constant_(model.cls_head.out.bias, -1.5)
-        torch.nn.init.normal_(model.box_head.out.weight, std=0.1)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_root):
-    """A busy tiny checkpoint and its exports: portable FP32, plugin FP16, plugin INT8 (images, then table)."""
-    work = tmp_path_factory.mktemp("tiny")
-    images = demo_root / "val"
-    model = tiny_model()
-    path = str(work / "tiny.pth")
-    checkpoint.save(path, checkpoint.model_state(model.config, model, [1, 3, 7]))
-    out = {"work": work, "pth": path, "model": model, "images": str(images)}
-    out["fp32"] = export_onnx(path, str(work / "fp32.onnx"), ExportOptions(SIZE, "fp32"))["output"]
-    out["plugin"] = export_onnx(path, str(work / "plugin.onnx"),
-                                ExportOptions(SIZE, "fp16", plugin_form=True))["output"]
-    r = export_onnx(path, str(work / "int8.onnx"),
-                    ExportOptions(SIZE, "int8", plugin_form=True, calibration_images=str(images)))
-    out["int8"], out["table"] = r["output"], r["table"]
-    out["int8_from_table"] = export_onnx(path, str(work / "int8_table.onnx"),
-                                         ExportOptions(SIZE, "int8", plugin_form=True,
-                                                       calibration_table=r["table"]))["output"]
-    return out
+SIZE = TINY_SIZE
 
 
 def run_ort(path, images):
@@ -62,8 +29,11 @@ def run_ort(path, images):
     return session.run(["scores", "boxes", "classes"], {"images": images.numpy()})
 
 
-def assert_same_detections(got, want, rtol=1e-3, score_tol=1e-4):
-    """Same kept set per image (class, score, box), matched irrespective of order among near-ties."""
+def assert_same_detections(got, want, rtol=1e-3, score_tol=1e-4, min_matched=1.0):
+    """Same kept set per image (class, score, box), matched irrespective of order among near-ties.
+
+    min_matched < 1: reduced precision may flip a few NMS decisions; at least that
+    fraction of each image's detections must still be matched within the tolerances."""
     g_scores, g_boxes, g_classes = (np.asarray(t) for t in got)
     w_scores, w_boxes, w_classes = (np.asarray(t) for t in want)
     assert g_scores.shape == w_scores.shape and g_boxes.shape == w_boxes.shape
@@ -75,13 +45,18 @@ def assert_same_detections(got, want, rtol=1e-3, score_tol=1e-4):
         pad = ~(g_scores[b] > 0)
         assert (g_boxes[b][pad] == 0).all() and (g_classes[b][pad] == -1).all()
         free = list(np.nonzero(~pad)[0])
+        missed = []
         for i in np.nonzero(keep)[0]:
             scale = np.maximum(np.abs(w_boxes[b, i]), 1.0)
             hits = [j for j in free if g_classes[b, j] == w_classes[b, i]
                     and abs(g_scores[b, j] - w_scores[b, i]) <= score_tol
                     and (np.abs(g_boxes[b, j] - w_boxes[b, i]) <= rtol * scale).all()]
-            assert hits, f"image {b}: no match for detection {i} {w_classes[b, i]} {w_scores[b, i]} {w_boxes[b, i]}"
-            free.remove(hits[0])
+            if hits:
+                free.remove(hits[0])
+            else:
+                missed.append(f"{i} {w_classes[b, i]} {w_scores[b, i]} {w_boxes[b, i]}")
+        assert len(missed) <= (1.0 - min_matched) * keep.sum() + 1e-9, \
+            f"image {b}: {len(missed)} of {keep.sum()} unmatched, first: {missed[0]}"
         # Order: scores descending, as the reference writes them.
         s = g_scores[b][~pad]
         assert (np.diff(s) <= 1e-6).all()
@@ -195,8 +170,6 @@ def test_calibration_table_round_trip_is_byte_identical(tiny):
 
 
 def test_table_for_other_model_or_size_is_refused(tiny, tmp_path):
-    from retinanet.errors import UserError
-
     with pytest.raises(UserError, match="input size 128x256"):
         export_onnx(tiny["pth"], str(tmp_path / "x.onnx"),
                     ExportOptions((256, 256), "int8", calibration_table=tiny["table"]))
@@ -222,8 +195,6 @@ def test_onnx_runtime_backend_through_load(tiny):
 
 
 def test_export_errors(tiny, tmp_path):
-    from retinanet.errors import UserError
-
     pth = tiny["pth"]
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad").mkdir()
@@ -257,6 +228,147 @@ def test_export_cli_errors_are_one_line(tiny, tmp_path):
     assert_user_error(fails("export", pth, "o.plan"), "TensorRT is not installed", "export to .onnx")
     assert_user_error(fails("export", pth, os.path.basename(tiny["fp32"]), cwd=tiny["work"]), "--override")
     assert_user_error(fails("infer", tiny["plugin"], "--images", tiny["images"]), "plugin", "portable")
+
+
+@pytest.mark.parametrize("module, flags", [("onnx", []), ("onnxscript", []),
+                                           ("onnxruntime", ["--int8", "--calibration-images", "IMAGES"])])
+def test_missing_onnx_package_is_one_line(tiny, tmp_path, module, flags):
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    # Shadows the installed package: importing it fails as if it were not installed.
+    (stubs / f"{module}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\", name='{module}')\n")
+    path = os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")])
+    flags = [tiny["images"] if f == "IMAGES" else f for f in flags]
+    proc = run_cli("export", tiny["pth"], "o.onnx", "--size", "128", "256", *flags, cwd=tmp_path,
+                   env={"PYTHONPATH": path}, check=False)
+    assert_user_error(proc, module, "pip install 'retinanet[onnx]'")
+    assert sorted(os.listdir(tmp_path)) == ["stubs"]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if an export gets as far as loading the checkpoint."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export started working before checking its outputs")
+
+    monkeypatch.setattr(export_onnx_module.checkpoint, "load_model", refuse)
+
+
+def test_outputs_are_checked_before_any_work(tiny, tmp_path, no_work, monkeypatch):
+    int8 = ExportOptions(SIZE, "int8", calibration_images=tiny["images"])
+    (tmp_path / "taken.onnx").write_bytes(b"x")
+    (tmp_path / "meta.plan.json").write_text("{}")
+    (tmp_path / "taken.calibration.json").write_text("{}")
+    (tmp_path / "e.plan.timing_cache").mkdir()
+    cases = [
+        ("no/o.onnx", ExportOptions(SIZE, "fp16"), "folder " + str(tmp_path / "no") + " does not exist"),
+        ("no/e.plan", ExportOptions(SIZE, "fp16"), "does not exist"),
+        ("taken.onnx", ExportOptions(SIZE, "fp16"), "taken.onnx: ONNX model exists; pass --override"),
+        # an engine writes its ONNX, metadata and timing cache beside the plan
+        ("taken.plan", ExportOptions(SIZE, "fp16"), "taken.onnx: engine's ONNX"),
+        ("taken.engine", ExportOptions(SIZE, "fp16"), "taken.onnx: engine's ONNX"),
+        ("meta.plan", ExportOptions(SIZE, "fp16"), "meta.plan.json: engine metadata exists"),
+        ("e.plan", ExportOptions(SIZE, "fp16"), "e.plan.timing_cache: is a folder"),
+    ]
+    for name, options, words in cases:
+        with pytest.raises(UserError) as e:
+            export(tiny["pth"], str(tmp_path / name), options)
+        assert words in str(e.value), (name, str(e.value))
+    os.rename(tmp_path / "taken.onnx", tmp_path / "free.onnx")
+    # The table goes beside the ONNX: taken.calibration.json for taken.onnx and for the engine
+    # taken.engine (whose ONNX is taken.onnx) alike.
+    for name in ("taken.onnx", "taken.engine"):
+        with pytest.raises(UserError, match="taken.calibration.json: calibration table exists"):
+            export(tiny["pth"], str(tmp_path / name), int8)
+    # override replaces the files, but an unwritable folder is still found before any work
+    monkeypatch.setattr("retinanet.files.tempfile.mkstemp", _no_space)
+    with pytest.raises(UserError, match="is not writable"):
+        export(tiny["pth"], str(tmp_path / "free.onnx"), ExportOptions(SIZE, "fp16"), override=True)
+    assert sorted(os.listdir(tmp_path)) == ["e.plan.timing_cache", "free.onnx", "meta.plan.json",
+                                            "taken.calibration.json"]
+
+
+def _no_space(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+
+def test_cli_output_in_missing_folder_is_one_line_before_work(tiny, tmp_path):
+    proc = run_cli("export", tiny["pth"], "no/o.onnx", "--size", "128", "256", cwd=tmp_path, check=False)
+    assert_user_error(proc, "no/o.onnx", "does not exist")
+    assert os.listdir(tmp_path) == []
+
+
+def test_calibration_table_is_written_only_for_a_checked_model(tiny, tmp_path, monkeypatch):
+    def broken(proto, full_check=False):
+        raise onnx.checker.ValidationError("simulated checker failure")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    out = str(tmp_path / "m.onnx")
+    with pytest.raises(RuntimeError, match="onnx.checker"):
+        export_onnx(tiny["pth"], out, ExportOptions(SIZE, "int8", calibration_images=tiny["images"],
+                                                    calibration_batches=1))
+    assert os.listdir(tmp_path) == []
+
+
+def _fail_fsync(monkeypatch):
+    """os.fsync, which atomic_write calls before its rename, fails like a full disk."""
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("retinanet.files.os.fsync", fsync)
+
+
+def test_failed_writes_leave_the_old_files(tiny, tmp_path, monkeypatch):
+    model, table = tmp_path / "m.onnx", tmp_path / "m.calibration.json"
+    model.write_bytes(b"old model")
+    table.write_text("old table")
+    _fail_fsync(monkeypatch)
+    with pytest.raises(OSError, match="No space"):  # the table is written first
+        export_onnx(tiny["pth"], str(model), ExportOptions(SIZE, "int8", calibration_images=tiny["images"],
+                                                           calibration_batches=1))
+    assert model.read_bytes() == b"old model" and table.read_text() == "old table"
+    with pytest.raises(OSError, match="No space"):
+        export_onnx(tiny["pth"], str(model), ExportOptions(SIZE, "fp16", plugin_form=True))
+    assert model.read_bytes() == b"old model"
+    assert sorted(os.listdir(tmp_path)) == ["m.calibration.json", "m.onnx"]  # no temp files left
+
+
+def _with_metadata(source, path, change):
+    proto = onnx.load(source)
+    props = {p.key: p.value for p in proto.metadata_props}
+    change(props)
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, path)
+    return path
+
+
+def test_corrupt_onnx_metadata_is_one_line(tiny, tmp_path):
+    import retinanet
+    from retinanet.runtime import onnxruntime as ort_runtime
+
+    assert ort_runtime.FORMAT_VERSION == export_onnx_module.FORMAT_VERSION
+    cases = {
+        "broken.onnx": (lambda p: p.update({"retinanet.config": p["retinanet.config"][:-5]}),
+                        "metadata retinanet.config is not valid JSON"),
+        "missing.onnx": (lambda p: p.pop("retinanet.input_size"), "metadata retinanet.input_size missing"),
+        "version.onnx": (lambda p: p.update({"retinanet.format_version": "2"}),
+                         "metadata format version 2, this retinanet reads version 1"),
+        "unversioned.onnx": (lambda p: p.pop("retinanet.format_version"), "format version missing"),
+        "size.onnx": (lambda p: p.update({"retinanet.input_size": "[128, -256]"}),
+                      "bad metadata retinanet.input_size"),
+        "ids.onnx": (lambda p: p.update({"retinanet.category_ids": "[1, 3]"}), "lists 2 ids for a model of 3"),
+    }
+    (tmp_path / "images").mkdir()
+    for name, (change, words) in cases.items():
+        path = _with_metadata(tiny["fp32"], str(tmp_path / name), change)
+        with pytest.raises(UserError) as e:
+            retinanet.load(path)
+        assert str(e.value).startswith(f"{path}: ") and words in str(e.value), str(e.value)
+        if name in ("broken.onnx", "version.onnx"):
+            proc = run_cli("infer", name, "--images", "images", cwd=tmp_path, check=False)
+            assert_user_error(proc, name, words)
 
 
 # --- accuracy on the demo model (the session's trained checkpoint) -----------------------------

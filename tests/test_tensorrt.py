@@ -1,8 +1,11 @@
 """TensorRT engine export and runtime up to the TensorRT calls (TensorRT is not installable here)."""
 import importlib.util
 import json
+import os
+import types
 
 import pytest
+from conftest import TINY_SIZE
 
 from retinanet.errors import UserError
 from retinanet.export import tensorrt as trt_export
@@ -20,23 +23,53 @@ def test_batch_opts_validation():
             trt_export.check_batch_opts(bad)
 
 
-def test_profile_shapes():
+def test_profile_covers_every_input_at_the_batch_range():
     assert trt_export.profile_shapes((640, 768), (1, 8, 16)) == {
-        "min": (1, 3, 640, 768), "opt": (8, 3, 640, 768), "max": (16, 3, 640, 768)}
+        "images": {"min": (1, 3, 640, 768), "opt": (8, 3, 640, 768), "max": (16, 3, 640, 768)}}
+    shapes = trt_export.profile_shapes((640, 768), (2, 4, 8), ["images", "image_sizes"])
+    assert shapes["image_sizes"] == {"min": (2, 2), "opt": (4, 2), "max": (8, 2)}
+    with pytest.raises(UserError, match="model input 'x' is not one of"):
+        trt_export.profile_shapes((640, 768), (1, 8, 16), ["images", "x"])
 
 
-def test_metadata_round_trip(tmp_path):
-    plan = str(tmp_path / "m.plan")
-    meta = {"config": {"backbone": "resnet18"}, "category_ids": [1, 3], "input_size": [640, 640],
+def _engine_meta(**changes):
+    meta = {"config": {"classes": 3}, "category_ids": [1, 3, 7], "input_size": [128, 256],
             "tensorrt_version": "10.16.0", "gpu": "NVIDIA H100", "batch_opts": [1, 8, 16]}
-    trt_export.write_metadata(plan, meta)
-    assert trt_export.read_metadata(plan) == meta
-    with open(trt_export.metadata_path(plan), "w") as f:
-        json.dump({"config": {}}, f)
-    with pytest.raises(UserError, match="lacks"):
-        trt_export.read_metadata(plan)
-    with pytest.raises(UserError, match="metadata .* missing"):
-        trt_export.read_metadata(str(tmp_path / "other.plan"))
+    meta.update(changes)
+    return meta
+
+
+def test_engine_metadata_errors_are_one_line_naming_the_file(tmp_path):
+    from retinanet import load
+
+    plan = tmp_path / "m.plan"
+    json_path = trt_export.metadata_path(str(plan))
+    with pytest.raises(UserError, match=f"^{plan}: metadata {json_path} missing"):
+        load(str(plan))
+    trt_export.write_engine(str(plan), b"plan bytes", _engine_meta())
+    good = json.loads(open(json_path).read())
+    cases = [
+        ('{"config": ', "unreadable engine metadata"),
+        ("[1, 2]", "not a JSON object"),
+        (json.dumps({k: v for k, v in good.items() if k != "plan_sha256"}), "lacks plan_sha256"),
+        (json.dumps({**good, "input_size": [128]}), "bad engine metadata"),
+        (json.dumps({**good, "config": {"no_such_key": 1}}), "bad engine metadata"),
+        (json.dumps({**good, "batch_opts": "1 8 16"}), "bad engine metadata"),
+    ]
+    for text, words in cases:
+        with open(json_path, "w") as f:
+            f.write(text)
+        with pytest.raises(UserError) as e:
+            load(str(plan))
+        assert str(e.value).startswith(f"{json_path}: ") and words in str(e.value), (text, str(e.value))
+        assert len(str(e.value).splitlines()) == 1
+
+
+def test_metadata_names_its_plan():
+    meta = {**_engine_meta(), "plan_sha256": trt_export.plan_digest(b"plan A")}
+    trt_runtime.check_plan("m.plan", meta, b"plan A")
+    with pytest.raises(UserError, match=r"m.plan.json: engine metadata is for another plan"):
+        trt_runtime.check_plan("m.plan", meta, b"plan B")
 
 
 def test_build_mismatch_and_batch_errors():
@@ -64,8 +97,7 @@ def test_tensorrt_missing_message(tmp_path):
     from retinanet.runtime import load
 
     plan = str(tmp_path / "m.plan")
-    trt_export.write_metadata(plan, {"config": {}, "category_ids": [], "input_size": [128, 128],
-                                     "tensorrt_version": "x", "gpu": "y", "batch_opts": [1, 1, 1]})
+    trt_export.write_engine(plan, b"plan", _engine_meta())
     with pytest.raises(UserError, match="TensorRT is not installed"):
         load(plan)
 
@@ -78,9 +110,102 @@ def test_cli_engine_flags(tmp_path):
     assert ns.dynamic_batch_opts == [2, 4, 8] and ns.workspace == 512
 
 
+def test_network_flags_are_strongly_typed_on_10_and_default_on_11():
+    flags = types.SimpleNamespace(STRONGLY_TYPED=5)  # the enum's int value is the bit index
+    assert trt_export.network_flags(types.SimpleNamespace(__version__="10.16.0",
+                                                          NetworkDefinitionCreationFlag=flags)) == 1 << 5
+    assert trt_export.network_flags(types.SimpleNamespace(__version__="11.1.0",
+                                                          NetworkDefinitionCreationFlag=flags)) == 0
+
+
 @needs_trt
 def test_network_flags():
     import tensorrt as trt
 
     flags = trt_export.network_flags(trt)
     assert flags == 0 if int(trt.__version__.split(".")[0]) >= 11 else flags != 0
+
+
+# --- engine export around the TensorRT build (which needs a GPU and TensorRT) ---------------------
+
+@pytest.fixture
+def fake_build(monkeypatch):
+    """TensorRT's part replaced by a stub build; returns the list of its calls."""
+    calls = []
+    trt = types.SimpleNamespace(__version__="10.16.0")
+    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_export, "load_plugins", lambda trt, path=None: "libretinanet_plugins.so")
+
+    def build_plan(trt, onnx_path, input_size, batch_opts, workspace_mib, cache_blob, verbose=False, log=print):
+        calls.append({"onnx": onnx_path, "input_size": input_size, "batch_opts": batch_opts, "cache": cache_blob})
+        return b"PLAN %d" % len(calls), b"CACHE %d" % len(calls)
+
+    monkeypatch.setattr(trt_export, "build_plan", build_plan)
+    return calls
+
+
+def test_engine_export_writes_its_files_beside_the_plan(tiny, tmp_path, fake_build):
+    import onnx
+
+    from retinanet import checkpoint
+    from retinanet.export import ExportOptions, export, quantize
+    from retinanet.export import onnx as export_onnx
+
+    plan = tmp_path / "e.plan"
+    result = export(tiny["pth"], str(plan), ExportOptions(TINY_SIZE, "int8", calibration_images=tiny["images"],
+                                                          calibration_batches=1, batch_opts=(1, 2, 4)))
+    assert sorted(os.listdir(tmp_path)) == ["e.calibration.json", "e.onnx", "e.plan", "e.plan.json",
+                                            "e.plan.timing_cache"]
+    assert result["table"] == str(tmp_path / "e.calibration.json") and result["onnx"] == str(tmp_path / "e.onnx")
+    assert fake_build == [{"onnx": str(tmp_path / "e.onnx"), "input_size": TINY_SIZE, "batch_opts": (1, 2, 4),
+                           "cache": b""}]
+    onnx_meta = export_onnx.read_metadata(onnx.load(str(tmp_path / "e.onnx")))
+    assert onnx_meta["retinanet.form"] == "tensorrt" and onnx_meta["retinanet.precision"] == "int8"
+    digest = export_onnx.model_hash(checkpoint.load(tiny["pth"]))
+    assert quantize.read_table(result["table"], digest, TINY_SIZE)["images"] == 8
+    assert plan.read_bytes() == b"PLAN 1" and (tmp_path / "e.plan.timing_cache").read_bytes() == b"CACHE 1"
+    meta = trt_export.read_metadata(str(plan))
+    assert meta == {"config": tiny["model"].config.to_dict(), "category_ids": [1, 3, 7],
+                    "input_size": list(TINY_SIZE), "precision": "int8", "model_sha256": digest,
+                    "tensorrt_version": "10.16.0", "gpu": "unknown", "batch_opts": [1, 2, 4],
+                    "plan_sha256": trt_export.plan_digest(b"PLAN 1")}
+    trt_runtime.check_plan(str(plan), meta, plan.read_bytes())
+    assert trt_runtime.settings(str(plan), meta) == (tiny["model"].config, TINY_SIZE, [1, 3, 7], (1, 2, 4))
+
+    # A rebuild starts from the timing cache and replaces plan and metadata together.
+    trt_export.build_engine(str(tmp_path / "e.onnx"), str(plan), onnx_meta, (1, 2, 4),
+                            timing_cache=trt_export.timing_cache_path(str(plan)))
+    assert fake_build[1]["cache"] == b"CACHE 1"
+    assert plan.read_bytes() == b"PLAN 2" and (tmp_path / "e.plan.timing_cache").read_bytes() == b"CACHE 2"
+    assert trt_export.read_metadata(str(plan))["plan_sha256"] == trt_export.plan_digest(b"PLAN 2")
+    assert len(os.listdir(tmp_path)) == 5  # no temp files left
+
+
+def test_engine_write_failures_never_leave_a_plan_without_its_metadata(tiny, tmp_path, fake_build, monkeypatch):
+    import onnx
+
+    from retinanet.export import onnx as export_onnx
+
+    onnx_meta = export_onnx.read_metadata(onnx.load(tiny["plugin"]))
+    plan = str(tmp_path / "e.plan")
+    trt_export.write_engine(plan, b"old plan", _engine_meta())
+    old_meta = open(trt_export.metadata_path(plan)).read()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the plan cannot be written: the old pair stays, whole
+        m.setattr("retinanet.files.os.fsync", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            trt_export.build_engine(tiny["plugin"], plan, onnx_meta)
+    assert open(plan, "rb").read() == b"old plan" and open(trt_export.metadata_path(plan)).read() == old_meta
+    assert sorted(os.listdir(tmp_path)) == ["e.plan", "e.plan.json"]
+
+    def no_metadata(path, values):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # the plan is written, its metadata is not: neither stays
+        m.setattr(trt_export, "write_metadata", no_metadata)
+        with pytest.raises(OSError, match="No space"):
+            trt_export.build_engine(tiny["plugin"], plan, onnx_meta)
+    assert os.listdir(tmp_path) == []
