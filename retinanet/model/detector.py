@@ -10,14 +10,31 @@ from ..config import ModelConfig
 from . import backbones
 from .anchors import all_anchors, level_base_anchors
 from .fpn import FPN
-from .heads import box_head, classification_head
+from .heads import box_head, classification_head, valid_mask
 from .loss import detection_loss
+
+
+def clip_boxes(boxes: Tensor, sizes: Tensor) -> Tensor:
+    """Boxes [B, N, 4] clipped to each image's valid (h, w) of sizes [B, 2].
+
+    Decode clips to the padded input; NMS on those boxes would then depend on
+    the padding for boxes that reach past the image."""
+    limits = sizes.flip(-1).repeat(1, 2).unsqueeze(1).to(boxes.dtype)
+    return torch.minimum(boxes, limits)
 
 
 class RetinaNet(nn.Module):
     """Input: images [B, 3, H, W] as float pixels 0..255 (RGB), H and W
     multiples of config.pad_multiple; normalisation happens inside, so every
-    runtime (ONNX, TensorRT) takes the same raw-pixel input."""
+    runtime (ONNX, TensorRT) takes the same raw-pixel input.
+
+    sizes [B, 2] (optional): each image's valid (h, w) in input pixels, the
+    rest being padding. GroupNorm heads (config.head_norm) then normalise over
+    the valid cells only, postprocess drops the padding's cells and clips the
+    candidate boxes to the valid size before NMS, so that detections do not
+    depend on how much padding the batch or the export size adds (up to the
+    backbone's and FPN's convs seeing padded pixels near the border).
+    BatchNorm-head models ignore it: their cost and exports stay as they were."""
 
     def __init__(self, config: ModelConfig, pretrained: bool = False, weights_file: str | None = None):
         super().__init__()
@@ -39,14 +56,22 @@ class RetinaNet(nn.Module):
     def base_anchors(self) -> list[Tensor]:
         return [getattr(self, f"base_anchors_{i}") for i in range(len(self.config.strides))]
 
-    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, images: Tensor, sizes: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """Raw head outputs per level: class logits [B, A*C, h, w], box deltas [B, A*4, h, w]."""
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         features = self.fpn(self.backbone(x))
-        return [self.cls_head(f) for f in features], [self.box_head(f) for f in features]
+        masks = self.valid_masks(sizes, [tuple(f.shape[-2:]) for f in features], features[0].dtype)
+        return ([self.cls_head(f, m) for f, m in zip(features, masks)],
+                [self.box_head(f, m) for f, m in zip(features, masks)])
 
-    def loss(self, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        return self.loss_from_heads(*self(images), targets)
+    def valid_masks(self, sizes: Tensor | None, shapes: list[tuple[int, int]], dtype: torch.dtype) -> list:
+        """Per level, the [B, 1, h, w] mask of valid cells; Nones where padding does not matter."""
+        if sizes is None or not self.config.head_norm:
+            return [None] * len(shapes)
+        return [valid_mask(sizes, stride, h, w, dtype) for stride, (h, w) in zip(self.config.strides, shapes)]
+
+    def loss(self, images: Tensor, targets: Tensor, sizes: Tensor | None = None) -> dict[str, Tensor]:
+        return self.loss_from_heads(*self(images, sizes), targets)
 
     def loss_from_heads(self, cls_heads: list[Tensor], box_heads: list[Tensor], targets: Tensor,
                         count_foreground=None) -> dict[str, Tensor]:
@@ -60,15 +85,25 @@ class RetinaNet(nn.Module):
         return detection_loss(cls_heads, box_heads, self._anchor_cache[key], targets, self.config,
                               count_foreground)
 
-    def postprocess(self, cls_heads: list[Tensor], box_heads: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def scores(self, cls_heads: list[Tensor], sizes: Tensor | None = None) -> list[Tensor]:
+        """Sigmoid per level; 0 on cells outside the valid region (they would not
+        exist without padding) where sizes are given and matter (valid_masks)."""
+        masks = self.valid_masks(sizes, [tuple(c.shape[-2:]) for c in cls_heads], cls_heads[0].dtype)
+        return [torch.sigmoid(c) if m is None else torch.sigmoid(c) * m for c, m in zip(cls_heads, masks)]
+
+    def postprocess(self, cls_heads: list[Tensor], box_heads: list[Tensor],
+                    sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Sigmoid, per-level decode, class-aware NMS: scores [B, D], boxes [B, D, 4], classes [B, D]."""
         c = self.config
-        decoded = [ops.decode(torch.sigmoid(cls), box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp)
-                   for cls, box, anchors, stride in zip(cls_heads, box_heads, self.base_anchors(), c.strides)]
+        decoded = [ops.decode(scores, box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp)
+                   for scores, box, anchors, stride
+                   in zip(self.scores(cls_heads, sizes), box_heads, self.base_anchors(), c.strides)]
         scores, boxes, classes = (torch.cat(parts, dim=1) for parts in zip(*decoded))
+        if sizes is not None and c.head_norm:
+            boxes = clip_boxes(boxes, sizes)
         return ops.nms(scores, boxes, classes, c.nms_iou, c.detections)
 
     @torch.no_grad()
-    def detect(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def detect(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Detections in input-pixel coordinates, fixed size and padded (score 0)."""
-        return self.postprocess(*self(images))
+        return self.postprocess(*self(images, sizes), sizes)
