@@ -24,7 +24,7 @@ def detection_records(detector: Detector, loader, log=None) -> list[dict]:
             raise UserError(batch.errors[0])
         if not batch.image_ids:
             continue
-        dets = detector.to_original(*detector.run(batch.images), batch.scales, batch.sizes)
+        dets = detector.to_original(*detector.run(batch.images, batch.valid), batch.scales, batch.sizes)
         for image_id, d in zip(batch.image_ids, dets):
             xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2]], dim=1)
             for box, score, cat in zip(xywh.tolist(), d.scores.tolist(), d.category_ids.tolist()):

@@ -470,6 +470,7 @@ class Trainer:
         batch.images = torch.zeros(1, 3, m, m, dtype=torch.uint8)
         batch.targets = torch.zeros(1, 1, 5)
         batch.targets[..., 4] = LABEL_PAD
+        batch.valid = torch.tensor([[m, m]], dtype=torch.int32)
 
     def step(self, batch, stop: int) -> dict:
         """Forward, backward, and an optimiser step unless the gradients are not finite.
@@ -483,8 +484,10 @@ class Trainer:
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         targets = batch.targets.to(self.device, non_blocking=True)
+        # GroupNorm heads train with the statistics of each image's valid region, as they infer.
+        sizes = batch.valid.to(self.device, non_blocking=True) if batch.valid is not None else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            cls_heads, box_heads = self.model(images)  # through DDP: its backward syncs the gradients
+            cls_heads, box_heads = self.model(images, sizes)  # through DDP: its backward syncs the gradients
         count_foreground = distributed.sum_ if self.world > 1 else None
         losses = self.net.loss_from_heads(cls_heads, box_heads, targets, count_foreground)
         if empty or batch.errors:

@@ -356,10 +356,15 @@ class Batch:
     sizes: list[tuple[int, int]]
     skipped: int = 0  # corrupt images dropped from this batch (training)
     errors: list[str] = field(default_factory=list)  # unreadable images (inference)
+    # int32 [B, 2]: each image's (h, w) in `images` before padding, which
+    # GroupNorm-head models need to ignore the padding (model.RetinaNet).
+    valid: Tensor | None = None
 
     def pin_memory(self):
         self.images = self.images.pin_memory()
         self.targets = self.targets.pin_memory()
+        if self.valid is not None:
+            self.valid = self.valid.pin_memory()
         return self
 
 
@@ -376,7 +381,8 @@ class Collate:
         samples = [s for s in samples if isinstance(s, Sample)]
         if not samples:
             return Batch(torch.zeros(0, 3, self.multiple, self.multiple, dtype=torch.uint8),
-                         torch.zeros(0, 0, 5), [], torch.zeros(0, 2), [], skipped, errors)
+                         torch.zeros(0, 0, 5), [], torch.zeros(0, 2), [], skipped, errors,
+                         torch.zeros(0, 2, dtype=torch.int32))
         h = max(s.image.shape[1] for s in samples)
         w = max(s.image.shape[2] for s in samples)
         h = -(-h // self.multiple) * self.multiple
@@ -386,8 +392,9 @@ class Collate:
             images[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
         targets = stack_targets([s.targets for s in samples])
         scales = torch.tensor([s.scale for s in samples], dtype=torch.float32)
+        valid = torch.tensor([tuple(s.image.shape[1:]) for s in samples], dtype=torch.int32)
         return Batch(images, targets, [s.image_id for s in samples], scales, [s.size for s in samples], skipped,
-                     errors)
+                     errors, valid)
 
 
 def stack_targets(targets: list[Tensor]) -> Tensor:

@@ -308,7 +308,8 @@ class DaliLoader:
             sizes.append(size)
             scales.append(scale)
         return Batch(self._fill_padding(images, sizes), stack_targets(targets), [rec.id for rec, _, _ in samples],
-                     torch.tensor(scales, dtype=torch.float32).reshape(-1, 2), [hw for _, _, hw in samples])
+                     torch.tensor(scales, dtype=torch.float32).reshape(-1, 2), [hw for _, _, hw in samples],
+                     valid=torch.tensor(sizes, dtype=torch.int32).reshape(-1, 2))
 
     def _training_batch(self, outs) -> Batch:
         samples = [(self.by_id[image_id], geometry, hw) for image_id, hw, geometry in training_params(outs)]

@@ -38,9 +38,13 @@ class Detector:
     def device(self) -> torch.device:
         return self.backend.device
 
-    def run(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Padded uint8 batch [B, 3, H, W] -> scores [B, D], boxes [B, D, 4], classes [B, D]."""
-        return self.backend(images)
+    def run(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Padded uint8 batch [B, 3, H, W] -> scores [B, D], boxes [B, D, 4], classes [B, D].
+
+        sizes: [B, 2] each image's (h, w) before padding (Batch.valid); None
+        takes the whole [H, W] as image. GroupNorm-head models need it for
+        detections that do not depend on the padding (model.RetinaNet)."""
+        return self.backend(images, sizes)
 
     def to_original(self, scores: Tensor, boxes: Tensor, classes: Tensor, scales: Tensor,
                     sizes: list[tuple[int, int]]) -> list[Detections]:
@@ -62,7 +66,7 @@ class Detector:
         max_size = max_size or self.config.max_size
         # Backends that run on a GPU decode (JPEG), resize and pad there too.
         device = getattr(self.backend, "preprocess_device", torch.device("cpu"))
-        tensors, scales, sizes = [], [], []
+        tensors, scales, sizes, valid = [], [], [], []
         for item in items:
             img = _as_chw_uint8(item, device)
             h, w = img.shape[-2:]
@@ -70,6 +74,7 @@ class Detector:
             tensors.append(img)
             scales.append(scale)
             sizes.append((int(h), int(w)))
+            valid.append(tuple(img.shape[-2:]))
         m = self.config.pad_multiple
         ph = -(-max(t.shape[1] for t in tensors) // m) * m
         pw = -(-max(t.shape[2] for t in tensors) // m) * m
@@ -77,7 +82,8 @@ class Detector:
         batch = fill.repeat(len(tensors), 1, ph, pw)
         for i, t in enumerate(tensors):
             batch[i, :, : t.shape[1], : t.shape[2]] = t
-        dets = self.to_original(*self.run(batch), torch.tensor(scales), sizes)
+        valid = torch.tensor(valid, dtype=torch.int32)
+        dets = self.to_original(*self.run(batch, valid), torch.tensor(scales), sizes)
         return dets[0] if single else dets
 
 

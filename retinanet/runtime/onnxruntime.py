@@ -47,6 +47,14 @@ def pad_to(images: Tensor, size: tuple[int, int], fill) -> Tensor:
     return out
 
 
+def valid_sizes(images: Tensor, sizes: Tensor | None) -> Tensor:
+    """int32 [B, 2] valid (h, w) per image; None: the whole batch tensor, before
+    any padding up to the model's input size."""
+    if sizes is None:
+        return torch.tensor([list(images.shape[-2:])] * images.shape[0], dtype=torch.int32)
+    return sizes.to(device="cpu", dtype=torch.int32).contiguous()
+
+
 def providers_for(device) -> list[str]:
     import onnxruntime as ort
 
@@ -135,12 +143,17 @@ class OnnxRuntimeBackend:
         self.providers = self.session.get_providers()
         # Results come back through host memory either way; the data loader pins nothing.
         self.device = torch.device("cpu")
-        self.input_name = self.session.get_inputs()[0].name
+        inputs = [i.name for i in self.session.get_inputs()]
+        self.input_name = inputs[0]
+        # GroupNorm-head models also take each image's valid (h, w) (export/onnx.py).
+        self.sizes_name = inputs[1] if len(inputs) > 1 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         batch = pad_to(images.cpu(), self.input_size, self.fill)
         feed = {self.input_name: np.ascontiguousarray(batch.numpy(), dtype=np.float32)}
+        if self.sizes_name is not None:
+            feed[self.sizes_name] = valid_sizes(images, sizes).numpy()
         out = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
         return (torch.from_numpy(out["scores"]), torch.from_numpy(out["boxes"]),
                 torch.from_numpy(out["classes"]))

@@ -63,36 +63,45 @@ class TorchBackend:
     def preprocess_device(self) -> torch.device:
         return self.device
 
-    def _detect(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _detect(self, x: Tensor, sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        cls_heads, box_heads = self.network(x.half() if self.half else x)
+        cls_heads, box_heads = self.network(x.half() if self.half else x, sizes)
         # Decode and NMS in float32 whatever the network ran in.
-        return self.model.postprocess([h.float() for h in cls_heads], [h.float() for h in box_heads])
+        return self.model.postprocess([h.float() for h in cls_heads], [h.float() for h in box_heads], sizes)
 
-    def _replay(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        key = tuple(x.shape)
+    def _replay(self, x: Tensor, sizes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        key = (tuple(x.shape), sizes is None)
         entry = self._graphs.get(key)
         if entry is None:
             static_in = x.clone()
+            static_sizes = None if sizes is None else sizes.clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: cuDNN picks its kernels outside the capture
                 for _ in range(2):
-                    self._detect(static_in)
+                    self._detect(static_in, static_sizes)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self._detect(static_in)
-            entry = self._graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = entry
+                static_out = self._detect(static_in, static_sizes)
+            entry = self._graphs[key] = (graph, static_in, static_sizes, static_out)
+        graph, static_in, static_sizes, static_out = entry
         static_in.copy_(x)
+        if static_sizes is not None:
+            static_sizes.copy_(sizes)
         graph.replay()
         return tuple(t.clone() for t in static_out)  # type: ignore[return-value]
 
     @torch.no_grad()
-    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """sizes: [B, 2] valid (h, w) per image, used by GroupNorm-head models (RetinaNet)."""
         x = images.to(self.device, non_blocking=True).float()
-        if self.cuda_graphs and (tuple(x.shape) in self._graphs or len(self._graphs) < self.MAX_GRAPHS):
-            return self._replay(x)
-        return self._detect(x)
+        if sizes is not None and self.config.head_norm:
+            sizes = sizes.to(self.device, torch.int64, non_blocking=True)
+        else:  # BatchNorm heads do not depend on it: their step stays as it was
+            sizes = None
+        key = (tuple(x.shape), sizes is None)
+        if self.cuda_graphs and (key in self._graphs or len(self._graphs) < self.MAX_GRAPHS):
+            return self._replay(x, sizes)
+        return self._detect(x, sizes)

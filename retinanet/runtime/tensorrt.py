@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from ..data.coco import mean_pixel
 from ..errors import UserError
 from ..export.tensorrt import import_tensorrt, load_plugins, metadata_path, plan_digest, read_metadata
-from .onnxruntime import fit_config, pad_to
+from .onnxruntime import fit_config, pad_to, valid_sizes
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "BF16": torch.bfloat16}
 
@@ -84,13 +84,18 @@ class TensorRTBackend:
         self.config = fit_config(config, self.input_size)
         self.fill = mean_pixel(config.mean)
 
-    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         check_batch(self.path, images.shape[0], self.batch_opts)
         batch = pad_to(images.to(self.device), self.input_size, self.fill)
-        name = self.inputs[0]
-        x = batch.to(self.dtypes[name]).contiguous()
-        self.context.set_input_shape(name, tuple(x.shape))
-        self.context.set_tensor_address(name, x.data_ptr())
+        feed = {"images": batch}
+        if "image_sizes" in self.inputs:  # GroupNorm-head models (export/onnx.py)
+            feed["image_sizes"] = valid_sizes(images, sizes).to(self.device)
+        bound = []  # the inputs stay allocated, so the outputs below cannot take their memory
+        for name, value in feed.items():
+            x = value.to(self.dtypes[name]).contiguous()
+            self.context.set_input_shape(name, tuple(x.shape))
+            self.context.set_tensor_address(name, x.data_ptr())
+            bound.append(x)
         outputs = {}
         for n in self.names:
             if n in self.inputs:
