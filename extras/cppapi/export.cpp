@@ -71,15 +71,18 @@ int main(int argc, char** argv) {
   Unique<nvinfer1::IBuilderConfig> config(builder->createBuilderConfig());
   config->setMemoryPoolLimit(nvinfer1::MemoryPoolType::kWORKSPACE, workspace_mib << 20);
   nvinfer1::IOptimizationProfile* profile = builder->createOptimizationProfile();
-  nvinfer1::ITensor* input = network->getInput(0);
-  nvinfer1::Dims const dims = input->getDimensions();  // [-1, 3, H, W]
   nvinfer1::OptProfileSelector const selectors[3] = {nvinfer1::OptProfileSelector::kMIN,
                                                      nvinfer1::OptProfileSelector::kOPT,
                                                      nvinfer1::OptProfileSelector::kMAX};
-  for (int k = 0; k < 3; ++k) {
-    nvinfer1::Dims d = dims;
-    d.d[0] = batch[k];
-    profile->setDimensions(input->getName(), selectors[k], d);
+  // images [-1, 3, H, W], and for GroupNorm-head models image_sizes [-1, 2]: only the batch varies.
+  for (int32_t i = 0; i < network->getNbInputs(); ++i) {
+    nvinfer1::ITensor* input = network->getInput(i);
+    nvinfer1::Dims const dims = input->getDimensions();
+    for (int k = 0; k < 3; ++k) {
+      nvinfer1::Dims d = dims;
+      d.d[0] = batch[k];
+      profile->setDimensions(input->getName(), selectors[k], d);
+    }
   }
   config->addOptimizationProfile(profile);
   Unique<nvinfer1::IHostMemory> plan(builder->buildSerializedNetwork(*network, *config));

@@ -6,7 +6,9 @@
 // library; convert others first (e.g. `convert img.jpg img.ppm`). It is placed
 // at the top left of the engine's input and the rest is filled with the model's
 // mean colour (the ONNX model normalises pixels itself). Boxes are printed in
-// the input's pixels, classes as the model's contiguous class indices.
+// the input's pixels, classes as the model's contiguous class indices. Engines of
+// GroupNorm-head models have a second input, image_sizes int32 [batch, 2]: the
+// image's (height, width) in the input, so that the heads ignore the padding.
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -70,10 +72,11 @@ int main(int argc, char** argv) {
     std::cerr << "infer: " << argv[2] << " is not a binary 8-bit PPM\n";
     return 1;
   }
-  char const* input_name = nullptr;
+  char const* const input_name = "images";
+  char const* const sizes_name = "image_sizes";
+  bool has_sizes = false;
   for (int32_t i = 0; i < engine->getNbIOTensors(); ++i) {
-    char const* name = engine->getIOTensorName(i);
-    if (engine->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT) input_name = name;
+    has_sizes = has_sizes || !std::strcmp(engine->getIOTensorName(i), sizes_name);
   }
   nvinfer1::Dims in_dims = engine->getTensorShape(input_name);  // [-1, 3, H, W]
   in_dims.d[0] = 1;
@@ -84,6 +87,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   context->setInputShape(input_name, in_dims);
+  // The image is used at its own size, so its valid region is all of it.
+  int32_t const image_sizes[2] = {height, width};
+  if (has_sizes) context->setInputShape(sizes_name, nvinfer1::Dims2{1, 2});
   std::vector<float> input(volume(in_dims));
   float const mean[3] = {123.675f, 116.28f, 103.53f};
   for (int64_t c = 0; c < 3; ++c)
@@ -104,7 +110,8 @@ int main(int argc, char** argv) {
     cudaMalloc(&p, bytes);
     buffers.push_back(p);
     context->setTensorAddress(name, p);
-    if (name == std::string(input_name)) cudaMemcpy(p, input.data(), bytes, cudaMemcpyHostToDevice);
+    if (!std::strcmp(name, input_name)) cudaMemcpy(p, input.data(), bytes, cudaMemcpyHostToDevice);
+    if (!std::strcmp(name, sizes_name)) cudaMemcpy(p, image_sizes, sizeof(image_sizes), cudaMemcpyHostToDevice);
     if (!std::strcmp(name, "scores")) {
       scores = p;
       out_dims = d;

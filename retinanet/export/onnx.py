@@ -18,7 +18,13 @@ works on one level: its anchors, stride and H x W are per level, and per-level
 nodes keep each plugin's inputs plain tensors of static spatial shape.
 
 Both forms: input ``images`` float32 [batch, 3, H, W], pixels 0..255 RGB,
-padded right/bottom with the mean colour; outputs ``scores`` float32 [batch, D],
+padded right/bottom with the mean colour. Models with GroupNorm heads
+(config.head_norm) take a second input ``image_sizes`` int32 [batch, 2]: each
+image's (h, w) before padding, in input pixels. The heads normalise over that
+region only, scores outside it are 0 and candidate boxes are clipped to it
+before NMS (model.RetinaNet), so that detections do not depend on H x W beyond
+the backbone's border effects. The inputs are listed in METADATA_INPUTS;
+BatchNorm-head models keep the one input. Outputs ``scores`` float32 [batch, D],
 ``boxes`` float32 [batch, D, 4] (x1, y1, x2, y2 in input pixels), ``classes``
 int32 [batch, D]; padding has score 0, box 0, class -1. The batch axis is
 dynamic. metadata_props carry what a runtime needs (METADATA_* keys).
@@ -59,6 +65,8 @@ METADATA_PRECISION = "retinanet.precision"  # "fp32" | "fp16" | "int8"
 METADATA_FORM = "retinanet.form"  # "portable" | "tensorrt"
 METADATA_MODEL_SHA256 = "retinanet.model_sha256"
 METADATA_FORMAT_VERSION = "retinanet.format_version"
+METADATA_INPUTS = "retinanet.inputs"  # ["images"] or ["images", "image_sizes"]
+IMAGES, IMAGE_SIZES = "images", "image_sizes"
 FORMAT_VERSION = 1
 
 
@@ -89,7 +97,8 @@ def model_hash(state: dict) -> str:
 
 
 class NetworkForExport(nn.Module):
-    """images float32 [B, 3, H, W] 0..255 -> sigmoid scores then box deltas per level, float32.
+    """images float32 [B, 3, H, W] 0..255 (and, for GroupNorm heads, image_sizes
+    int32 [B, 2]) -> sigmoid scores then box deltas per level, float32.
 
     Normalisation stays float32; the backbone/FPN/heads run in `dtype`; the
     outputs are cast back so decode and NMS always see float32. Backbone
@@ -105,13 +114,20 @@ class NetworkForExport(nn.Module):
         for part in (self.model.backbone, self.model.fpn, self.model.cls_head, self.model.box_head):
             part.to(dtype)
 
-    def forward(self, images):
+    def forward(self, images, image_sizes=None):
         m = self.model
         x = ((images - m.pixel_mean) / m.pixel_std).to(self.dtype)
         features = m.fpn(m.backbone(x))
-        scores = [torch.sigmoid(m.cls_head(f).float()) for f in features]
-        deltas = [m.box_head(f).float() for f in features]
+        masks = m.valid_masks(image_sizes, [tuple(f.shape[-2:]) for f in features], self.dtype)
+        cls_heads = [m.cls_head(f, k).float() for f, k in zip(features, masks)]
+        scores = m.scores(cls_heads, image_sizes)
+        deltas = [m.box_head(f, k).float() for f, k in zip(features, masks)]
         return (*scores, *deltas)
+
+
+def input_names(config: ModelConfig) -> list[str]:
+    """The exported model's inputs: image_sizes only where the heads depend on the padding."""
+    return [IMAGES, IMAGE_SIZES] if config.head_norm else [IMAGES]
 
 
 def head_names(levels: int) -> list[str]:
@@ -146,10 +162,13 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output
 
 
 def export_network(model: RetinaNet, size: tuple[int, int], dtype: torch.dtype, opset: int, verbose: bool = False):
-    """The network part alone as an ONNX ModelProto: images -> scores_i, deltas_i."""
-    images = torch.full((EXAMPLE_BATCH, 3, *size), 114.0)
+    """The network part alone as an ONNX ModelProto: images (, image_sizes) -> scores_i, deltas_i."""
+    inputs = input_names(model.config)
+    args = (torch.full((EXAMPLE_BATCH, 3, *size), 114.0),)
+    if IMAGE_SIZES in inputs:
+        args += (torch.tensor([list(size)] * EXAMPLE_BATCH, dtype=torch.int32),)
     names = head_names(len(model.config.strides))
-    return _torch_export(NetworkForExport(model, dtype), (images,), ["images"], names, opset, verbose)
+    return _torch_export(NetworkForExport(model, dtype), args, inputs, names, opset, verbose)
 
 
 def _portable_tail(model: RetinaNet, net, opset: int, verbose: bool):
@@ -158,9 +177,36 @@ def _portable_tail(model: RetinaNet, net, opset: int, verbose: bool):
     shapes = _output_shapes(net)
     names = head_names(len(model.config.strides))
     example = tuple(torch.rand(EXAMPLE_BATCH, *shapes[n][1:]) for n in names)
-    tail = PortablePostprocess(model.config, model.base_anchors())
+    if IMAGE_SIZES in input_names(model.config):
+        tail = _clipping_tail(model)
+        h, w = (n * model.config.strides[0] for n in shapes[names[0]][-2:])  # the input size
+        example += (torch.tensor([[h, w]] * EXAMPLE_BATCH, dtype=torch.int32),)
+        names = names + [IMAGE_SIZES]
+    else:
+        tail = PortablePostprocess(model.config, model.base_anchors())
     return _torch_export(tail, example, names, ["scores", "boxes", "classes"], opset, verbose, NMS_TRANSLATION,
                          varargs=True)
+
+
+def _clipping_tail(model: RetinaNet) -> nn.Module:
+    """The portable tail of GroupNorm-head models: inputs heads..., image_sizes; the
+    candidates' boxes are clipped to each image's valid size before NMS, as
+    RetinaNet.postprocess does with sizes."""
+    from ..model.detector import clip_boxes
+    from .postprocess import PortablePostprocess, class_aware_nms, decode_level
+
+    class ClippingPostprocess(PortablePostprocess):
+        def forward(self, *inputs):
+            c = self.config
+            *heads, sizes = inputs
+            levels = len(c.strides)
+            parts = [decode_level(s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n,
+                                  c.box_clamp)
+                     for i, (s, d, stride) in enumerate(zip(heads[:levels], heads[levels:], c.strides))]
+            scores, boxes, classes = (torch.cat(p, dim=1) for p in zip(*parts))
+            return class_aware_nms(scores, clip_boxes(boxes, sizes), classes, c.classes, c.nms_iou, c.detections)
+
+    return ClippingPostprocess(model.config, model.base_anchors())
 
 
 def _output_shapes(proto) -> dict[str, list]:
@@ -187,8 +233,12 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
                   helper.make_tensor_value_info(outs[2], TensorProto.INT32, [batch, config.top_n])]
         for k, name in zip(parts, outs):
             parts[k].append(name)
+    clip = len(net.graph.input) > 1  # image_sizes: GroupNorm heads
     for k, names in parts.items():
-        nodes.append(helper.make_node("Concat", names, [f"candidate_{k}"], name=f"Concat_{k}", axis=1))
+        out = "candidate_boxes_unclipped" if clip and k == "boxes" else f"candidate_{k}"
+        nodes.append(helper.make_node("Concat", names, [out], name=f"Concat_{k}", axis=1))
+    if clip:
+        nodes += _clip_nodes(net.graph.input[1].name, "candidate_boxes_unclipped", "candidate_boxes")
     nodes.append(helper.make_node(
         "RetinaNetNMS", [f"candidate_{k}" for k in parts], ["scores", "boxes", "classes"], name="RetinaNetNMS",
         domain=PLUGIN_DOMAIN, plugin_version=PLUGIN_VERSION, plugin_namespace="",
@@ -198,6 +248,23 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
                helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [batch, d, 4]),
                helper.make_tensor_value_info("classes", TensorProto.INT32, [batch, d])]
     return nodes, outputs, infos
+
+
+def _clip_nodes(sizes: str, boxes: str, out: str) -> list:
+    """Boxes [B, N, 4] clipped to the valid (h, w) of sizes [B, 2]: model.detector.clip_boxes as ONNX nodes."""
+    from onnx import TensorProto, helper
+
+    def const(name, values):
+        tensor = helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+        return helper.make_node("Constant", [], [name], name=f"Constant_{name}", value=tensor)
+
+    return [helper.make_node("Cast", [sizes], ["clip_sizes"], name="Cast_clip_sizes", to=TensorProto.FLOAT),
+            const("clip_order", [1, 0, 1, 0]), const("clip_axis", [1]),
+            helper.make_node("Gather", ["clip_sizes", "clip_order"], ["clip_limits"], name="Gather_clip_limits",
+                             axis=1),
+            helper.make_node("Unsqueeze", ["clip_limits", "clip_axis"], ["clip_limits_3d"],
+                             name="Unsqueeze_clip_limits"),
+            helper.make_node("Min", [boxes, "clip_limits_3d"], [out], name="Min_clip_boxes")]
 
 
 def _append_tail(net, nodes, outputs, initializers=(), value_info=(), functions=(), opsets=()):
@@ -330,6 +397,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
         METADATA_FORM: "tensorrt" if options.plugin_form else "portable",
         METADATA_MODEL_SHA256: digest,
         METADATA_FORMAT_VERSION: FORMAT_VERSION,
+        METADATA_INPUTS: input_names(config),
     })
     try:
         onnx.checker.check_model(proto, full_check=True)

@@ -94,7 +94,14 @@ def _calibration_batches(config: ModelConfig, size, folder: str, batches: int):
         batch = batch.expand(-1, -1, *size).clone()
         for i, img in enumerate(images):
             batch[i, :, : img.shape[1], : img.shape[2]] = img
-        yield batch.float().numpy()
+        sizes = np.array([img.shape[1:] for img in images], dtype=np.int32)
+        yield batch.float().numpy(), sizes
+
+
+def _feed(net, batch: np.ndarray, sizes: np.ndarray) -> dict:
+    """The network's inputs: images, and image_sizes where the model takes them (export/onnx.py)."""
+    names = [i.name for i in net.graph.input]
+    return {names[0]: batch, **({names[1]: sizes} if len(names) > 1 else {})}
 
 
 def _session_with_outputs(proto, names: list[str]):
@@ -118,17 +125,16 @@ def calibrate(net, config: ModelConfig, size, folder: str, batches: int, digest:
     """Run the float32 network over the calibration images; return the table (a dict)."""
     names = conv_inputs(net)
     session = _session_with_outputs(net, names)
-    feed = net.graph.input[0].name
     amax = {n: 0.0 for n in names}
     # Pass 1: maxima (the histogram ranges). Pass 2: histograms of |x|.
     count = 0
-    for batch in _calibration_batches(config, size, folder, batches):
+    for batch, sizes in _calibration_batches(config, size, folder, batches):
         count += batch.shape[0]
-        for name, value in zip(names, session.run(names, {feed: batch})):
+        for name, value in zip(names, session.run(names, _feed(net, batch, sizes))):
             amax[name] = max(amax[name], float(np.abs(value).max()))
     hists = {n: np.zeros(BINS, dtype=np.int64) for n in names}
-    for i, batch in enumerate(_calibration_batches(config, size, folder, batches)):
-        for name, value in zip(names, session.run(names, {feed: batch})):
+    for i, (batch, sizes) in enumerate(_calibration_batches(config, size, folder, batches)):
+        for name, value in zip(names, session.run(names, _feed(net, batch, sizes))):
             top = amax[name] if amax[name] > 0 else 1.0
             hists[name] += np.histogram(np.abs(value), bins=BINS, range=(0.0, top))[0]
         if log is not None:
