@@ -217,7 +217,8 @@ class Recording:
 
     def __init__(self, backend):
         self.backend, self.batches, self.outputs = backend, [], []
-        self.device, self.preprocess_device = backend.device, backend.preprocess_device
+        self.device = backend.device
+        self.preprocess_device = getattr(backend, "preprocess_device", torch.device("cpu"))  # as Detector reads it
 
     def __call__(self, images, *rest):
         self.batches.append(images.cpu())
