@@ -411,7 +411,7 @@ class Trainer:
                                  saturation=self.cfg.augment_saturation, crop=self.cfg.augment_crop)
         self.dataset = DetectionDataset(s.paths.images, s.coco, s.model_cfg.resize, s.model_cfg.max_size,
                                         training=True, jitter=tuple(self.cfg.jitter), augment=self.augment,
-                                        seed=self.cfg.seed)
+                                        seed=self.cfg.seed, fill=mean_pixel(s.model_cfg.mean))
         self.per_rank = self.cfg.batch // world
         self.sampler = EpochSampler(len(self.dataset), self.cfg.seed, rank, world)
         self.collate = Collate(s.model_cfg.pad_multiple, mean_pixel(s.model_cfg.mean))
