@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One call on the GPU device machine: build the CUDA extension in place, run the
-# GPU tests, run every benchmarks/bench_*.py, print a summary table last.
+# GPU tests and the training tests (on the GPU there), run every
+# benchmarks/bench_*.py, print a summary table last.
 # Logs go to $OUT (the device tool's output folder) or ./device_out.
 #   usage: bash benchmarks/device_run.sh        (from the repository root)
 # Environment: TORCH_CUDA_ARCH_LIST [9.0], CUDA_HOME [found from nvcc], PYTEST_ARGS,
 #   BENCH_ONLY (space-separated benchmark names to run, e.g. "bench_postprocess"; default all),
 #   ARGS_<name> (extra arguments for one benchmark, e.g. ARGS_bench_postprocess=--profile),
-#   SKIP_TESTS=1 (no pytest), DALI_DEMO=1 (train and infer the demo with --with-dali, then infer
-#   without it: the mAPs of both loaders on one model),
+#   SKIP_TESTS=1 (no pytest), SKIP_TRAINING_TESTS=1 (no slow tests: the demo training and what uses it),
+#   DALI_DEMO=1 (train and infer the demo with --with-dali, then infer without it: the mAPs of both
+#   loaders on one model),
 #   TENSORRT_INCLUDE=DIR (TensorRT headers, carried: build the plugins and run their harness
 #   against retinanet.ops.reference; no TensorRT library needed).
 set -uo pipefail
@@ -69,6 +71,12 @@ plugin_harness() {
 if step build build.log python3 setup.py build_ext --inplace; then
   if [ -z "${SKIP_TESTS:-}" ]; then
     step "gpu tests" tests.log python3 -m pytest -m gpu -q -rfEs --continue-on-collection-errors ${PYTEST_ARGS:-} tests/
+    # The gpu-marked runs above include short fp16 and bf16 trainings; these train
+    # the demo model through the CLI (on the GPU, bf16 autocast) and test it.
+    if [ -z "${SKIP_TRAINING_TESTS:-}" ]; then
+      step "training tests" training.log python3 -m pytest -m "slow and not gpu" -q -rfEs ${PYTEST_ARGS:-} \
+        tests/test_workflow.py tests/test_dali.py
+    fi
   fi
   if [ -n "${TENSORRT_INCLUDE:-}" ]; then
     step "plugin harness" plugins.log plugin_harness
@@ -89,6 +97,7 @@ echo
 echo "################ device_run summary ################"
 printf '%s\n' "${summary[@]}"
 tail -n 1 "$OUT/tests.log" 2>/dev/null | sed 's/^/tests: /'
+tail -n 1 "$OUT/training.log" 2>/dev/null | sed 's/^/training tests: /'
 for log in "$OUT"/bench_*.log; do
   [ -e "$log" ] || continue
   echo "--- $(basename "$log" .log)"

@@ -114,20 +114,61 @@ def test_backbone_weights_file_is_loaded(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_python_api_on_paths_arrays_and_tensors(tiny_checkpoint, demo_root):
+@pytest.fixture
+def busy_checkpoint(tmp_path):
+    """A tiny model with plenty of detections (BatchNorm heads, set weights)."""
+    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False)
+    torch.manual_seed(0)
+    model = RetinaNet(cfg)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.cls_head.out.weight, std=3.0)
+        torch.nn.init.constant_(model.cls_head.out.bias, -2.0)
+        torch.nn.init.normal_(model.box_head.out.weight, std=0.1)
+    path = tmp_path / "busy.pth"
+    checkpoint.save(str(path), checkpoint.model_state(cfg, model, [1, 3, 7]))
+    return path
+
+
+def test_python_api_on_paths_arrays_and_tensors(busy_checkpoint, demo_root):
     import numpy as np
     from PIL import Image
 
     import retinanet
 
-    det = retinanet.load(str(tiny_checkpoint), device="cpu")
+    det = retinanet.load(str(busy_checkpoint), device="cpu")
     path = demo_root / "val" / "val_00000.jpg"
-    array = np.asarray(Image.open(path).convert("RGB"))
+    array = np.array(Image.open(path).convert("RGB"))
     tensor = torch.from_numpy(array).permute(2, 0, 1)
-    a, b, c = det([str(path), array, tensor])
-    for d in (a, b, c):
-        assert d.boxes.shape[1] == 4 and d.scores.shape == d.category_ids.shape
-    torch.testing.assert_close(a.boxes, b.boxes)
-    torch.testing.assert_close(b.scores, c.scores)
-    single = det(array)
+    results = det([str(path), array, tensor, tensor.float() / 255])
+    assert len(results[0].scores) >= 10
+    for d in results[1:]:
+        assert torch.equal(d.boxes, results[0].boxes) and torch.equal(d.scores, results[0].scores)
+        assert torch.equal(d.category_ids, results[0].category_ids)
+    single = det(array)  # batch 1: the CPU's convolutions may round otherwise than for 4 images
     assert isinstance(single, retinanet.Detections)
+    assert torch.equal(single.boxes, det([array])[0].boxes) and len(single.scores) >= 10
+
+
+def test_python_api_resizes_pads_and_maps_back_as_worked_by_hand(busy_checkpoint, demo_root):
+    """A 100 x 128 image with resize 96, max size 160: scale min(96/100, 160/128) = 0.96,
+    so 96 x 123 (122.88 rounded); padded to 128 x 128 with the mean colour; boxes
+    back by 123/128 in x and 96/100 in y, clipped to 128 x 100."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    import retinanet
+
+    det = retinanet.load(str(busy_checkpoint), device="cpu")
+    array = np.array(Image.open(demo_root / "val" / "val_00003.jpg").convert("RGB"))[:100]
+    got = det(array, resize=96, max_size=160)
+    batch = torch.tensor([124, 116, 104], dtype=torch.uint8).view(1, 3, 1, 1).repeat(1, 1, 128, 128)
+    batch[0, :, :96, :123] = F.resize(torch.from_numpy(array).permute(2, 0, 1), [96, 123], antialias=True)
+    scores, boxes, classes = (t[0] for t in det.run(batch))
+    keep = scores > 0
+    want = boxes[keep] / torch.tensor([123 / 128, 96 / 100] * 2)
+    want = torch.minimum(want.clamp(min=0), torch.tensor([128.0, 100.0] * 2))
+    assert keep.sum() >= 10 and (boxes[keep][:, 2] > 123).any()  # some boxes reach into the padding
+    torch.testing.assert_close(got.boxes, want)
+    assert torch.equal(got.scores, scores[keep])
+    assert got.category_ids.tolist() == [[1, 3, 7][c] for c in classes[keep].tolist()]
