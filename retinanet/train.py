@@ -516,10 +516,10 @@ class Trainer:
 
     def clip_gradients(self) -> torch.Tensor:
         """The gradients' total L2 norm (inf/nan when any is not finite), clipped to --clip-grad."""
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if self.cfg.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.cfg.clip_grad, norm)
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.cfg.clip_grad > 0:  # takes the parameters, and scales their .grad
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.clip_grad, norm)
         return norm
 
     def save(self, position: int) -> None:

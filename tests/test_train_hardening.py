@@ -195,12 +195,23 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched(tiny, tmp_path
         check_finite(t, out)
 
 
-def test_divergence_is_one_line_and_the_checkpoint_keeps_finite_weights(tiny, tmp_path):
+def test_divergence_is_one_line_and_the_checkpoint_keeps_finite_weights(tiny, tmp_path, monkeypatch, capsys):
+    from retinanet import cli as retinanet_cli
+    from retinanet.model import RetinaNet
+
     common = ["--annotations", str(tiny / "ann.json"), "--images", str(tiny / "images"), *SMALL, "--batch", "2"]
-    run_cli("train", "m.pth", *common, "--iters", "2", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert retinanet_cli.main(["train", "m.pth", *common, "--iters", "2"]) == 0
     before = checkpoint.load(str(tmp_path / "m.pth"))
-    proc = cli("train", "m.pth", *common, "--iters", "200", "--lr", "1e12", "--warmup", "0", cwd=tmp_path)
-    assert_user_error(proc, "training diverged", "non-finite", "m.pth keeps its last finite weights")
+    real = RetinaNet.loss_from_heads
+    monkeypatch.setattr(RetinaNet, "loss_from_heads",  # from here on every loss is NaN
+                        lambda self, *a: {k: v * float("nan") for k, v in real(self, *a).items()})
+    capsys.readouterr()
+    assert retinanet_cli.main(["train", "m.pth", *common, "--iters", "200"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("retinanet: error: training diverged: 20 steps in a row with a non-finite loss or "
+                          "gradient (loss nan, gradient norm nan) at iteration 22;"), err
+    assert err.endswith("m.pth keeps its last finite weights; lower --lr or --clip-grad") and "\n" not in err
     after = checkpoint.load(str(tmp_path / "m.pth"))
     assert after["iteration"] == before["iteration"] == 2
     for k, v in after["state_dict"].items():
