@@ -184,6 +184,18 @@ def test_pytorch_loader_applies_the_exif_orientation(rotated):
         assert grey[block].min() > 200 and grey[~block].max() < 150, orientation
 
 
+@pytest.mark.gpu
+def test_python_api_on_the_gpu_orients_like_the_loader(rotated):
+    # nvJPEG ignores EXIF: an oriented JPEG must take the PIL path on the GPU too.
+    from retinanet.runtime import _as_chw_uint8
+
+    root, _ = rotated
+    for orientation in ORIENTED:
+        path = str(root / f"o{orientation}.jpg")
+        on_gpu = _as_chw_uint8(path, torch.device("cuda"))
+        assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), read_image(path))
+
+
 def test_dali_pipelines_orient_like_the_pytorch_loader(rotated):
     """DALI is in the test extra: it must import here."""
     from test_dali import FILL as DALI_FILL

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..data import transforms as T
-from ..data.coco import CorruptImage, mean_pixel, read_image
+from ..data.coco import CorruptImage, exif_orientation, mean_pixel, read_image
 from ..errors import UserError
 
 
@@ -91,7 +91,8 @@ def _as_chw_uint8(item, device: torch.device) -> Tensor:
     """One image as uint8 [3, H, W] on `device`; JPEG files decode on the GPU there."""
     if isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
-        if device.type == "cuda" and path.lower().endswith((".jpg", ".jpeg")):
+        # nvJPEG ignores EXIF orientation: such files decode through read_image, as displayed.
+        if device.type == "cuda" and path.lower().endswith((".jpg", ".jpeg")) and exif_orientation(path) == 1:
             try:
                 return _decode_jpeg_cuda(path, device)
             except (RuntimeError, OSError):
