@@ -153,9 +153,10 @@ def run_train(ns) -> None:
 
 
 def run_infer(ns) -> None:
-    from . import distributed, infer, runtime
+    from . import distributed, files, infer, runtime
     from .runtime.pytorch import default_batch
 
+    files.check_output(ns.output, ns.override, "--output file")  # before the model is even loaded
     place = distributed.from_env()  # under torchrun: images sharded over the processes
     device = None
     if place is not None and place.world > 1:
