@@ -79,6 +79,7 @@ def run(work: Path, images: str, annotations: str, name: str, a, extra: list[str
 SETTINGS = {
     "lr0.01-bnheads-noclip": ["--lr", "0.01", "--warmup", "200", "--no-head-norm", "--clip-grad", "0"],
     "lr0.01-bnheads-clip35": ["--lr", "0.01", "--warmup", "200", "--no-head-norm"],
+    "lr0.02-bnheads-noclip": ["--lr", "0.02", "--warmup", "200", "--no-head-norm", "--clip-grad", "0"],
     "lr0.02-bnheads-clip35": ["--lr", "0.02", "--warmup", "200", "--no-head-norm"],
     "lr0.02-gnheads-noclip": ["--lr", "0.02", "--warmup", "200", "--clip-grad", "0"],
     "lr0.02-gnheads-clip35": ["--lr", "0.02", "--warmup", "200"],
