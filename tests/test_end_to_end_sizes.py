@@ -93,16 +93,18 @@ def assert_mapped_back(detections, raw, fill):
     by the hand-worked factors of RESIZED and clipped to each image; the batch holds
     each resized image top-left, the rest the mean colour."""
     (batch,), (scores, boxes, classes) = raw.batches, raw.outputs[0]
-    assert batch.shape[-2:] == (-(-max(h for h, _ in RESIZED) // 128) * 128, -(-max(w for _, w in RESIZED) // 128) * 128)
+    assert batch.shape[-2:] == (256, 256)  # the largest resized sides, 160 and 160, up to a multiple of 128
+    fill = torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1)
     for i, ((h, w), (rh, rw), d) in enumerate(zip(SIZES, RESIZED, detections)):
         pad = batch[i].clone()
-        pad[:, :rh, :rw] = torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1)
-        assert (pad == torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1)).all()
+        pad[:, :rh, :rw] = fill
+        assert (pad == fill).all()
         keep = scores[i] > 0
         scale = torch.tensor([rw / w, rh / h, rw / w, rh / h])
         want = torch.minimum((boxes[i][keep] / scale).clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float32))
         torch.testing.assert_close(d.boxes, want)
-        assert torch.equal(d.scores, scores[i][keep]) and d.category_ids.tolist() == [[1, 3, 7][c] for c in classes[i][keep]]
+        assert torch.equal(d.scores, scores[i][keep])
+        assert d.category_ids.tolist() == [[1, 3, 7][c] for c in classes[i][keep]]
         # Some boxes end beyond the resized image: the mapping back is not a no-op.
         assert (boxes[i][keep][:, 2] > rw).any() or (boxes[i][keep][:, 3] > rh).any()
 
@@ -126,7 +128,6 @@ def test_infer_cli_equals_python_api_in_original_pixels(tmp_path, model_path, im
 
 def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, model_path, images):
     from retinanet.runtime.onnxruntime import pad_to
-    from retinanet.runtime.pytorch import TorchBackend
 
     folder, paths = images
     run_cli("export", model_path, "m.onnx", "--size", *map(str, EXPORT_SIZE), "--full-precision", cwd=tmp_path,
@@ -142,7 +143,7 @@ def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, model_path,
     # On the same 256 x 384 input ONNX Runtime and PyTorch differ by rounding
     # alone: measured 8e-8 in score, 2e-5 px in box.
     (batch,) = ort_raw.batches
-    same_input = TorchBackend(torch_raw.backend.model, [1, 3, 7], "cpu")(pad_to(batch, EXPORT_SIZE, ort_det.fill))
+    same_input = torch_raw.backend(pad_to(batch, EXPORT_SIZE, ort_det.fill))
     assert_same_detections(rows_of(ort_raw.outputs[0]), rows_of(same_input), 100, score_tol=1e-6, box_tol=1e-3,
                            min_matched=1.0)
     # PyTorch pads this batch to 256 x 256 only. BatchNorm heads do not depend
