@@ -35,6 +35,23 @@ def demo_root(tmp_path_factory):
 DEMO_ITERS = 300
 
 
+def demo_subset(demo_root, folder, count, split="train"):
+    """The first `count` demo images of `split` and their annotations, copied into
+    `folder`: (image folder, annotation file)."""
+    import json
+    import shutil
+
+    doc = json.loads((demo_root / f"{split}.json").read_text())
+    doc["images"] = doc["images"][:count]
+    keep = {im["id"] for im in doc["images"]}
+    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
+    (folder / "images").mkdir()
+    for im in doc["images"]:
+        shutil.copy(demo_root / split / im["file_name"], folder / "images" / im["file_name"])
+    (folder / "ann.json").write_text(json.dumps(doc))
+    return folder / "images", folder / "ann.json"
+
+
 def assert_user_error(proc, *words):
     """A user error: exit 2, no traceback, one line holding every word."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

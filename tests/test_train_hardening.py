@@ -11,24 +11,16 @@ import time
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, demo_subset, run_cli
 from retinanet import checkpoint
 from retinanet.config import ModelConfig, TrainConfig
-from retinanet.data import demo
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_root):
-    """A COCO folder of 6 demo training images: (folder, annotations file)."""
-    root = tmp_path_factory.mktemp("tiny")
-    doc = json.loads((demo_root / "train.json").read_text())
-    doc["images"] = doc["images"][:6]
-    keep = {im["id"] for im in doc["images"]}
-    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
-    (root / "images").mkdir()
-    for im in doc["images"]:
-        shutil.copy(demo_root / "train" / im["file_name"], root / "images" / im["file_name"])
-    (root / "ann.json").write_text(json.dumps(doc))
+def six(tmp_path_factory, demo_root):
+    """A COCO folder of 6 demo training images: images/ and ann.json."""
+    root = tmp_path_factory.mktemp("six")
+    demo_subset(demo_root, root, 6)
     return root
 
 
@@ -45,10 +37,10 @@ def cli(*args, cwd, timeout=120):
     (None, [], ["6 of the 6 images", "not there", "the first", "image id", "--images"]),  # default: .
     ("images", ["--batch", "8"], ["6 images cannot fill one batch of 8"]),
 ])
-def test_no_batch_can_be_formed_is_one_line_before_any_work(tiny, tmp_path, images, extra, words):
-    args = ["train", "m.pth", "--annotations", str(tiny / "ann.json"), *SMALL, *extra]
+def test_no_batch_can_be_formed_is_one_line_before_any_work(six, tmp_path, images, extra, words):
+    args = ["train", "m.pth", "--annotations", str(six / "ann.json"), *SMALL, *extra]
     if images is not None:
-        args += ["--images", str(tiny / images)]
+        args += ["--images", str(six / images)]
     start = time.perf_counter()
     proc = cli(*args, cwd=tmp_path, timeout=60)  # used to loop forever
     assert_user_error(proc, *words)
@@ -56,25 +48,25 @@ def test_no_batch_can_be_formed_is_one_line_before_any_work(tiny, tmp_path, imag
     assert time.perf_counter() - start < 60
 
 
-def test_empty_image_list_and_one_missing_file(tiny, tmp_path):
-    doc = json.loads((tiny / "ann.json").read_text())
+def test_empty_image_list_and_one_missing_file(six, tmp_path):
+    doc = json.loads((six / "ann.json").read_text())
     (tmp_path / "empty.json").write_text(json.dumps({**doc, "images": [], "annotations": []}))
-    proc = cli("train", "m.pth", "--annotations", "empty.json", "--images", str(tiny / "images"), *SMALL,
+    proc = cli("train", "m.pth", "--annotations", "empty.json", "--images", str(six / "images"), *SMALL,
                cwd=tmp_path)
     assert_user_error(proc, "empty.json", "no images")
     doc["images"][3]["file_name"] = "lost.jpg"
     (tmp_path / "one.json").write_text(json.dumps(doc))
-    proc = cli("train", "m.pth", "--annotations", "one.json", "--images", str(tiny / "images"), *SMALL,
+    proc = cli("train", "m.pth", "--annotations", "one.json", "--images", str(six / "images"), *SMALL,
                cwd=tmp_path)
     assert_user_error(proc, "1 of the 6 images", "lost.jpg", f"image id {doc['images'][3]['id']}")
 
 
-def test_an_epoch_without_a_step_is_an_error_not_a_loop(tiny, tmp_path):
+def test_an_epoch_without_a_step_is_an_error_not_a_loop(six, tmp_path):
     images = tmp_path / "images"
-    shutil.copytree(tiny / "images", images)
+    shutil.copytree(six / "images", images)
     for f in images.iterdir():
         f.write_bytes(f.read_bytes()[:100])  # every image truncated: every batch is empty
-    proc = cli("train", "m.pth", "--annotations", str(tiny / "ann.json"), "--images", str(images), *SMALL,
+    proc = cli("train", "m.pth", "--annotations", str(six / "ann.json"), "--images", str(images), *SMALL,
                "--batch", "2", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -101,29 +93,29 @@ def test_checkpoints_are_never_unpickled_with_code(tmp_path, monkeypatch):
     assert not mark.exists()
 
 
-def test_everything_we_save_loads_with_weights_only(tiny, tmp_path):
-    run_cli("train", "m.pth", "--annotations", str(tiny / "ann.json"), "--images", str(tiny / "images"), *SMALL,
+def test_everything_we_save_loads_with_weights_only(six, tmp_path):
+    run_cli("train", "m.pth", "--annotations", str(six / "ann.json"), "--images", str(six / "images"), *SMALL,
             "--iters", "1", "--batch", "2", cwd=tmp_path)
     state = torch.load(tmp_path / "m.pth", weights_only=True)
     assert {"optimizer", "scheduler", "scaler", "rng_python", "rng_torch", "train_config"} <= state.keys()
 
 
-def test_resuming_weights_without_training_state_is_one_line(tiny, tmp_path):
+def test_resuming_weights_without_training_state_is_one_line(six, tmp_path):
     from retinanet.model import RetinaNet
 
-    doc = json.loads((tiny / "ann.json").read_text())
+    doc = json.loads((six / "ann.json").read_text())
     ids = sorted(c["id"] for c in doc["categories"])
     cfg = ModelConfig(backbone="ResNet18FPN", classes=len(ids), resize=96, max_size=96)
     checkpoint.save(str(tmp_path / "w.pth"), checkpoint.model_state(cfg, RetinaNet(cfg), ids))
-    proc = cli("train", "w.pth", "--annotations", str(tiny / "ann.json"), "--images", str(tiny / "images"),
+    proc = cli("train", "w.pth", "--annotations", str(six / "ann.json"), "--images", str(six / "images"),
                *SMALL, cwd=tmp_path)
     assert_user_error(proc, "w.pth", "no training state", "optimizer", "--override", "--fine-tune")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_at_the_current_iteration_and_resumes(tiny, tmp_path, sig):
-    args = [sys.executable, "-m", "retinanet", "train", "m.pth", "--annotations", str(tiny / "ann.json"),
-            "--images", str(tiny / "images"), *SMALL, "--iters", "100000", "--batch", "2"]
+def test_signal_saves_at_the_current_iteration_and_resumes(six, tmp_path, sig):
+    args = [sys.executable, "-m", "retinanet", "train", "m.pth", "--annotations", str(six / "ann.json"),
+            "--images", str(six / "images"), *SMALL, "--iters", "100000", "--batch", "2"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = proc.stdout.readline()  # the first progress line comes after iteration 1
@@ -137,23 +129,23 @@ def test_signal_saves_at_the_current_iteration_and_resumes(tiny, tmp_path, sig):
     assert stopped >= 1
     assert err.strip() == (f"retinanet: stopped by {signal.Signals(sig).name} at iteration {stopped}: saved m.pth; "
                            "run the same command to resume")
-    again = run_cli("train", "m.pth", "--annotations", str(tiny / "ann.json"), "--images", str(tiny / "images"),
+    again = run_cli("train", "m.pth", "--annotations", str(six / "ann.json"), "--images", str(six / "images"),
                     *SMALL, "--iters", str(stopped + 1), "--batch", "2", cwd=tmp_path)
     assert f"resuming m.pth at iteration {stopped}" in again.stdout
     assert checkpoint.load(str(tmp_path / "m.pth"))["iteration"] == stopped + 1
 
 
-def make_trainer(tiny, tmp_path, **train):
+def make_trainer(six, tmp_path, **train):
     from retinanet import train as tr
 
-    coco_path = str(tiny / "ann.json")
+    coco_path = str(six / "ann.json")
     from retinanet.data.coco import CocoAnnotations
 
     coco = CocoAnnotations(coco_path)
     cfg = ModelConfig(backbone="ResNet18FPN", classes=coco.classes, channels=32, resize=96, max_size=96,
                       freeze_bn=False)
     tcfg = TrainConfig(batch=2, iters=50, workers=0, jitter=[96, 96], warmup=0, **train)
-    setup = tr.Setup(str(tmp_path / "m.pth"), cfg, tcfg, tr.DataPaths(str(tiny / "images"), coco_path), coco,
+    setup = tr.Setup(str(tmp_path / "m.pth"), cfg, tcfg, tr.DataPaths(str(six / "images"), coco_path), coco,
                      None)
     return tr.Trainer(setup, torch.device("cpu"), 0, 1, False, None, None)
 
@@ -162,16 +154,16 @@ def first_batch(t):
     return next(iter(t.loader()))
 
 
-def test_gradients_are_clipped_to_the_norm_and_the_raw_norm_is_reported(tiny, tmp_path):
-    t = make_trainer(tiny, tmp_path, clip_grad=0.01)
+def test_gradients_are_clipped_to_the_norm_and_the_raw_norm_is_reported(six, tmp_path):
+    t = make_trainer(six, tmp_path, clip_grad=0.01)
     out = t.step(first_batch(t), 0)
     assert out["finite"] and out["norm"] > 0.01  # the norm before clipping
     after = torch.nn.utils.get_total_norm([p.grad for p in t.net.parameters() if p.grad is not None])
     assert after == pytest.approx(0.01, rel=1e-4)
 
 
-def test_a_non_finite_step_leaves_weights_and_optimizer_untouched(tiny, tmp_path, monkeypatch):
-    t = make_trainer(tiny, tmp_path)
+def test_a_non_finite_step_leaves_weights_and_optimizer_untouched(six, tmp_path, monkeypatch):
+    t = make_trainer(six, tmp_path)
     batch = first_batch(t)
     t.step(batch, 0)  # momentum buffers exist from here on
     weights = {k: v.clone() for k, v in t.net.state_dict().items()}
@@ -195,11 +187,11 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched(tiny, tmp_path
         check_finite(t, out)
 
 
-def test_divergence_is_one_line_and_the_checkpoint_keeps_finite_weights(tiny, tmp_path, monkeypatch, capsys):
+def test_divergence_is_one_line_and_the_checkpoint_keeps_finite_weights(six, tmp_path, monkeypatch, capsys):
     from retinanet import cli as retinanet_cli
     from retinanet.model import RetinaNet
 
-    common = ["--annotations", str(tiny / "ann.json"), "--images", str(tiny / "images"), *SMALL, "--batch", "2"]
+    common = ["--annotations", str(six / "ann.json"), "--images", str(six / "images"), *SMALL, "--batch", "2"]
     monkeypatch.chdir(tmp_path)
     assert retinanet_cli.main(["train", "m.pth", *common, "--iters", "2"]) == 0
     before = checkpoint.load(str(tmp_path / "m.pth"))

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from conftest import DEMO_ITERS, run_cli
+from conftest import DEMO_ITERS, demo_subset, run_cli
 from test_end_to_end_sizes import as_records, assert_same_records
 
 import retinanet
@@ -128,16 +128,7 @@ AMP_ITERS = 30  # measured on the CPU in float32: the loss falls from ~2.6 to ~0
 @pytest.fixture(scope="module")
 def eight_images(tmp_path_factory, demo_root):
     """The first 8 demo training images and their annotations: (image folder, annotation file)."""
-    folder = tmp_path_factory.mktemp("eight")
-    doc = json.loads((demo_root / "train.json").read_text())
-    doc["images"] = doc["images"][:8]
-    keep = {im["id"] for im in doc["images"]}
-    doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
-    (folder / "imgs").mkdir()
-    for im in doc["images"]:
-        (folder / "imgs" / im["file_name"]).write_bytes((demo_root / "train" / im["file_name"]).read_bytes())
-    (folder / "a.json").write_text(json.dumps(doc))
-    return folder / "imgs", folder / "a.json"
+    return demo_subset(demo_root, tmp_path_factory.mktemp("eight"), 8)
 
 
 def train_on(device, amp_dtype, images, annotations, work, monkeypatch):
