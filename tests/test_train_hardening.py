@@ -208,3 +208,18 @@ def test_divergence_is_one_line_and_the_checkpoint_keeps_finite_weights(six, tmp
     assert after["iteration"] == before["iteration"] == 2
     for k, v in after["state_dict"].items():
         assert torch.equal(v, before["state_dict"][k]), k
+
+
+@pytest.mark.parametrize("flags, head_norm", [
+    ({"no_pretrained": True}, True),  # from scratch: GroupNorm towers (unnormalised ones diverge, TRAINING.md)
+    ({}, False),  # ImageNet weights: plain towers, as in the paper
+    ({"backbone_weights": "r50.pth"}, False),
+    ({"no_pretrained": True, "head_norm": False}, False),  # --no-head-norm wins
+    ({"head_norm": True}, True),
+])
+def test_head_towers_are_normalised_by_default_when_training_from_scratch(six, flags, head_norm):
+    from retinanet.train import resolve_settings
+
+    model_cfg, *_ = resolve_settings({"annotations": str(six / "ann.json"), **flags})
+    assert model_cfg.head_norm is head_norm
+    assert model_cfg.freeze_bn is not flags.get("no_pretrained", False)
