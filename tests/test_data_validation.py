@@ -184,6 +184,20 @@ def test_pytorch_loader_applies_the_exif_orientation(rotated):
         assert grey[block].min() > 200 and grey[~block].max() < 150, orientation
 
 
+def test_python_api_takes_read_only_arrays_without_a_warning(rotated):
+    import warnings
+
+    from retinanet.runtime import _as_chw_uint8
+
+    root, _ = rotated
+    array = np.asarray(Image.open(root / "o3.jpg").convert("RGB"))  # read-only, as PIL hands it out
+    assert not array.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = _as_chw_uint8(array, torch.device("cpu"))
+    assert torch.equal(image, torch.from_numpy(array.copy()).permute(2, 0, 1))
+
+
 @pytest.mark.gpu
 def test_python_api_on_the_gpu_orients_like_the_loader(rotated):
     # nvJPEG ignores EXIF: an oriented JPEG must take the PIL path on the GPU too.

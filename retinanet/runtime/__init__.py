@@ -104,6 +104,8 @@ def _as_chw_uint8(item, device: torch.device) -> Tensor:
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise UserError(f"image array must be HxWx3 uint8, got {item.shape} {item.dtype}")
+        if not item.flags.writeable:  # np.asarray(PIL image): torch warns on sharing read-only memory
+            item = item.copy()
         return torch.from_numpy(np.ascontiguousarray(item)).permute(2, 0, 1).to(device)
     if isinstance(item, Tensor):
         if item.ndim != 3 or item.shape[0] != 3:
