@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, validated reads (SPEC section 3)."""
+"""Checkpoint files: atomic writes, validated reads."""
 from __future__ import annotations
 
 import os

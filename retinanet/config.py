@@ -22,17 +22,17 @@ def _default_scales() -> list[float]:
 class ModelConfig:
     backbone: str = "ResNet50FPN"
     classes: int = 80
-    # Anchors (SPEC section 2). Ratios are h/w.
+    # Anchors. Ratios are h/w.
     anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     anchor_scales: list[float] = field(default_factory=_default_scales)
     strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
-    # Width of the FPN and heads, and conv layers per head tower. SPEC values;
+    # Width of the FPN and heads, and conv layers per head tower: the RetinaNet paper's;
     # the CPU demo uses a narrow model so that it trains in minutes.
     channels: int = 256
     head_depth: int = 4
-    # GroupNorm(32) after each head-tower conv. Off per SPEC; the demo turns it
-    # on because a detector trained from scratch converges far faster with
-    # normalised heads (He et al., "Rethinking ImageNet Pre-training").
+    # GroupNorm(32) after each head-tower conv. Off as in the paper; training
+    # turns it on when the backbone trains from scratch (the demo too), where
+    # plain towers diverge (TRAINING.md, "Stability").
     head_norm: bool = False
     # Matching: IoU < bg is background, >= fg foreground, between ignored.
     anchor_ious: list[float] = field(default_factory=lambda: [0.4, 0.5])
@@ -134,7 +134,7 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# The embedded demo (SPEC section 6) trains a narrow ResNet18FPN from scratch on
+# The embedded demo trains a narrow ResNet18FPN from scratch on
 # 128 px images, so that a 2-core CPU gets a useful mAP in a few minutes. These
 # values apply when no --annotations are given and the flag was not set.
 DEMO_MODEL = dict(backbone="ResNet18FPN", channels=128, head_norm=True, resize=128, max_size=128, freeze_bn=False)

@@ -1,4 +1,4 @@
-"""Process groups for multi-GPU / multi-node runs (SPEC section 3).
+"""Process groups for multi-GPU / multi-node runs.
 
 Two ways in: `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous come
 from the environment) or the command itself, which starts one process per

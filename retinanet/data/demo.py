@@ -1,4 +1,4 @@
-"""The embedded demo dataset: generated, seeded, COCO format (SPEC section 6).
+"""The embedded demo dataset: generated, seeded, COCO format.
 
 Small JPEGs of coloured shapes on textured backgrounds, with exact boxes:
 three classes with non-contiguous category ids (so the id mapping is

@@ -1,4 +1,4 @@
-"""Classification and box heads shared across pyramid levels (SPEC section 2).
+"""Classification and box heads shared across pyramid levels.
 
 Padding: a batch pads each image right/bottom to a common size. With
 GroupNorm heads the normalisation statistics would then depend on how much

@@ -1,4 +1,4 @@
-"""Anchor matching, sigmoid focal loss and smooth L1 (SPEC section 2)."""
+"""Anchor matching, sigmoid focal loss and smooth L1."""
 from __future__ import annotations
 
 from collections.abc import Callable

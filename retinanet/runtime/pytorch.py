@@ -16,7 +16,7 @@ def default_device() -> torch.device:
 
 
 def default_batch() -> int:
-    """2 per visible GPU (SPEC), 2 on the CPU."""
+    """2 per visible GPU, 2 on the CPU."""
     return 2 * max(1, torch.cuda.device_count())
 
 
