@@ -1,4 +1,5 @@
 """Install retinanet; build the CUDA extension when torch has CUDA and nvcc is present."""
+
 import glob
 import os
 import shutil
@@ -60,8 +61,11 @@ def cuda_extension():
         return None
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
     if torch.version.cuda is None or nvcc is None or not shutil.which(nvcc):
-        print("retinanet: no CUDA toolkit (set CUDA_HOME) or torch without CUDA; "
-              "installing pure Python, decode/NMS use the PyTorch reference", file=sys.stderr)
+        print(
+            "retinanet: no CUDA toolkit (set CUDA_HOME) or torch without CUDA; "
+            "installing pure Python, decode/NMS use the PyTorch reference",
+            file=sys.stderr,
+        )
         return None
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         arches = _default_arch_list(nvcc)
@@ -100,8 +104,9 @@ if ext is not None:
             super().run()
             include = tensorrt_include()
             if include is None:
-                print("retinanet: no TensorRT headers (set TENSORRT_INCLUDE); TensorRT plugins not built",
-                      file=sys.stderr)
+                print(
+                    "retinanet: no TensorRT headers (set TENSORRT_INCLUDE); TensorRT plugins not built", file=sys.stderr
+                )
                 return
             import subprocess
 
@@ -125,8 +130,18 @@ setup(
         "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
         # --with-dali: DALI 2.x for CUDA 13 (its CPU pipelines also run without a GPU).
         "dali": ["nvidia-dali-cuda130>=2.0"],
-        "test": ["pytest>=7", "tensorboard", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20",
-                 "nvidia-dali-cuda130>=2.0"],
+        "test": [
+            "pytest>=7",
+            "tensorboard",
+            "onnx>=1.17",
+            "onnxscript>=0.5",
+            "onnxruntime>=1.20",
+            "nvidia-dali-cuda130>=2.0",
+            # The style checks (tests/test_style.py): pinned, since formatters change between versions.
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "clang-format==23.1.5",
+        ],
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["retinanet=retinanet.cli:main"]},

@@ -9,6 +9,7 @@ Prints a table: GPUs, img/s, speed-up over 1 GPU, scaling efficiency.
 
     python benchmarks/bench_ddp.py [--gpus 1 2] [--batch 8] [--iters 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,9 @@ def measure(world: int, batch: int, iters: int, warmup: int) -> float:
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(world, free_port(), batch, iters, warmup, queue), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(
+        worker, args=(world, free_port(), batch, iters, warmup, queue), nprocs=world, start_method="spawn"
+    )
     return world * batch / queue.get()
 
 
@@ -91,8 +93,10 @@ def main():
         print("bench_ddp: no CUDA device, skipped")
         return
     gpus = [g for g in a.gpus if g <= available]
-    print(f"bench_ddp: ResNet50FPN, {a.batch} images/GPU at 896x1152, bf16, DDP over NCCL, "
-          f"{torch.cuda.get_device_name(0)} x{available}")
+    print(
+        f"bench_ddp: ResNet50FPN, {a.batch} images/GPU at 896x1152, bf16, DDP over NCCL, "
+        f"{torch.cuda.get_device_name(0)} x{available}"
+    )
     rates = {g: measure(g, a.batch, a.iters, a.warmup) for g in gpus}
     print(f"{'GPUs':>4} {'img/s':>8} {'speed-up':>9} {'efficiency':>10}")
     base = rates.get(1)

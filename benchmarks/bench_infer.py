@@ -6,6 +6,7 @@ init scheme: few scores pass 0.05, so NMS load is light for both; see
 bench_postprocess.py for realistic score distributions). Medians of CUDA-synced
 wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,12 @@ def main():
     for batch in (1, 16):
         images = torch.randint(0, 256, (batch, 3, 480, 640), dtype=torch.uint8, device="cuda")
 
-        def run_ours(b=backend):
+        def run_ours(b=backend, images=images):
             x = F.interpolate(images.float(), size=(800, 1067), mode="bilinear", align_corners=False)
             x = F.pad(x, (0, 1152 - 1067, 0, 896 - 800), value=120.0)
             return b(x)
 
-        def run_tv():
+        def run_tv(images=images):
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
                 return tv([im.float() / 255 for im in images])
 
@@ -55,11 +56,15 @@ def main():
         t_tv = time_steps(run_tv, a.iters, a.warmup)
         rows.append((batch, t_ours, t_graph, t_comp, t_tv))
     print(f"\ninference end to end, ResNet50FPN, 480x640 -> 800, fp16, {torch.cuda.get_device_name()}")
-    print(f"{'batch':>5}{'ours eager':>12}{'ours graph':>12}{'ours compiled+graph':>21}{'torchvision':>13}"
-          f"{'best speedup':>14}   (ms/img)")
+    print(
+        f"{'batch':>5}{'ours eager':>12}{'ours graph':>12}{'ours compiled+graph':>21}{'torchvision':>13}"
+        f"{'best speedup':>14}   (ms/img)"
+    )
     for batch, t_ours, t_graph, t_comp, t_tv in rows:
-        print(f"{batch:>5}{t_ours * 1e3 / batch:>12.2f}{t_graph * 1e3 / batch:>12.2f}{t_comp * 1e3 / batch:>21.2f}"
-              f"{t_tv * 1e3 / batch:>13.2f}{t_tv / min(t_graph, t_comp):>13.2f}x")
+        print(
+            f"{batch:>5}{t_ours * 1e3 / batch:>12.2f}{t_graph * 1e3 / batch:>12.2f}{t_comp * 1e3 / batch:>21.2f}"
+            f"{t_tv * 1e3 / batch:>13.2f}{t_tv / min(t_graph, t_comp):>13.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ whole step (forward, loss, backward, SGD) with the loader in the loop, bf16,
 batch 8, jitter 640-1024 (the training defaults), cudnn.benchmark off since
 the jittered shapes vary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,15 @@ def make_dataset(folder: str, count: int) -> str:
         for _ in range(rng.integers(2, 7)):
             w, h = rng.uniform(24, 300), rng.uniform(24, 220)
             x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(rng.integers(1, 4)),
-                                "bbox": [x, y, w, h], "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(rng.integers(1, 4)),
+                    "bbox": [x, y, w, h],
+                    "iscrowd": 0,
+                }
+            )
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": annotations, "categories": [{"id": c} for c in (1, 2, 3)]}, f)
     return path
@@ -55,10 +63,20 @@ def torch_loader(root, coco, training, batch, workers):
     from retinanet.data import transforms as T
     from retinanet.data.coco import Collate, DetectionDataset
 
-    ds = DetectionDataset(root, coco, 800, 1333, training=training, jitter=(640, 1024) if training else None,
-                          augment=T.Augment())
-    return DataLoader(ds, batch_size=batch, shuffle=training, num_workers=workers, collate_fn=Collate(128, FILL),
-                      pin_memory=True, drop_last=training, persistent_workers=True, prefetch_factor=4)
+    ds = DetectionDataset(
+        root, coco, 800, 1333, training=training, jitter=(640, 1024) if training else None, augment=T.Augment()
+    )
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=training,
+        num_workers=workers,
+        collate_fn=Collate(128, FILL),
+        pin_memory=True,
+        drop_last=training,
+        persistent_workers=True,
+        prefetch_factor=4,
+    )
 
 
 def dali_loader(root, coco, training, batch, threads):
@@ -131,13 +149,19 @@ def main():
     torch.backends.cudnn.benchmark = False
 
     rows = []
-    for training, pipeline in ((False, "inference (resize 800, pad 128)"),
-                               (True, "training (jitter 640-1024, flip, pad)")):
+    for training, pipeline in (
+        (False, "inference (resize 800, pad 128)"),
+        (True, "training (jitter 640-1024, flip, pad)"),
+    ):
         results = {}
-        for name, make in ((f"DALI GPU, {a.threads} threads", lambda: dali_loader(a.folder, coco, training, a.batch,
-                                                                                    a.threads)),
-                           ("PyTorch, 8 workers", lambda: torch_loader(a.folder, coco, training, a.batch, 8)),
-                           ("PyTorch, 16 workers", lambda: torch_loader(a.folder, coco, training, a.batch, 16))):
+        for name, make in (
+            (
+                f"DALI GPU, {a.threads} threads",
+                lambda training=training: dali_loader(a.folder, coco, training, a.batch, a.threads),
+            ),
+            ("PyTorch, 8 workers", lambda training=training: torch_loader(a.folder, coco, training, a.batch, 8)),
+            ("PyTorch, 16 workers", lambda training=training: torch_loader(a.folder, coco, training, a.batch, 16)),
+        ):
             loader = make()
             results[name] = statistics.median(epoch_rates(loader, a.epochs))
             print(f"{pipeline:<40}{name:<24}{results[name]:>9.0f} img/s", flush=True)
@@ -146,16 +170,20 @@ def main():
 
     train_rows = []
     if not a.skip_train:
-        for name, make in (("DALI GPU", lambda: dali_loader(a.folder, coco, True, 8, a.threads)),
-                           ("PyTorch, 8 workers", lambda: torch_loader(a.folder, coco, True, 8, 8))):
+        for name, make in (
+            ("DALI GPU", lambda: dali_loader(a.folder, coco, True, 8, a.threads)),
+            ("PyTorch, 8 workers", lambda: torch_loader(a.folder, coco, True, 8, 8)),
+        ):
             rate = train_rate(make(), a.train_epochs)
             train_rows.append((name, rate))
             print(f"training ResNet50FPN fed by {name}: {rate:.1f} img/s", flush=True)
             torch.cuda.empty_cache()
 
     print("\n## results")
-    print(f"loader throughput, {a.images} JPEGs 480x640, batch {a.batch}, {torch.cuda.get_device_name()}, "
-          f"{os.cpu_count()} CPU cores (median of {a.epochs} epochs)")
+    print(
+        f"loader throughput, {a.images} JPEGs 480x640, batch {a.batch}, {torch.cuda.get_device_name()}, "
+        f"{os.cpu_count()} CPU cores (median of {a.epochs} epochs)"
+    )
     print(f"{'pipeline':<40}{'loader':<24}{'img/s':>9}{'vs PyTorch 8w':>15}{'vs 16w':>9}")
     for pipeline, results in rows:
         base8, base16 = results["PyTorch, 8 workers"], results["PyTorch, 16 workers"]

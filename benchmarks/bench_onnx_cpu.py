@@ -5,6 +5,7 @@ Exports FP32, FP16 and INT8 (portable form), then times ONNX Runtime per image a
 batch 1 and 8 on padded demo-size inputs and measures val mAP of each through
 the same evaluation code as `retinanet infer`. Prints a table of medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,11 @@ def main():
     rows = []
     for precision in ("fp32", "fp16", "int8"):
         out = os.path.join(work, f"m_{precision}.onnx")
-        options = ExportOptions(size=(a.size, a.size), precision=precision,
-                                calibration_images=a.calibration_images if precision == "int8" else None)
+        options = ExportOptions(
+            size=(a.size, a.size),
+            precision=precision,
+            calibration_images=a.calibration_images if precision == "int8" else None,
+        )
         t0 = time.perf_counter()
         info = export(a.model, out, options, log=lambda *_: None)
         export_s = time.perf_counter() - t0

@@ -7,6 +7,7 @@ measure the L2 cache. Prints a table, last; never asserts on time.
 
     python benchmarks/bench_postprocess.py [--batches 1 16] [--profile]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def make_inputs(batch, dtype, seed):
         u = torch.rand(shape, generator=g, device="cuda")
         hot = torch.rand(shape, generator=g, device="cuda") < 0.03
         # most scores far under the threshold, 3% above it with a long tail towards 1
-        scores = torch.where(hot, 0.05 + 0.95 * u ** 4, u * 0.05)
+        scores = torch.where(hot, 0.05 + 0.95 * u**4, u * 0.05)
         deltas = torch.randn(batch, A * 4, h, w, generator=g, device="cuda") * 0.5
         levels.append((scores.to(dtype), deltas.to(dtype)))
     return levels
@@ -44,8 +45,10 @@ def anchors_per_level(device):
 
 
 def detect(levels, anchors, decode, nms, cfg):
-    decoded = [decode(s, d, a, stride, cfg.score_threshold, cfg.top_n, cfg.box_clamp)
-               for (s, d), a, stride in zip(levels, anchors, STRIDES)]
+    decoded = [
+        decode(s, d, a, stride, cfg.score_threshold, cfg.top_n, cfg.box_clamp)
+        for (s, d), a, stride in zip(levels, anchors, STRIDES)
+    ]
     scores, boxes, classes = (torch.cat([o[k] for o in decoded], dim=1) for k in range(3))
     return nms(scores, boxes, classes, cfg.nms_iou, cfg.detections)
 
@@ -66,9 +69,15 @@ def to_torchvision(levels, anchors):
 def torchvision_postprocess(cfg):
     from torchvision.models.detection import retinanet_resnet50_fpn
 
-    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=C,
-                                   score_thresh=cfg.score_threshold, nms_thresh=cfg.nms_iou,
-                                   detections_per_img=cfg.detections, topk_candidates=cfg.top_n)
+    model = retinanet_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=C,
+        score_thresh=cfg.score_threshold,
+        nms_thresh=cfg.nms_iou,
+        detections_per_img=cfg.detections,
+        topk_candidates=cfg.top_n,
+    )
     model.eval()
     image_shape = (LEVELS[0][0] * STRIDES[0], LEVELS[0][1] * STRIDES[0])
 
@@ -139,8 +148,11 @@ def main():
         sets16 = [[(s.half(), d.half()) for s, d in lv] for lv in sets32]
         above = sum(int((s > cfg.score_threshold).sum()) for s, _ in sets32[0]) / batch
         total = sum(s[0].numel() for s, _ in sets32[0])
-        print(f"batch {batch}: {above:.0f} of {total} scores per image above {cfg.score_threshold} "
-              f"({100 * above / total:.1f}%)", flush=True)
+        print(
+            f"batch {batch}: {above:.0f} of {total} scores per image above {cfg.score_threshold} "
+            f"({100 * above / total:.1f}%)",
+            flush=True,
+        )
 
         # correctness on the benchmark inputs
         for name, sets in (("fp32", sets32), ("fp16", sets16)):
@@ -152,15 +164,13 @@ def main():
             t[f"ours {name}"] = median_ms(lambda lv: detect(lv, anchors, *ext, cfg), sets, 5, args.iters)
             static = [(s.clone(), d.clone()) for s, d in sets[0]]
             replay, _ = graphed(lambda lv: detect(lv, anchors, *ext, cfg), static)
-            t[f"ours {name} graph"] = median_ms(lambda _: replay(), [None], 5, args.iters)
-        t["reference fp32"] = median_ms(lambda lv: detect(lv, anchors, *ref, cfg), sets32, 2,
-                                        max(5, args.iters // 5))
+            t[f"ours {name} graph"] = median_ms(lambda _, replay=replay: replay(), [None], 5, args.iters)
+        t["reference fp32"] = median_ms(lambda lv: detect(lv, anchors, *ref, cfg), sets32, 2, max(5, args.iters // 5))
         tv_sets = [to_torchvision(lv, anchors) for lv in sets32]
         t["torchvision fp32"] = median_ms(lambda x: tv(*x), tv_sets, 2, max(5, args.iters // 5))
         base = t["ours fp32"]
         for name, ms in t.items():
-            rows.append((batch, name, ms, ms / batch, t["reference fp32"] / ms, t["torchvision fp32"] / ms,
-                         base / ms))
+            rows.append((batch, name, ms, ms / batch, t["reference fp32"] / ms, t["torchvision fp32"] / ms, base / ms))
         del sets32, sets16, tv_sets
         torch.cuda.empty_cache()
 
@@ -181,12 +191,15 @@ def main():
     print(f"device: {device}; torch {torch.__version__}")
     for line in checks:
         print(line)
-    print(f"{'batch':>5}  {'implementation':<18} {'ms':>9} {'ms/img':>9} {'ref/this':>9} {'tv/this':>9} "
-          f"{'ours32/this':>11}")
+    print(
+        f"{'batch':>5}  {'implementation':<18} {'ms':>9} {'ms/img':>9} {'ref/this':>9} {'tv/this':>9} "
+        f"{'ours32/this':>11}"
+    )
     for batch, name, ms, per_img, vs_ref, vs_tv, vs_ours in rows:
         print(f"{batch:>5}  {name:<18} {ms:>9.3f} {per_img:>9.3f} {vs_ref:>9.1f} {vs_tv:>9.1f} {vs_ours:>11.2f}")
-    print("(ref/this, tv/this: how many times faster this row is than the reference / torchvision; target "
-          "<= 0.3 ms bs1)")
+    print(
+        "(ref/this, tv/this: how many times faster this row is than the reference / torchvision; target <= 0.3 ms bs1)"
+    )
     return 0 if all(c.endswith("yes") for c in checks) else 1
 
 

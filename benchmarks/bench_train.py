@@ -4,6 +4,7 @@ ResNet50FPN, batch 8, bf16 autocast, 480x640 images resized to 800 (shorter
 side), SGD step included, data already on the GPU (model step only: the
 loaders are measured separately). Prints a table of medians.
 """
+
 from __future__ import annotations
 
 import argparse

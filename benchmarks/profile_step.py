@@ -3,6 +3,7 @@
 Prints the top CUDA kernels by total time for each, ResNet50FPN at 480x640 -> 800
 (padded 896x1152), fp16 inference / bf16 training. Random weights.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,10 @@ def top(prof, title, rows=14):
     events.sort(key=lambda e: -e.self_device_time_total)
     print(f"total self CUDA time {total / 1e3:.2f} ms")
     for e in events[:rows]:
-        print(f"{e.self_device_time_total / 1e3:9.3f} ms {100 * e.self_device_time_total / total:5.1f}%  "
-              f"x{e.count:<5} {e.key[:90]}")
+        print(
+            f"{e.self_device_time_total / 1e3:9.3f} ms {100 * e.self_device_time_total / total:5.1f}%  "
+            f"x{e.count:<5} {e.key[:90]}"
+        )
 
 
 def main():
@@ -45,8 +48,9 @@ def main():
 
     _, train_step = ours_training()
     images = (torch.rand(8, 3, 896, 1152, device="cuda") * 255).contiguous(memory_format=torch.channels_last)
-    targets = torch.tensor([[100.0, 100.0, 300.0, 400.0, 3.0], [500.0, 200.0, 700.0, 300.0, 7.0]],
-                           device="cuda").repeat(8, 3, 1)
+    targets = torch.tensor(
+        [[100.0, 100.0, 300.0, 400.0, 3.0], [500.0, 200.0, 700.0, 300.0, 7.0]], device="cuda"
+    ).repeat(8, 3, 1)
 
     def step():
         train_step(images, targets)
@@ -59,7 +63,6 @@ def main():
             step()
         torch.cuda.synchronize()
     top(prof, "training step batch 8 (3 steps)", rows=20)
-
 
 
 if __name__ == "__main__":

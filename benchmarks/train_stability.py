@@ -8,6 +8,7 @@ train/grad_norm) and the last logged loss.
 
     python benchmarks/train_stability.py [--images 400] [--iters 400] [--batch 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,20 @@ def make_dataset(root: Path, count: int, seed: int = 0) -> tuple[str, str]:
                 tile, objects = demo._draw_image(rng)
                 canvas.paste(tile, (c * demo.SIZE, r * demo.SIZE))
                 for (x1, y1, x2, y2), cat in objects:
-                    annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                        "category_id": demo.CATEGORIES[cat]["id"],
-                                        "bbox": [x1 + c * demo.SIZE, y1 + r * demo.SIZE, x2 - x1, y2 - y1]})
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": i + 1,
+                            "category_id": demo.CATEGORIES[cat]["id"],
+                            "bbox": [x1 + c * demo.SIZE, y1 + r * demo.SIZE, x2 - x1, y2 - y1],
+                        }
+                    )
         name = f"{i:05d}.jpg"
         canvas.save(root / "images" / name, quality=92)
         images.append({"id": i + 1, "file_name": name, "width": canvas.width, "height": canvas.height})
-    (root / "train.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                 "categories": demo.CATEGORIES}))
+    (root / "train.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": demo.CATEGORIES})
+    )
     return str(root / "images"), str(root / "train.json")
 
 
@@ -59,20 +66,56 @@ def grad_norms(logdir: Path) -> list[float]:
 
 
 def run(work: Path, images: str, annotations: str, name: str, a, extra: list[str]) -> dict:
-    args = [sys.executable, "-m", "retinanet", "train", f"{name}.pth", "--backbone", "ResNet50FPN",
-            "--no-pretrained", "--images", images, "--annotations", annotations, "--batch", str(a.batch),
-            "--iters", str(a.iters), "--val-iters", str(a.iters), "--amp-dtype", "bf16", "--resize", "512",
-            "--max-size", "640", "--jitter", "448", "576", "--workers", "8", "--logdir", f"tb_{name}", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "retinanet",
+        "train",
+        f"{name}.pth",
+        "--backbone",
+        "ResNet50FPN",
+        "--no-pretrained",
+        "--images",
+        images,
+        "--annotations",
+        annotations,
+        "--batch",
+        str(a.batch),
+        "--iters",
+        str(a.iters),
+        "--val-iters",
+        str(a.iters),
+        "--amp-dtype",
+        "bf16",
+        "--resize",
+        "512",
+        "--max-size",
+        "640",
+        "--jitter",
+        "448",
+        "576",
+        "--workers",
+        "8",
+        "--logdir",
+        f"tb_{name}",
+        *extra,
+    ]
     proc = subprocess.run(args, cwd=work, capture_output=True, text=True)
     losses = re.findall(r"\] loss (\S+)", proc.stdout)
     skipped = re.findall(r"non-finite steps skipped (\d+)", proc.stdout)
     norms = np.array(grad_norms(work / f"tb_{name}"))
     finite = norms[np.isfinite(norms)] if norms.size else norms
-    return {"run": name, "rc": proc.returncode, "nonfinite": int(skipped[-1]) if skipped else 0,
-            "steps": len(norms), "norm p50": np.median(finite) if finite.size else float("nan"),
-            "norm p99": np.percentile(finite, 99) if finite.size else float("nan"),
-            "norm max": finite.max() if finite.size else float("nan"),
-            "last loss": losses[-1] if losses else "-", "error": proc.stderr.strip().splitlines()[-1:]}
+    return {
+        "run": name,
+        "rc": proc.returncode,
+        "nonfinite": int(skipped[-1]) if skipped else 0,
+        "steps": len(norms),
+        "norm p50": np.median(finite) if finite.size else float("nan"),
+        "norm p99": np.percentile(finite, 99) if finite.size else float("nan"),
+        "norm max": finite.max() if finite.size else float("nan"),
+        "last loss": losses[-1] if losses else "-",
+        "error": proc.stderr.strip().splitlines()[-1:],
+    }
 
 
 # lr 0.02 is twice the default: the stress test, where unnormalised heads diverge.
@@ -98,11 +141,15 @@ def main() -> None:
     images, annotations = make_dataset(work / "data", a.images)
     rows = [run(work, images, annotations, name, a, SETTINGS[name]) for name in a.only]
     print(f"\nResNet50FPN from scratch, bf16, batch {a.batch}, {a.images} images 512x640, {a.iters} iterations")
-    print(f"{'run':<28} {'rc':>3} {'non-finite':>10} {'steps':>6} {'norm p50':>9} {'norm p99':>9} "
-          f"{'norm max':>9} {'last loss':>10}  error")
+    print(
+        f"{'run':<28} {'rc':>3} {'non-finite':>10} {'steps':>6} {'norm p50':>9} {'norm p99':>9} "
+        f"{'norm max':>9} {'last loss':>10}  error"
+    )
     for r in rows:
-        print(f"{r['run']:<28} {r['rc']:>3} {r['nonfinite']:>10} {r['steps']:>6} {r['norm p50']:>9.3g} "
-              f"{r['norm p99']:>9.3g} {r['norm max']:>9.3g} {r['last loss']:>10}  {' '.join(r['error'])}")
+        print(
+            f"{r['run']:<28} {r['rc']:>3} {r['nonfinite']:>10} {r['steps']:>6} {r['norm p50']:>9.3g} "
+            f"{r['norm p99']:>9.3g} {r['norm max']:>9.3g} {r['last loss']:>10}  {' '.join(r['error'])}"
+        )
     os.system(f"rm -rf {work}")
 
 

@@ -1,4 +1,5 @@
 """retinanet: fast single-stage object detection on NVIDIA GPUs."""
+
 from .runtime import Detections, Detector, load
 
 __all__ = ["load", "Detector", "Detections"]

@@ -1,4 +1,5 @@
 """Checkpoint files: atomic writes, validated reads."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ def load(path: str) -> dict:
         missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
         raise UserError(f"{path}: not a retinanet checkpoint (missing {', '.join(missing)})")
     if state["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path}: checkpoint format {state['format_version']} is newer than this "
-                        f"retinanet understands ({FORMAT_VERSION}); upgrade retinanet")
+        raise UserError(
+            f"{path}: checkpoint format {state['format_version']} is newer than this "
+            f"retinanet understands ({FORMAT_VERSION}); upgrade retinanet"
+        )
     try:
         state["config"] = ModelConfig.from_dict(state["config"])
     except (TypeError, ValueError) as e:
@@ -57,6 +60,7 @@ def load_model(path: str):
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit a {state['backbone']} model "
-                        f"({str(e).splitlines()[0][:160]})") from None
+        raise UserError(
+            f"{path}: weights do not fit a {state['backbone']} model ({str(e).splitlines()[0][:160]})"
+        ) from None
     return model.eval(), state

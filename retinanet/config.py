@@ -4,6 +4,7 @@ A :class:`ModelConfig` is saved in every checkpoint (as a plain dict) and read
 back by training, inference, the torch ops, the ONNX export and the TensorRT
 plugin fields. No other module defines a default for any of these values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,12 +67,13 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         return cls(**d)
+
 
 # Target rows are (x1, y1, x2, y2, label); these labels mark the non-objects.
 LABEL_PAD = -1  # padding row of a batch
@@ -129,7 +131,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

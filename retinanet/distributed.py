@@ -5,6 +5,7 @@ from the environment) or the command itself, which starts one process per
 visible GPU on localhost when there is more than one. NCCL on GPUs, gloo on
 the CPU. Every helper here is a no-op in a single process.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -61,8 +62,9 @@ def init(place: Place, device: torch.device, init_method: str = "env://", timeou
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
-    dist.init_process_group(backend, init_method=init_method, rank=place.rank, world_size=place.world,
-                            timeout=timeout, **kwargs)
+    dist.init_process_group(
+        backend, init_method=init_method, rank=place.rank, world_size=place.world, timeout=timeout, **kwargs
+    )
 
 
 def shutdown() -> None:

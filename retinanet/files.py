@@ -6,6 +6,7 @@ that an interrupted or failed run leaves either the old file or the new one,
 never a truncated one. `check_output` runs before any work, so a bad output
 path is found in a second rather than after an hour of inference or export.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,9 +116,11 @@ def load_tensors(path: str, what: str):
         raise UserError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     except pickle.UnpicklingError:
         if zipfile.is_zipfile(path):  # a real torch.save file whose pickle names other classes
-            raise UserError(f"{path}: refusing to load this {what}: it holds Python objects beyond tensors "
-                            f"and plain containers, and unpickling them could run code; re-save its tensors "
-                            f"(state_dict) alone") from None
+            raise UserError(
+                f"{path}: refusing to load this {what}: it holds Python objects beyond tensors "
+                f"and plain containers, and unpickling them could run code; re-save its tensors "
+                f"(state_dict) alone"
+            ) from None
         raise UserError(f"{path}: not a readable {what} (not a torch.save file, or a truncated one)") from None
     except Exception as e:  # noqa: BLE001 - zip and unpickling errors of a damaged or foreign file
         # Only the zip reader's messages say something; the unpickler's are bare keys and opcodes.

@@ -1,4 +1,5 @@
 """Batched inference over an image folder, COCO results JSON, optional mAP."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,14 @@ def detection_records(detector: Detector, loader, log=None) -> list[dict]:
         for image_id, d in zip(batch.image_ids, dets):
             xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2]], dim=1)
             for box, score, cat in zip(xywh.tolist(), d.scores.tolist(), d.category_ids.tolist()):
-                records.append({"image_id": image_id, "category_id": cat,
-                                "bbox": [round(v, 2) for v in box], "score": round(score, 5)})
+                records.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "bbox": [round(v, 2) for v in box],
+                        "score": round(score, 5),
+                    }
+                )
         done += len(batch.image_ids)
         if log is not None:
             rate = done / max(time.perf_counter() - start, 1e-9)
@@ -39,28 +46,74 @@ def detection_records(detector: Detector, loader, log=None) -> list[dict]:
     return records
 
 
-def make_loader(detector: Detector, images: str, annotations: CocoAnnotations | None, batch: int,
-                resize: int, max_size: int, workers: int, rank: int = 0, world: int = 1,
-                with_dali: bool = False):
+def make_loader(
+    detector: Detector,
+    images: str,
+    annotations: CocoAnnotations | None,
+    batch: int,
+    resize: int,
+    max_size: int,
+    workers: int,
+    rank: int = 0,
+    world: int = 1,
+    with_dali: bool = False,
+):
     """Every image on exactly one rank: with PyTorch's loader rank r of `world`
     reads images r, r + world, ...; with DALI a contiguous shard."""
     dataset = DetectionDataset(images, annotations, resize, max_size)
     if with_dali:
         from .data import dali
-        return dali.inference_loader(images, dataset.records, batch, resize, max_size, detector.config.pad_multiple,
-                                     mean_pixel(detector.config.mean), detector.device, max(workers, 1), rank, world)
+
+        return dali.inference_loader(
+            images,
+            dataset.records,
+            batch,
+            resize,
+            max_size,
+            detector.config.pad_multiple,
+            mean_pixel(detector.config.mean),
+            detector.device,
+            max(workers, 1),
+            rank,
+            world,
+        )
     if world > 1:
         dataset = Subset(dataset, range(rank, len(dataset), world))
     collate = Collate(detector.config.pad_multiple, mean_pixel(detector.config.mean))
-    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=detector.device.type == "cuda")
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=detector.device.type == "cuda",
+    )
 
 
-def sharded_records(detector: Detector, images: str, annotations: CocoAnnotations | None, batch: int,
-                    resize: int, max_size: int, workers: int, log=None, with_dali: bool = False) -> list[dict]:
+def sharded_records(
+    detector: Detector,
+    images: str,
+    annotations: CocoAnnotations | None,
+    batch: int,
+    resize: int,
+    max_size: int,
+    workers: int,
+    log=None,
+    with_dali: bool = False,
+) -> list[dict]:
     """Detections of every image, each inferred on exactly one rank, gathered on all ranks."""
-    loader = make_loader(detector, images, annotations, batch, resize, max_size, workers,
-                         distributed.rank(), distributed.world_size(), with_dali)
+    loader = make_loader(
+        detector,
+        images,
+        annotations,
+        batch,
+        resize,
+        max_size,
+        workers,
+        distributed.rank(),
+        distributed.world_size(),
+        with_dali,
+    )
     if distributed.world_size() == 1:
         return detection_records(detector, loader, log)
     # A bad image on one rank must not leave the others waiting in the gather:
@@ -75,9 +128,19 @@ def sharded_records(detector: Detector, images: str, annotations: CocoAnnotation
     return distributed.gather_lists(records)
 
 
-def infer(detector: Detector, images: str, annotations: str | None, output: str, batch: int,
-          resize: int | None, max_size: int | None, workers: int = 2, override: bool = False,
-          quiet: bool = False, with_dali: bool = False) -> list[float] | None:
+def infer(
+    detector: Detector,
+    images: str,
+    annotations: str | None,
+    output: str,
+    batch: int,
+    resize: int | None,
+    max_size: int | None,
+    workers: int = 2,
+    override: bool = False,
+    quiet: bool = False,
+    with_dali: bool = False,
+) -> list[float] | None:
     """Write COCO result records to `output`; return the 12 stats when annotated.
 
     In a process group (torchrun) the images are sharded over the ranks and
@@ -86,19 +149,31 @@ def infer(detector: Detector, images: str, annotations: str | None, output: str,
     check_output(output, override, "--output file")
     if with_dali:
         from .data.dali import require_dali
+
         require_dali()  # before any work
     coco = None
     if annotations is not None:
         coco = CocoAnnotations(annotations, category_ids=None)
         if sorted(coco.category_ids) != sorted(detector.category_ids.tolist()):
-            raise UserError(f"{annotations}: categories {coco.category_ids} differ from the model's "
-                            f"{detector.category_ids.tolist()}")
+            raise UserError(
+                f"{annotations}: categories {coco.category_ids} differ from the model's "
+                f"{detector.category_ids.tolist()}"
+            )
     main = distributed.rank() == 0
     quiet = quiet or not main
     # A live counter on a terminal; in a log file only the final count.
     log = None if quiet or not sys.stderr.isatty() else (lambda s: print(s, end="", file=sys.stderr, flush=True))
-    records = sharded_records(detector, images, coco, batch, resize or detector.config.resize,
-                              max_size or detector.config.max_size, workers, log, with_dali)
+    records = sharded_records(
+        detector,
+        images,
+        coco,
+        batch,
+        resize or detector.config.resize,
+        max_size or detector.config.max_size,
+        workers,
+        log,
+        with_dali,
+    )
     if not main:
         return None
     with atomic_write(output, "w") as f:

@@ -3,6 +3,7 @@
 Rank-aware throughout (sampler, logging, writes) so distributed training only
 has to supply `rank`/`world` and wrap the model.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,17 +53,47 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=g)[:self.size - self.size % self.world]
-        return iter(order[self.rank::self.world].tolist()[self.start:])
+        order = torch.randperm(self.size, generator=g)[: self.size - self.size % self.world]
+        return iter(order[self.rank :: self.world].tolist()[self.start :])
 
     def __len__(self) -> int:
         return self.size // self.world - self.start
 
 
-MODEL_FLAGS = ("head_norm", "backbone", "classes", "resize", "max_size", "anchor_ious", "anchor_ratios", "anchor_scales")
-TRAIN_FLAGS = ("clip_grad", "batch", "iters", "milestones", "schedule", "lr", "warmup", "gamma", "weight_decay", "val_iters",
-               "jitter", "augment_rotate", "augment_brightness", "augment_contrast", "augment_hue",
-               "augment_saturation", "augment_crop", "seed", "workers", "with_dali", "amp_dtype", "full_precision")
+MODEL_FLAGS = (
+    "head_norm",
+    "backbone",
+    "classes",
+    "resize",
+    "max_size",
+    "anchor_ious",
+    "anchor_ratios",
+    "anchor_scales",
+)
+TRAIN_FLAGS = (
+    "clip_grad",
+    "batch",
+    "iters",
+    "milestones",
+    "schedule",
+    "lr",
+    "warmup",
+    "gamma",
+    "weight_decay",
+    "val_iters",
+    "jitter",
+    "augment_rotate",
+    "augment_brightness",
+    "augment_contrast",
+    "augment_hue",
+    "augment_saturation",
+    "augment_crop",
+    "seed",
+    "workers",
+    "with_dali",
+    "amp_dtype",
+    "full_precision",
+)
 
 
 def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, bool]:
@@ -92,8 +123,9 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
     else:
         if ("val_annotations" in given) != ("val_images" in given):
             raise UserError("--val-images and --val-annotations go together")
-        paths = DataPaths(given.get("images", "."), given["annotations"], given.get("val_images"),
-                          given.get("val_annotations"))
+        paths = DataPaths(
+            given.get("images", "."), given["annotations"], given.get("val_images"), given.get("val_annotations")
+        )
         pretrained = not given.get("no_pretrained", False)
         model_kw.setdefault("freeze_bn", pretrained or "backbone_weights" in given)
         # From scratch, unnormalised head towers on a backbone whose features
@@ -106,8 +138,9 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
         source = checkpoint.load(given["fine_tune"])["config"].to_dict()
         source.pop("classes")
         if "backbone" in model_kw and model_kw["backbone"] != source["backbone"]:
-            raise UserError(f"{given['fine_tune']}: --fine-tune checkpoint is a {source['backbone']}, "
-                            f"not a {model_kw['backbone']}")
+            raise UserError(
+                f"{given['fine_tune']}: --fine-tune checkpoint is a {source['backbone']}, not a {model_kw['backbone']}"
+            )
         model_kw = {**source, **{k: model_kw[k] for k in MODEL_FLAGS if k in given}}
         pretrained = False
     if "batch" not in train_kw:
@@ -144,14 +177,17 @@ def fine_tune_weights(model: RetinaNet, path: str) -> None:
     """Load every weight of another checkpoint except the last classification conv."""
     state = checkpoint.load(path)
     if state["config"].backbone != model.config.backbone:
-        raise UserError(f"{path}: --fine-tune checkpoint is a {state['config'].backbone}, "
-                        f"not a {model.config.backbone}; pass --backbone {state['config'].backbone}")
+        raise UserError(
+            f"{path}: --fine-tune checkpoint is a {state['config'].backbone}, "
+            f"not a {model.config.backbone}; pass --backbone {state['config'].backbone}"
+        )
     weights = {k: v for k, v in state["state_dict"].items() if not k.startswith("cls_head.out.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("cls_head.out.")]
     if missing or unexpected:
-        raise UserError(f"{path}: --fine-tune weights do not fit this model "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{path}: --fine-tune weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 class Progress:
@@ -171,8 +207,9 @@ class Progress:
         """Images per second since the start (all ranks together)."""
         return self.images / max(time.perf_counter() - self.t0, 1e-9)
 
-    def update(self, iteration: int, losses: dict[str, float], images: int, lr: float, skipped: int,
-               nonfinite: bool = False) -> None:
+    def update(
+        self, iteration: int, losses: dict[str, float], images: int, lr: float, skipped: int, nonfinite: bool = False
+    ) -> None:
         self.images += images
         self.skipped += skipped
         self.nonfinite += nonfinite
@@ -191,24 +228,31 @@ class Progress:
         total = sum(self.sums.values()) / count
         extra = f" skipped {self.skipped}" if self.skipped else ""
         extra += f" non-finite steps skipped {self.nonfinite}" if self.nonfinite else ""
-        print(f"[{iteration:>{len(str(self.total))}}/{self.total}] loss {total:.4f} ({terms}) lr {lr:.5f} "
-              f"{rate:.1f} img/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}{extra}", flush=True)
+        print(
+            f"[{iteration:>{len(str(self.total))}}/{self.total}] loss {total:.4f} ({terms}) lr {lr:.5f} "
+            f"{rate:.1f} img/s ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}{extra}",
+            flush=True,
+        )
         self.last = now
         self.sums, self.count = {}, 0
 
 
 def check_world(batch: int, world: int) -> None:
     if batch % world:
-        raise UserError(f"--batch {batch} is the global batch and must divide evenly over {world} processes "
-                        f"(GPUs); use a multiple of {world}")
+        raise UserError(
+            f"--batch {batch} is the global batch and must divide evenly over {world} processes "
+            f"(GPUs); use a multiple of {world}"
+        )
 
 
-def launch(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths,
-           timeout_s: float | None = None, **kw) -> list[float] | None:
+def launch(
+    model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, timeout_s: float | None = None, **kw
+) -> list[float] | None:
     """train() in this process, in the process group torchrun set up, or in one
     process per visible GPU started here when there are several."""
     if cfg.with_dali:
         from .data.dali import require_dali
+
         require_dali()  # before any process starts
     place = distributed.from_env()
     if place is not None and place.world > 1:
@@ -232,8 +276,7 @@ def spawn(gpus: int, args: tuple, kw: dict) -> None:
     import torch.multiprocessing as mp
 
     port = distributed.free_port()
-    context = mp.start_processes(_spawned, args=(gpus, port, args, kw), nprocs=gpus, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(_spawned, args=(gpus, port, args, kw), nprocs=gpus, join=False, start_method="spawn")
 
     def forward(signum, frame):  # `kill` reaches this process only: pass it on so each rank saves and stops
         for p in context.processes:
@@ -254,8 +297,13 @@ def spawn(gpus: int, args: tuple, kw: dict) -> None:
 
 def _spawned(local_rank: int, world: int, port: int, args: tuple, kw: dict) -> None:
     """One GPU's process of a run that `retinanet train` started itself."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(local_rank),
+    )
     place = distributed.Place(local_rank, world, local_rank)
     device = distributed.device_for(place)
     distributed.init(place, device, timeout_s=kw.pop("timeout_s"))
@@ -315,15 +363,22 @@ def check_images(images_dir: str, coco: CocoAnnotations, flag: str, batch: int =
     missing = [r for r in coco.images if not os.path.isfile(os.path.join(images_dir, r.file_name))]
     if missing:
         first = missing[0]
-        raise UserError(f"{images_dir}: {len(missing)} of the {len(coco.images)} images of {coco.path} are not "
-                        f"there, the first {first.file_name} (image id {first.id}); is {flag} the right folder?")
+        raise UserError(
+            f"{images_dir}: {len(missing)} of the {len(coco.images)} images of {coco.path} are not "
+            f"there, the first {first.file_name} (image id {first.id}); is {flag} the right folder?"
+        )
     if len(coco.images) < batch:
-        raise UserError(f"{coco.path}: {len(coco.images)} images cannot fill one batch of {batch}; "
-                        f"lower --batch")
+        raise UserError(f"{coco.path}: {len(coco.images)} images cannot fill one batch of {batch}; lower --batch")
 
 
-def resume_settings(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, coco: CocoAnnotations,
-                    override: bool, explicit: frozenset) -> tuple[dict | None, ModelConfig, TrainConfig]:
+def resume_settings(
+    model_path: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    coco: CocoAnnotations,
+    override: bool,
+    explicit: frozenset,
+) -> tuple[dict | None, ModelConfig, TrainConfig]:
     """The checkpoint to resume (None: start fresh) and the settings to run with:
     the checkpoint's, except the training flags the user gave."""
     if not os.path.exists(model_path) or override:
@@ -333,19 +388,26 @@ def resume_settings(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, c
     resume = checkpoint.load(model_path)
     lacking = [k for k in RESUME_KEYS if k not in resume]
     if lacking:
-        raise UserError(f"{model_path}: holds weights but no training state ({', '.join(lacking)}), so it cannot "
-                        f"be resumed; pass --override to start fresh or --fine-tune {model_path}")
+        raise UserError(
+            f"{model_path}: holds weights but no training state ({', '.join(lacking)}), so it cannot "
+            f"be resumed; pass --override to start fresh or --fine-tune {model_path}"
+        )
     if coco.category_ids != list(resume["category_ids"]):
-        raise UserError(f"{model_path}: checkpoint has {len(resume['category_ids'])} classes (category ids "
-                        f"{resume['category_ids']}), {coco.path} has {coco.classes} "
-                        f"({coco.category_ids}); pass --override to start fresh or --fine-tune")
+        raise UserError(
+            f"{model_path}: checkpoint has {len(resume['category_ids'])} classes (category ids "
+            f"{resume['category_ids']}), {coco.path} has {coco.classes} "
+            f"({coco.category_ids}); pass --override to start fresh or --fine-tune"
+        )
     saved = resume["config"]
     for name in ("backbone", "classes"):
         if name in explicit and getattr(model_cfg, name) != getattr(saved, name):
-            raise UserError(f"{model_path}: checkpoint is {name} {getattr(saved, name)}, "
-                            f"not {getattr(model_cfg, name)}; pass --override to start fresh")
-    cfg = TrainConfig.from_dict({**resume.get("train_config", {}),
-                                 **{k: getattr(cfg, k) for k in TRAIN_FLAGS if k in explicit}})
+            raise UserError(
+                f"{model_path}: checkpoint is {name} {getattr(saved, name)}, "
+                f"not {getattr(model_cfg, name)}; pass --override to start fresh"
+            )
+    cfg = TrainConfig.from_dict(
+        {**resume.get("train_config", {}), **{k: getattr(cfg, k) for k in TRAIN_FLAGS if k in explicit}}
+    )
     return resume, saved, cfg
 
 
@@ -367,8 +429,15 @@ class Setup:
     resume: dict | None
 
 
-def prepare(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, world: int,
-            override: bool, explicit: frozenset) -> Setup:
+def prepare(
+    model_path: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    paths: DataPaths,
+    world: int,
+    override: bool,
+    explicit: frozenset,
+) -> Setup:
     """Every check that can fail on the user's input, before any model is built."""
     coco = CocoAnnotations(paths.annotations)
     resume, model_cfg, cfg = resume_settings(model_path, model_cfg, cfg, coco, override, explicit)
@@ -383,14 +452,25 @@ def prepare(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Da
 class Trainer:
     """One process's share of a training run: model, optimiser, data, the step."""
 
-    def __init__(self, s: Setup, device: torch.device, rank: int, world: int, pretrained: bool,
-                 backbone_weights: str | None, fine_tune: str | None):
+    def __init__(
+        self,
+        s: Setup,
+        device: torch.device,
+        rank: int,
+        world: int,
+        pretrained: bool,
+        backbone_weights: str | None,
+        fine_tune: str | None,
+    ):
         self.s, self.cfg, self.device, self.rank, self.world = s, s.cfg, device, rank, world
         torch.manual_seed(self.cfg.seed + rank)
         random.seed(self.cfg.seed + rank)
         fresh = s.resume is None
-        self.net = RetinaNet(s.model_cfg, pretrained=pretrained and fresh and not fine_tune,
-                             weights_file=backbone_weights if fresh else None)
+        self.net = RetinaNet(
+            s.model_cfg,
+            pretrained=pretrained and fresh and not fine_tune,
+            weights_file=backbone_weights if fresh else None,
+        )
         if fine_tune and fresh:
             fine_tune_weights(self.net, fine_tune)
         self.net.to(device)
@@ -401,17 +481,31 @@ class Trainer:
             self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
         self.net.train()
         self.model: torch.nn.Module = self.net  # DDP-wrapped by wrap() once every rank is ready
-        self.optimizer = torch.optim.SGD(param_groups(self.net, self.cfg.weight_decay), lr=self.cfg.lr,
-                                         momentum=self.cfg.momentum)
+        self.optimizer = torch.optim.SGD(
+            param_groups(self.net, self.cfg.weight_decay), lr=self.cfg.lr, momentum=self.cfg.momentum
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.cfg.lr_factor)
         self.use_amp, self.amp_dtype = amp_settings(self.cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.augment = T.Augment(rotate=self.cfg.augment_rotate, brightness=self.cfg.augment_brightness,
-                                 contrast=self.cfg.augment_contrast, hue=self.cfg.augment_hue,
-                                 saturation=self.cfg.augment_saturation, crop=self.cfg.augment_crop)
-        self.dataset = DetectionDataset(s.paths.images, s.coco, s.model_cfg.resize, s.model_cfg.max_size,
-                                        training=True, jitter=tuple(self.cfg.jitter), augment=self.augment,
-                                        seed=self.cfg.seed, fill=mean_pixel(s.model_cfg.mean))
+        self.augment = T.Augment(
+            rotate=self.cfg.augment_rotate,
+            brightness=self.cfg.augment_brightness,
+            contrast=self.cfg.augment_contrast,
+            hue=self.cfg.augment_hue,
+            saturation=self.cfg.augment_saturation,
+            crop=self.cfg.augment_crop,
+        )
+        self.dataset = DetectionDataset(
+            s.paths.images,
+            s.coco,
+            s.model_cfg.resize,
+            s.model_cfg.max_size,
+            training=True,
+            jitter=tuple(self.cfg.jitter),
+            augment=self.augment,
+            seed=self.cfg.seed,
+            fill=mean_pixel(s.model_cfg.mean),
+        )
         self.per_rank = self.cfg.batch // world
         self.sampler = EpochSampler(len(self.dataset), self.cfg.seed, rank, world)
         self.collate = Collate(s.model_cfg.pad_multiple, mean_pixel(s.model_cfg.mean))
@@ -454,14 +548,31 @@ class Trainer:
 
                 m = self.s.model_cfg
                 self._dali = dali.training_loader(
-                    self.s.paths.images, self.s.coco, self.per_rank, m.max_size, m.pad_multiple,
-                    mean_pixel(m.mean), tuple(self.cfg.jitter), self.augment, self.device,
-                    max(self.cfg.workers, 1), self.cfg.seed + self.iteration, self.rank, self.world)
+                    self.s.paths.images,
+                    self.s.coco,
+                    self.per_rank,
+                    m.max_size,
+                    m.pad_multiple,
+                    mean_pixel(m.mean),
+                    tuple(self.cfg.jitter),
+                    self.augment,
+                    self.device,
+                    max(self.cfg.workers, 1),
+                    self.cfg.seed + self.iteration,
+                    self.rank,
+                    self.world,
+                )
             return self._dali
-        return DataLoader(self.dataset, batch_size=self.per_rank, sampler=self.sampler,
-                          num_workers=self.cfg.workers, collate_fn=self.collate,
-                          pin_memory=self.device.type == "cuda", drop_last=True,
-                          worker_init_fn=_ignore_sigint if self.cfg.workers else None)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.per_rank,
+            sampler=self.sampler,
+            num_workers=self.cfg.workers,
+            collate_fn=self.collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            worker_init_fn=_ignore_sigint if self.cfg.workers else None,
+        )
 
     def stand_in(self, batch) -> None:
         """Every image of this rank's batch was skipped while the other ranks step: join
@@ -500,8 +611,13 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         norm = self.clip_gradients()
         own = [float(len(batch.image_ids)), float(batch.skipped), float(stop), float(bool(batch.errors))]
-        logged = distributed.sum_(torch.stack([v.detach().float() for v in losses.values()] + [norm.float()]
-                                              + [torch.tensor(x, device=loss.device) for x in own])).tolist()
+        logged = distributed.sum_(
+            torch.stack(
+                [v.detach().float() for v in losses.values()]
+                + [norm.float()]
+                + [torch.tensor(x, device=loss.device) for x in own]
+            )
+        ).tolist()
         finite = all(map(math.isfinite, logged))  # the same on every rank: the sums are
         if finite:
             self.scaler.step(self.optimizer)
@@ -511,8 +627,15 @@ class Trainer:
         self.nonfinite_run = 0 if finite else self.nonfinite_run + 1
         terms = dict(zip(losses, logged))
         images_n, skipped, stops, errors = logged[-4:]
-        return {"losses": terms, "norm": logged[len(losses)] / self.world, "images": int(images_n),
-                "skipped": int(skipped), "stop": stops > 0, "error": errors > 0, "finite": finite}
+        return {
+            "losses": terms,
+            "norm": logged[len(losses)] / self.world,
+            "images": int(images_n),
+            "skipped": int(skipped),
+            "stop": stops > 0,
+            "error": errors > 0,
+            "finite": finite,
+        }
 
     def clip_gradients(self) -> torch.Tensor:
         """The gradients' total L2 norm (inf/nan when any is not finite), clipped to --clip-grad."""
@@ -528,15 +651,26 @@ class Trainer:
             return
         bad = [k for k, v in self.net.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
         if bad:
-            raise UserError(f"{self.s.model_path}: weights became non-finite at iteration {self.iteration} "
-                            f"({bad[0]}); not saving them, the checkpoint keeps its last finite state")
+            raise UserError(
+                f"{self.s.model_path}: weights became non-finite at iteration {self.iteration} "
+                f"({bad[0]}); not saving them, the checkpoint keeps its last finite state"
+            )
         state = checkpoint.model_state(self.s.model_cfg, self.net, self.s.coco.category_ids)
-        state.update(iteration=self.iteration, optimizer=self.optimizer.state_dict(),
-                     scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
-                     train_config=self.cfg.to_dict(),
-                     data_state={"epoch": self.sampler.epoch, "position": position,
-                                 "samples": position * self.world, "world": self.world},
-                     rng_torch=torch.get_rng_state(), rng_python=random.getstate())
+        state.update(
+            iteration=self.iteration,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            train_config=self.cfg.to_dict(),
+            data_state={
+                "epoch": self.sampler.epoch,
+                "position": position,
+                "samples": position * self.world,
+                "world": self.world,
+            },
+            rng_torch=torch.get_rng_state(),
+            rng_python=random.getstate(),
+        )
         checkpoint.save(self.s.model_path, state)
 
     def validate(self) -> list[float]:
@@ -546,8 +680,16 @@ class Trainer:
         ids = self.s.coco.category_ids
         detector = Detector(TorchBackend(self.net, ids, self.device), m, ids)
         coco = CocoAnnotations(self.s.paths.val_annotations, category_ids=ids)
-        records = sharded_records(detector, self.s.paths.val_images, coco, self.per_rank, m.resize, m.max_size,
-                                  self.cfg.workers, with_dali=self.cfg.with_dali)
+        records = sharded_records(
+            detector,
+            self.s.paths.val_images,
+            coco,
+            self.per_rank,
+            m.resize,
+            m.max_size,
+            self.cfg.workers,
+            with_dali=self.cfg.with_dali,
+        )
         self.net.train()
         return evaluate.coco_stats(self.s.paths.val_annotations, records, [r.id for r in coco.images])
 
@@ -574,9 +716,11 @@ def run(t: Trainer, stop: StopRequest, writer, log: bool) -> list[float] | None:
             last = t.iteration == total
             if out["stop"]:
                 t.save(position)
-                raise Interrupted(f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at iteration "
-                                  f"{t.iteration}: saved {t.s.model_path}; run the same command to resume",
-                                  stop.signum or signal.SIGTERM)
+                raise Interrupted(
+                    f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at iteration "
+                    f"{t.iteration}: saved {t.s.model_path}; run the same command to resume",
+                    stop.signum or signal.SIGTERM,
+                )
             if t.iteration % t.cfg.checkpoint_iters == 0 or t.iteration % t.cfg.val_iters == 0 or last:
                 t.save(position)
             if t.s.paths.val_annotations and (t.iteration % t.cfg.val_iters == 0 or last):
@@ -585,8 +729,10 @@ def run(t: Trainer, stop: StopRequest, writer, log: bool) -> list[float] | None:
             if last:
                 return stats
         if steps == 0 and (position > resumed_at or resumed_at == 0):  # else: resumed at the epoch's end
-            raise UserError(f"{t.s.paths.images}: epoch {t.sampler.epoch} completed no training step: every "
-                            f"image of its batches was skipped as unreadable ({skipped} images)")
+            raise UserError(
+                f"{t.s.paths.images}: epoch {t.sampler.epoch} completed no training step: every "
+                f"image of its batches was skipped as unreadable ({skipped} images)"
+            )
         t.sampler.epoch += 1
         t.sampler.start = 0
     return stats
@@ -596,9 +742,11 @@ def check_finite(t: Trainer, out: dict) -> None:
     """Non-finite steps are skipped (the weights stay as they were); a long run of them is divergence."""
     if t.nonfinite_run >= MAX_NONFINITE_STEPS:
         loss = sum(out["losses"].values())
-        raise UserError(f"training diverged: {t.nonfinite_run} steps in a row with a non-finite loss or gradient "
-                        f"(loss {loss}, gradient norm {out['norm']}) at iteration {t.iteration}; "
-                        f"{t.s.model_path} keeps its last finite weights; lower --lr or --clip-grad")
+        raise UserError(
+            f"training diverged: {t.nonfinite_run} steps in a row with a non-finite loss or gradient "
+            f"(loss {loss}, gradient norm {out['norm']}) at iteration {t.iteration}; "
+            f"{t.s.model_path} keeps its last finite weights; lower --lr or --clip-grad"
+        )
 
 
 def log_scalars(writer, iteration: int, out: dict, lr: float, rate: float) -> None:
@@ -630,10 +778,22 @@ def open_writer(logdir: str | None, main: bool):
     return SummaryWriter(logdir)
 
 
-def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: DataPaths, *,
-          override: bool = False, fine_tune: str | None = None, pretrained: bool = True,
-          backbone_weights: str | None = None, logdir: str | None = None, device=None,
-          rank: int = 0, world: int = 1, explicit: frozenset = frozenset()) -> list[float] | None:
+def train(
+    model_path: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    paths: DataPaths,
+    *,
+    override: bool = False,
+    fine_tune: str | None = None,
+    pretrained: bool = True,
+    backbone_weights: str | None = None,
+    logdir: str | None = None,
+    device=None,
+    rank: int = 0,
+    world: int = 1,
+    explicit: frozenset = frozenset(),
+) -> list[float] | None:
     """Train (or resume) and return the final validation stats, if validated.
 
     explicit: names of the settings the user gave; on resume those override
@@ -641,8 +801,11 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
     error in the checks or the set-up of any rank stops every rank with that
     rank's message (rank 0 prints it), before the first collective that could hang.
     """
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    device = (
+        torch.device(device)
+        if device is not None
+        else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    )
     main = rank == 0
     trainer, error = None, None
     try:
@@ -657,8 +820,10 @@ def train(model_path: str, model_cfg: ModelConfig, cfg: TrainConfig, paths: Data
     assert trainer is not None
     if trainer.iteration >= trainer.cfg.total_iters:
         if main:
-            print(f"{model_path} is already trained to {trainer.iteration} iterations (--iters "
-                  f"{trainer.cfg.total_iters}); raise --iters or pass --override to start fresh")
+            print(
+                f"{model_path} is already trained to {trainer.iteration} iterations (--iters "
+                f"{trainer.cfg.total_iters}); raise --iters or pass --override to start fresh"
+            )
         return None
     trainer.wrap()
     try:

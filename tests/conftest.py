@@ -65,8 +65,14 @@ def assert_user_error(proc, *words):
 def run_cli(*args, cwd, env=None, check=True, timeout=600):
     """`python -m retinanet ARGS` in `cwd`; AssertionError with its output when check fails."""
     run_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "retinanet", *args], cwd=cwd, env=run_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "retinanet", *args],
+        cwd=cwd,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"retinanet {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -83,8 +89,9 @@ def trained(tmp_path_factory, demo_root):
         cache = tmp_path_factory.mktemp("cache")
         os.symlink(demo_root, cache / f"demo-v{demo.VERSION}")
         env = {"RETINANET_CACHE": str(cache)}
-    proc = run_cli("train", "demo.pth", "--schedule", "0.5", "--val-iters", str(DEMO_ITERS), "--seed", "1",
-                   cwd=work, env=env)
+    proc = run_cli(
+        "train", "demo.pth", "--schedule", "0.5", "--val-iters", str(DEMO_ITERS), "--seed", "1", cwd=work, env=env
+    )
     return work, proc.stdout, env
 
 
@@ -97,8 +104,9 @@ def tiny_model(classes=3, busy=True):
     from retinanet.config import ModelConfig
     from retinanet.model import RetinaNet
 
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=classes, channels=32, resize=128, max_size=256,
-                      freeze_bn=False, top_n=300)
+    cfg = ModelConfig(
+        backbone="ResNet18FPN", classes=classes, channels=32, resize=128, max_size=256, freeze_bn=False, top_n=300
+    )
     torch.manual_seed(0)
     model = RetinaNet(cfg).eval()
     if busy:  # many candidates above threshold, wide boxes: NMS has work to do
@@ -121,12 +129,18 @@ def tiny(tmp_path_factory, demo_root):
     checkpoint.save(path, checkpoint.model_state(model.config, model, [1, 3, 7]))
     out = {"work": work, "pth": path, "model": model, "images": str(images)}
     out["fp32"] = export_onnx(path, str(work / "fp32.onnx"), ExportOptions(TINY_SIZE, "fp32"))["output"]
-    out["plugin"] = export_onnx(path, str(work / "plugin.onnx"),
-                                ExportOptions(TINY_SIZE, "fp16", plugin_form=True))["output"]
-    r = export_onnx(path, str(work / "int8.onnx"),
-                    ExportOptions(TINY_SIZE, "int8", plugin_form=True, calibration_images=str(images)))
+    out["plugin"] = export_onnx(path, str(work / "plugin.onnx"), ExportOptions(TINY_SIZE, "fp16", plugin_form=True))[
+        "output"
+    ]
+    r = export_onnx(
+        path,
+        str(work / "int8.onnx"),
+        ExportOptions(TINY_SIZE, "int8", plugin_form=True, calibration_images=str(images)),
+    )
     out["int8"], out["table"] = r["output"], r["table"]
-    out["int8_from_table"] = export_onnx(path, str(work / "int8_table.onnx"),
-                                         ExportOptions(TINY_SIZE, "int8", plugin_form=True,
-                                                       calibration_table=r["table"]))["output"]
+    out["int8_from_table"] = export_onnx(
+        path,
+        str(work / "int8_table.onnx"),
+        ExportOptions(TINY_SIZE, "int8", plugin_form=True, calibration_table=r["table"]),
+    )["output"]
     return out

@@ -1,4 +1,5 @@
 """Box coding, anchors and matching (issue 2, acceptance 1)."""
+
 import math
 
 import pytest
@@ -37,18 +38,19 @@ def test_decode_clamps_size_before_exp():
 
 # Worked by hand from cx = acx + dx*aw, cy = acy + dy*ah, w = aw*exp(min(dw, clamp)),
 # h = ah*exp(min(dh, clamp)), box = (cx - w/2, cy - h/2, cx + w/2, cy + h/2).
-HAND_ANCHORS = [[0.0, 0.0, 32.0, 32.0],  # centre (16, 16), 32 x 32
-                [10.0, 20.0, 50.0, 40.0],  # centre (30, 30), 40 x 20
-                [0.0, 0.0, 64.0, 16.0],  # centre (32, 8), 64 x 16
-                [-8.0, -8.0, 8.0, 8.0]]  # centre (0, 0), 16 x 16
-HAND_DELTAS = [[0.5, -0.25, math.log(2), 0.0],  # cx 32, cy 8, w 64, h 32
-               [-0.25, 1.0, math.log(0.5), math.log(3)],  # cx 20, cy 50, w 20, h 60
-               [0.125, 0.5, 0.0, math.log(0.25)],  # cx 40, cy 16, w 64, h 4
-               [0.0, 0.0, 10.0, -math.log(4)]]  # dw clamped to log(1000/16): w 16 * 62.5 = 1000, h 4
-HAND_BOXES = [[0.0, -8.0, 64.0, 24.0],
-              [10.0, 20.0, 30.0, 80.0],
-              [8.0, 14.0, 72.0, 18.0],
-              [-500.0, -2.0, 500.0, 2.0]]
+HAND_ANCHORS = [
+    [0.0, 0.0, 32.0, 32.0],  # centre (16, 16), 32 x 32
+    [10.0, 20.0, 50.0, 40.0],  # centre (30, 30), 40 x 20
+    [0.0, 0.0, 64.0, 16.0],  # centre (32, 8), 64 x 16
+    [-8.0, -8.0, 8.0, 8.0],
+]  # centre (0, 0), 16 x 16
+HAND_DELTAS = [
+    [0.5, -0.25, math.log(2), 0.0],  # cx 32, cy 8, w 64, h 32
+    [-0.25, 1.0, math.log(0.5), math.log(3)],  # cx 20, cy 50, w 20, h 60
+    [0.125, 0.5, 0.0, math.log(0.25)],  # cx 40, cy 16, w 64, h 4
+    [0.0, 0.0, 10.0, -math.log(4)],
+]  # dw clamped to log(1000/16): w 16 * 62.5 = 1000, h 4
+HAND_BOXES = [[0.0, -8.0, 64.0, 24.0], [10.0, 20.0, 30.0, 80.0], [8.0, 14.0, 72.0, 18.0], [-500.0, -2.0, 500.0, 2.0]]
 
 
 def test_decode_and_encode_of_hand_worked_boxes():
@@ -59,8 +61,9 @@ def test_decode_and_encode_of_hand_worked_boxes():
     unclamped = box_ops.decode(deltas[3:], anchors[3:], clamp=100.0)
     assert unclamped[0, 2] - unclamped[0, 0] == pytest.approx(16 * math.exp(10), rel=1e-5)
     # encode inverts decode where the clamp did not act.
-    torch.testing.assert_close(box_ops.encode(torch.tensor(HAND_BOXES[:3]), anchors[:3]), deltas[:3],
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        box_ops.encode(torch.tensor(HAND_BOXES[:3]), anchors[:3]), deltas[:3], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_base_anchors_sizes_ratios_and_count():
@@ -76,7 +79,7 @@ def test_base_anchors_sizes_ratios_and_count():
         torch.testing.assert_close(torch.sqrt(w * h), expect_sizes)
         torch.testing.assert_close(h / w, torch.tensor([0.5] * 3 + [1.0] * 3 + [2.0] * 3))
         torch.testing.assert_close(base[:, :2] + base[:, 2:], torch.zeros(9, 2))  # centred
-    assert 4 * 8 == pytest.approx(float((bases[0][3, 2] - bases[0][3, 0])))  # 32 px on P3
+    assert 4 * 8 == pytest.approx(float(bases[0][3, 2] - bases[0][3, 0]))  # 32 px on P3
 
 
 def test_anchor_count_and_centres_per_level():
@@ -87,7 +90,7 @@ def test_anchor_count_and_centres_per_level():
     assert anchors.shape[0] == sum(9 * a * b for a, b in shapes)
     start = 0
     for (fh, fw), stride in zip(shapes, cfg.strides):
-        level = anchors[start:start + 9 * fh * fw].reshape(9, fh, fw, 4)
+        level = anchors[start : start + 9 * fh * fw].reshape(9, fh, fw, 4)
         centres = (level[..., :2] + level[..., 2:]) / 2
         ys, xs = torch.meshgrid(torch.arange(fh), torch.arange(fw), indexing="ij")
         torch.testing.assert_close(centres[0, ..., 0], (xs + 0.5) * stride, check_dtype=False)
@@ -110,11 +113,16 @@ def test_matching_thresholds_and_ignored_band():
 
 
 def test_matching_picks_best_gt_and_crowd_is_ignored_not_matched():
-    gt = torch.tensor([[[0.0, 0.0, 100.0, 100.0, 0.0], [90.0, 0.0, 200.0, 100.0, 1.0],
-                        [300.0, 300.0, 400.0, 400.0, LABEL_CROWD]]])
-    anchors = torch.tensor([[95.0, 0.0, 200.0, 100.0],  # best: gt 1
-                            [310.0, 310.0, 390.0, 390.0],  # inside the crowd box
-                            [500.0, 500.0, 600.0, 600.0]])  # far away
+    gt = torch.tensor(
+        [[[0.0, 0.0, 100.0, 100.0, 0.0], [90.0, 0.0, 200.0, 100.0, 1.0], [300.0, 300.0, 400.0, 400.0, LABEL_CROWD]]]
+    )
+    anchors = torch.tensor(
+        [
+            [95.0, 0.0, 200.0, 100.0],  # best: gt 1
+            [310.0, 310.0, 390.0, 390.0],  # inside the crowd box
+            [500.0, 500.0, 600.0, 600.0],
+        ]
+    )  # far away
     labels, _ = match(anchors, gt, (0.4, 0.5))
     assert labels[0].tolist() == [1, IGNORE, BACKGROUND]
 

@@ -1,4 +1,5 @@
 """CLI behaviour without training: bad input gives one line, exit 2, no traceback."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from retinanet.model import RetinaNet
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "retinanet", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "retinanet", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture
@@ -26,16 +28,19 @@ def tiny_checkpoint(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("args, words", [
-    (["train", "m.pth", "--batch", "0"], ["--batch", "must be >= 1"]),
-    (["train", "m.pth", "--lr", "-1"], ["--lr", "must be > 0"]),
-    (["train", "m.pth", "--backbone", "Nope"], ["--backbone", "invalid choice"]),
-    (["train", "m.pth", "--anchor-ious", "0.6", "0.5", "--annotations", "x.json"], ["--anchor-ious"]),
-    (["train", "m.pth", "--annotations", "missing.json"], ["missing.json", "not found"]),
-    (["train", "m.pth", "--val-annotations", "v.json"], ["--val-annotations"]),
-    (["infer", "nothing.pth"], ["nothing.pth", "checkpoint not found"]),
-    (["infer", "model.onnx2"], ["model.onnx2"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "m.pth", "--batch", "0"], ["--batch", "must be >= 1"]),
+        (["train", "m.pth", "--lr", "-1"], ["--lr", "must be > 0"]),
+        (["train", "m.pth", "--backbone", "Nope"], ["--backbone", "invalid choice"]),
+        (["train", "m.pth", "--anchor-ious", "0.6", "0.5", "--annotations", "x.json"], ["--anchor-ious"]),
+        (["train", "m.pth", "--annotations", "missing.json"], ["missing.json", "not found"]),
+        (["train", "m.pth", "--val-annotations", "v.json"], ["--val-annotations"]),
+        (["infer", "nothing.pth"], ["nothing.pth", "checkpoint not found"]),
+        (["infer", "model.onnx2"], ["model.onnx2"]),
+    ],
+)
 def test_bad_flags_and_files(tmp_path, args, words):
     assert_user_error(cli(*args, cwd=tmp_path), *words)
 
@@ -50,32 +55,58 @@ def test_checkpoint_of_other_class_count_is_refused_on_resume(tmp_path, tiny_che
     doc["categories"] = doc["categories"][:2]
     doc["annotations"] = [a for a in doc["annotations"] if a["category_id"] in (1, 3)]
     (tmp_path / "two.json").write_text(json.dumps(doc))
-    proc = cli("train", str(tiny_checkpoint), "--annotations", "two.json", "--images", str(demo_root / "train"),
-               "--backbone", "ResNet18FPN", "--no-pretrained", cwd=tmp_path)
+    proc = cli(
+        "train",
+        str(tiny_checkpoint),
+        "--annotations",
+        "two.json",
+        "--images",
+        str(demo_root / "train"),
+        "--backbone",
+        "ResNet18FPN",
+        "--no-pretrained",
+        cwd=tmp_path,
+    )
     assert_user_error(proc, "tiny.pth")
 
 
 def test_missing_image_in_inference_names_file_and_record(tmp_path, tiny_checkpoint):
-    doc = {"images": [{"id": 4, "file_name": "gone.jpg"}], "annotations": [],
-           "categories": [{"id": 1}, {"id": 3}, {"id": 7}]}
+    doc = {
+        "images": [{"id": 4, "file_name": "gone.jpg"}],
+        "annotations": [],
+        "categories": [{"id": 1}, {"id": 3}, {"id": 7}],
+    }
     (tmp_path / "a.json").write_text(json.dumps(doc))
     # Default --workers 2: the error is raised in a loader worker process.
     proc = cli("infer", str(tiny_checkpoint), "--images", str(tmp_path), "--annotations", "a.json", cwd=tmp_path)
     assert_user_error(proc, "gone.jpg", "not found", "image id 4")
     (tmp_path / "gone.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    proc = cli("infer", str(tiny_checkpoint), "--images", str(tmp_path), "--annotations", "a.json",
-               "--output", "b.json", cwd=tmp_path)
+    proc = cli(
+        "infer",
+        str(tiny_checkpoint),
+        "--images",
+        str(tmp_path),
+        "--annotations",
+        "a.json",
+        "--output",
+        "b.json",
+        cwd=tmp_path,
+    )
     assert_user_error(proc, "gone.jpg", "cannot decode", "image id 4")
 
 
 def test_evaluation_accepts_annotations_without_area_or_iscrowd(tmp_path):
     from retinanet.evaluate import coco_stats
 
-    doc = {"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 2}],
-           "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20]}]}
+    doc = {
+        "images": [{"id": 1, "file_name": "a.jpg"}],
+        "categories": [{"id": 2}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20]}],
+    }
     (tmp_path / "a.json").write_text(json.dumps(doc))
-    stats = coco_stats(str(tmp_path / "a.json"), [{"image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20],
-                                                   "score": 0.9}])
+    stats = coco_stats(
+        str(tmp_path / "a.json"), [{"image_id": 1, "category_id": 2, "bbox": [10, 10, 20, 20], "score": 0.9}]
+    )
     assert stats[0] == pytest.approx(1.0)
 
 

@@ -3,6 +3,7 @@
 GPU tests are marked `gpu` and skipped without a CUDA device or without the
 built extension; test_extension_* run on the CPU too when the extension is built.
 """
+
 import glob
 import math
 import os
@@ -23,7 +24,8 @@ except ImportError as e:  # not built, or built for another torch
 
 CLAMP = math.log(1000 / 16)
 BUILT = glob.glob(os.path.join(os.path.dirname(__file__), "..", "retinanet", "_C*.so")) + glob.glob(
-    os.path.join(os.path.dirname(__file__), "..", "retinanet", "_C*.pyd"))
+    os.path.join(os.path.dirname(__file__), "..", "retinanet", "_C*.pyd")
+)
 
 gpu = pytest.mark.gpu
 needs_extension = pytest.mark.skipif(
@@ -33,6 +35,7 @@ needs_extension = pytest.mark.skipif(
 
 
 # --------------------------------------------------------------------------- import / tracing (any machine)
+
 
 def test_extension_imports_when_built():
     if not BUILT:
@@ -55,9 +58,13 @@ def test_extension_meta_shapes():
         s, b, c = torch.ops.retinanet.decode(cls, deltas, anchors, 8, 0.05, 123, CLAMP)
         assert (s.shape, b.shape, c.shape) == ((3, 123), (3, 123, 4), (3, 123))
         assert s.dtype == b.dtype == dtype and c.dtype == torch.int32
-        s, b, c = torch.ops.retinanet.nms(torch.empty(3, 500, device="meta", dtype=dtype),
-                                          torch.empty(3, 500, 4, device="meta", dtype=dtype),
-                                          torch.empty(3, 500, device="meta", dtype=torch.int32), 0.5, 100)
+        s, b, c = torch.ops.retinanet.nms(
+            torch.empty(3, 500, device="meta", dtype=dtype),
+            torch.empty(3, 500, 4, device="meta", dtype=dtype),
+            torch.empty(3, 500, device="meta", dtype=torch.int32),
+            0.5,
+            100,
+        )
         assert (s.shape, b.shape, c.shape) == ((3, 100), (3, 100, 4), (3, 100))
         assert s.dtype == b.dtype == dtype and c.dtype == torch.int32
 
@@ -83,6 +90,7 @@ def test_extension_traces_with_torch_export():
 
 # --------------------------------------------------------------------------- inputs
 
+
 def level_anchors(stride, device):
     cfg = ModelConfig()
     return box_ops.base_anchors(stride, cfg.anchor_ratios, cfg.anchor_scales).to(device)
@@ -96,7 +104,7 @@ def make_scores(gen, shape, mode, threshold):
         return u
     if mode == "sparse":  # a few % above the threshold, most just under it
         hot = torch.rand(shape, generator=gen) < 0.03
-        return torch.where(hot, threshold + (1 - threshold) * u ** 3, u * threshold)
+        return torch.where(hot, threshold + (1 - threshold) * u**3, u * threshold)
     if mode == "ties":  # few distinct values, the threshold itself among them
         return torch.where(u < 0.2, torch.full_like(u, threshold), (u * 8).floor() / 8)
     if mode == "empty":  # nothing strictly above the threshold
@@ -158,6 +166,7 @@ def run_decode(scores, deltas, anchors, stride, threshold, top_n):
 
 # --------------------------------------------------------------------------- decode
 
+
 @gpu
 @needs_extension
 @pytest.mark.parametrize("case", range(120))
@@ -215,10 +224,14 @@ def test_decode_degenerate_sizes():
     anchors = level_anchors(8, "cuda")
     scores = torch.rand(2, 36, 0, 5, device="cuda")  # an empty feature map: all padding
     deltas = torch.zeros(2, 36, 0, 5, device="cuda")
-    assert_decode_equal(run_decode(scores, deltas, anchors, 8, 0.05, 10),
-                        reference.decode(scores, deltas, anchors, 8, 0.05, 10, CLAMP), 40)
-    s, b, c = run_decode(torch.rand(0, 36, 5, 5, device="cuda"), torch.zeros(0, 36, 5, 5, device="cuda"),
-                         anchors, 8, 0.05, 10)  # no images
+    assert_decode_equal(
+        run_decode(scores, deltas, anchors, 8, 0.05, 10),
+        reference.decode(scores, deltas, anchors, 8, 0.05, 10, CLAMP),
+        40,
+    )
+    s, b, c = run_decode(
+        torch.rand(0, 36, 5, 5, device="cuda"), torch.zeros(0, 36, 5, 5, device="cuda"), anchors, 8, 0.05, 10
+    )  # no images
     assert s.shape == (0, 10) and b.shape == (0, 10, 4) and c.shape == (0, 10)
     scores = torch.rand(2, 36, 5, 5, device="cuda")
     s, b, c = run_decode(scores, torch.zeros(2, 36, 5, 5, device="cuda"), anchors, 8, 0.05, 0)
@@ -226,6 +239,7 @@ def test_decode_degenerate_sizes():
 
 
 # --------------------------------------------------------------------------- NMS
+
 
 def make_nms_inputs(gen, batch, n, classes, mode):
     """Clustered boxes (many overlaps), scores with ties, padding and non-positive scores."""
@@ -280,12 +294,18 @@ def greedy_nms_violation(scores, boxes, cls, out, threshold):
     for i in order[: int((s > 0).sum())].tolist():
         if slot == detections:
             break
-        same = slot < kept and float(out_s[slot]) == float(s[i]) and int(out_c[slot]) == int(c[i]) and \
-            bool((out_b[slot] == b[i]).all())
+        same = (
+            slot < kept
+            and float(out_s[slot]) == float(s[i])
+            and int(out_c[slot]) == int(c[i])
+            and bool((out_b[slot] == b[i]).all())
+        )
         if not same:
             if not (suppressed[i] or tie[i]):
-                return f"slot {slot}: candidate {i} (score {float(s[i])}, class {int(c[i])}) is missing " \
-                       f"and no kept box suppresses it"
+                return (
+                    f"slot {slot}: candidate {i} (score {float(s[i])}, class {int(c[i])}) is missing "
+                    f"and no kept box suppresses it"
+                )
             continue
         if suppressed[i]:
             return f"slot {slot}: keeps candidate {i}, which a kept box of its class suppresses"
@@ -295,8 +315,10 @@ def greedy_nms_violation(scores, boxes, cls, out, threshold):
         tie |= (c == c[i]) & near
         slot += 1
     if slot < kept:
-        return f"slot {slot}: {out_s[slot].item()} {out_c[slot].item()} {out_b[slot].tolist()} is not the next " \
-               f"candidate in score order"
+        return (
+            f"slot {slot}: {out_s[slot].item()} {out_c[slot].item()} {out_b[slot].tolist()} is not the next "
+            f"candidate in score order"
+        )
     return None
 
 
@@ -330,7 +352,7 @@ def fabricated(rows, detections=4):
     scores, boxes, cls = tie_case()
     idx = torch.tensor(rows, dtype=torch.long)
     s, b, c = torch.zeros(detections), torch.zeros(detections, 4), torch.full((detections,), -1, dtype=torch.int32)
-    s[:len(rows)], b[:len(rows)], c[:len(rows)] = scores[idx], boxes[idx], cls[idx]
+    s[: len(rows)], b[: len(rows)], c[: len(rows)] = scores[idx], boxes[idx], cls[idx]
     return s, b, c
 
 
@@ -365,7 +387,7 @@ def test_nms_check_catches_altered_outputs():
         k = int((ref[0][0] > 0).sum())
         assert 10 < k < 200
         s, b, c = (t.clone() for t in ref)
-        s[0, 5:k - 1], b[0, 5:k - 1], c[0, 5:k - 1] = s[0, 6:k].clone(), b[0, 6:k].clone(), c[0, 6:k].clone()
+        s[0, 5 : k - 1], b[0, 5 : k - 1], c[0, 5 : k - 1] = s[0, 6:k].clone(), b[0, 6:k].clone(), c[0, 6:k].clone()
         s[0, k - 1], b[0, k - 1], c[0, k - 1] = 0, 0, -1
         alterations = {"dropped": (s, b, c)}
         s, b, c = (t.clone() for t in ref)
@@ -490,7 +512,7 @@ def test_retinanet_ops_dispatch_to_extension():
     from retinanet import ops
 
     g = torch.Generator().manual_seed(5)
-    (scores, deltas), = detect_inputs(g, 2, torch.float32, levels=[(25, 34)])
+    ((scores, deltas),) = detect_inputs(g, 2, torch.float32, levels=[(25, 34)])
     anchors = level_anchors(32, "cpu")  # ops.decode moves it to the device
     ours = ops.decode(scores, deltas, anchors, 32, 0.05, 1000, CLAMP)
     direct = torch.ops.retinanet.decode(scores, deltas, anchors.cuda(), 32, 0.05, 1000, CLAMP)
@@ -537,8 +559,10 @@ def test_detect_step_cuda_graph(dtype):
 
 def detect_step(decode, nms, anchors, strides):
     def step(*flat):
-        decoded = [decode(flat[2 * i], flat[2 * i + 1], a, st, 0.05, 1000, CLAMP)
-                   for i, (a, st) in enumerate(zip(anchors, strides))]
+        decoded = [
+            decode(flat[2 * i], flat[2 * i + 1], a, st, 0.05, 1000, CLAMP)
+            for i, (a, st) in enumerate(zip(anchors, strides))
+        ]
         scores, boxes, classes = (torch.cat([o[k] for o in decoded], dim=1) for k in range(3))
         return nms(scores, boxes, classes, 0.5, 100)
 

@@ -5,6 +5,7 @@ PyTorch loader is replayed with the same parameters and must give the same
 boxes exactly and the same pixels within IMAGE_TOLERANCE. CPU pipelines run
 here and in CI; the GPU ones (marked gpu) on the lent H100.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,20 @@ def odd_dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("odd")
     rng = np.random.default_rng(0)
-    sizes = [(97, 143), (200, 120), (64, 300), (150, 150), (321, 180), (90, 91), (240, 320), (133, 77),
-             (180, 260), (111, 222), (300, 64), (128, 129)]
+    sizes = [
+        (97, 143),
+        (200, 120),
+        (64, 300),
+        (150, 150),
+        (321, 180),
+        (90, 91),
+        (240, 320),
+        (133, 77),
+        (180, 260),
+        (111, 222),
+        (300, 64),
+        (128, 129),
+    ]
     images, annotations = [], []
     for i, (h, w) in enumerate(sizes):
         # Smooth colour blobs plus mild noise: JPEG-like content, not pure noise.
@@ -70,12 +83,19 @@ def odd_dataset(tmp_path_factory):
         for k in range(1 + i % 4):
             bw, bh = rng.uniform(8, w / 2), rng.uniform(8, h / 2)
             x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-            annotations.append({"id": len(annotations) + 1, "image_id": 10 + i, "category_id": [2, 5, 9][k % 3],
-                                "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)],
-                                "iscrowd": int(i == 3 and k == 1)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": 10 + i,
+                    "category_id": [2, 5, 9][k % 3],
+                    "bbox": [round(x, 2), round(y, 2), round(bw, 2), round(bh, 2)],
+                    "iscrowd": int(i == 3 and k == 1),
+                }
+            )
     path = root / "ann.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": c} for c in (2, 5, 9)]}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": c} for c in (2, 5, 9)]})
+    )
     return root, CocoAnnotations(str(path))
 
 
@@ -95,8 +115,7 @@ def pytorch_batch(root, coco, params) -> object:
     index = {rec.id: i for i, rec in enumerate(coco.images)}
     samples = []
     for image_id, _, g in params:
-        ds = DetectionDataset(str(root), coco, 0, MAX_SIZE, training=True, jitter=(g.short, g.short),
-                              augment=Replay(g))
+        ds = DetectionDataset(str(root), coco, 0, MAX_SIZE, training=True, jitter=(g.short, g.short), augment=Replay(g))
         samples.append(ds[index[image_id]])
     return Collate(MULTIPLE, FILL)(samples)
 
@@ -115,15 +134,16 @@ def assert_same_batch(dali_batch, torch_batch, tolerance=IMAGE_TOLERANCE):
 @pytest.mark.parametrize("augment", [T.Augment(), T.Augment(crop=True, rotate=True)], ids=["flip", "crop+rotate"])
 def test_training_pipeline_equals_pytorch_loader_for_the_same_geometry(odd_dataset, augment):
     root, coco = odd_dataset
-    loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), augment,
-                               torch.device("cpu"), threads=2, seed=3)
+    loader = D.training_loader(
+        str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), augment, torch.device("cpu"), threads=2, seed=3
+    )
     seen_flips, seen_turns, seen_crops, crowd = set(), set(), 0, False
     for _ in range(3 * len(loader)):  # three epochs of 3 batches
         outs = loader.run()
         params = D.training_params(outs)
         batch = loader._training_batch(outs)
         assert_same_batch(batch, pytorch_batch(root, coco, params))
-        for _, (h, w), g in params:
+        for _, _size, g in params:
             assert 60 <= g.short <= 200
             seen_flips.add(g.flip)
             seen_turns.add(g.quarter_turns)
@@ -139,8 +159,19 @@ def test_training_pipeline_equals_pytorch_loader_for_the_same_geometry(odd_datas
 @needs_dali
 def test_colour_augmentations_run_and_keep_the_geometry(odd_dataset):
     root, coco = odd_dataset
-    loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200),
-                               T.Augment(brightness=True), torch.device("cpu"), threads=2, seed=4)
+    loader = D.training_loader(
+        str(root),
+        coco,
+        4,
+        MAX_SIZE,
+        MULTIPLE,
+        FILL,
+        (60, 200),
+        T.Augment(brightness=True),
+        torch.device("cpu"),
+        threads=2,
+        seed=4,
+    )
     ratios = []
     for _ in range(len(loader)):
         outs = loader.run()
@@ -154,8 +185,9 @@ def test_colour_augmentations_run_and_keep_the_geometry(odd_dataset):
     # Brightness x U(0.75, 1.25) per image (clipping at 255 pulls bright images down a little).
     assert ratios.min() > 0.7 and ratios.max() < 1.3 and ratios.std() > 0.05, ratios
     both = T.Augment(brightness=True, contrast=True, saturation=True, hue=True)
-    loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), both,
-                               torch.device("cpu"), threads=2, seed=4)
+    loader = D.training_loader(
+        str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), both, torch.device("cpu"), threads=2, seed=4
+    )
     outs = loader.run()
     assert torch.equal(loader._training_batch(outs).targets, pytorch_batch(root, coco, D.training_params(outs)).targets)
 
@@ -188,8 +220,21 @@ def test_sharding_is_disjoint_and_complete(odd_dataset, world):
     for epoch_of in range(2):
         shards = []
         for rank in range(world):
-            loader = D.training_loader(str(root), coco, 1, MAX_SIZE, MULTIPLE, FILL, (64, 64), T.Augment(),
-                                       torch.device("cpu"), threads=1, seed=5, rank=rank, world=world)
+            loader = D.training_loader(
+                str(root),
+                coco,
+                1,
+                MAX_SIZE,
+                MULTIPLE,
+                FILL,
+                (64, 64),
+                T.Augment(),
+                torch.device("cpu"),
+                threads=1,
+                seed=5,
+                rank=rank,
+                world=world,
+            )
             mine = D.shard_range(len(coco.images), rank, world)
             ids = []
             for _ in range(epoch_of + 1):  # the second epoch reshuffles
@@ -201,12 +246,34 @@ def test_sharding_is_disjoint_and_complete(odd_dataset, world):
     # more ranks than images leave some shards empty.
     seen, few_seen = [], []
     for rank in range(world):
-        few = D.inference_loader(str(root), coco.images[:2], 4, 100, MAX_SIZE, MULTIPLE, FILL,
-                                 torch.device("cpu"), threads=1, rank=rank, world=world)
+        few = D.inference_loader(
+            str(root),
+            coco.images[:2],
+            4,
+            100,
+            MAX_SIZE,
+            MULTIPLE,
+            FILL,
+            torch.device("cpu"),
+            threads=1,
+            rank=rank,
+            world=world,
+        )
         few_seen += [i for b in few for i in b.image_ids]
 
-        loader = D.inference_loader(str(root), coco.images, 4, 100, MAX_SIZE, MULTIPLE, FILL, torch.device("cpu"),
-                                    threads=1, rank=rank, world=world)
+        loader = D.inference_loader(
+            str(root),
+            coco.images,
+            4,
+            100,
+            MAX_SIZE,
+            MULTIPLE,
+            FILL,
+            torch.device("cpu"),
+            threads=1,
+            rank=rank,
+            world=world,
+        )
         seen += [i for b in loader for i in b.image_ids]
     assert sorted(seen) == every
     assert few_seen == [rec.id for rec in coco.images[:2]]
@@ -242,8 +309,9 @@ def test_with_dali_without_dali_is_one_clear_line(tmp_path, monkeypatch):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text("import sys\nsys.modules['nvidia.dali'] = None  # import fails\n")
-    proc = run_cli("train", "x.pth", "--with-dali", "--iters", "1", cwd=tmp_path, check=False,
-                   env={"PYTHONPATH": str(shim)})
+    proc = run_cli(
+        "train", "x.pth", "--with-dali", "--iters", "1", cwd=tmp_path, check=False, env={"PYTHONPATH": str(shim)}
+    )
     assert_user_error(proc, INSTALL_HINT)
     assert not (tmp_path / "x.pth").exists()
 
@@ -254,13 +322,20 @@ def test_with_dali_infer_map_equals_pytorch_loader_and_train_runs(trained, demo_
     from test_workflow import final_map
 
     work, _, env = trained
-    args = ["infer", str(work / "demo.pth"), "--images", str(demo_root / "val"), "--annotations",
-            str(demo_root / "val.json")]
+    args = [
+        "infer",
+        str(work / "demo.pth"),
+        "--images",
+        str(demo_root / "val"),
+        "--annotations",
+        str(demo_root / "val.json"),
+    ]
     plain = run_cli(*args, "--output", "a.json", cwd=tmp_path, env=env)
     dali = run_cli(*args, "--output", "b.json", "--with-dali", cwd=tmp_path, env=env)
     assert abs(final_map(plain.stdout) - final_map(dali.stdout)) < 0.005
-    run_cli("train", "d.pth", "--with-dali", "--augment-crop", "--iters", "8", "--val-iters", "8", cwd=tmp_path,
-            env=env)
+    run_cli(
+        "train", "d.pth", "--with-dali", "--augment-crop", "--iters", "8", "--val-iters", "8", cwd=tmp_path, env=env
+    )
     assert (tmp_path / "d.pth").exists()
 
 
@@ -270,8 +345,9 @@ def test_gpu_pipelines_match_the_cpu_ones(odd_dataset):
     root, coco = odd_dataset
     cuda = torch.device("cuda")
     for augment in (T.Augment(), T.Augment(crop=True, rotate=True)):
-        loader = D.training_loader(str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), augment, cuda,
-                                   threads=2, seed=3)
+        loader = D.training_loader(
+            str(root), coco, 4, MAX_SIZE, MULTIPLE, FILL, (60, 200), augment, cuda, threads=2, seed=3
+        )
         for _ in range(len(loader)):
             outs = loader.run()
             params = D.training_params(outs)
@@ -297,7 +373,6 @@ def test_undecodable_image_is_a_user_error_naming_it(odd_dataset, tmp_path):
     bad = tmp_path / "imgs"
     shutil.copytree(root, bad)
     (bad / coco.images[2].file_name).write_bytes(b"not a jpeg")
-    loader = D.inference_loader(str(bad), coco.images, 4, 100, MAX_SIZE, MULTIPLE, FILL, torch.device("cpu"),
-                                threads=1)
+    loader = D.inference_loader(str(bad), coco.images, 4, 100, MAX_SIZE, MULTIPLE, FILL, torch.device("cpu"), threads=1)
     with pytest.raises(UserError, match=f"{coco.images[2].file_name}: cannot decode image .*image id 12"):
         list(loader)

@@ -1,4 +1,5 @@
 """COCO loading, validation errors, transforms and collate."""
+
 import json
 
 import pytest
@@ -17,10 +18,14 @@ def write(tmp_path, doc, name="ann.json"):
 
 
 def base_doc():
-    return {"images": [{"id": 5, "file_name": "a.jpg", "width": 100, "height": 80}],
-            "annotations": [{"id": 1, "image_id": 5, "category_id": 9, "bbox": [10, 10, 20, 30]},
-                            {"id": 2, "image_id": 5, "category_id": 2, "bbox": [0, 0, 50, 50], "iscrowd": 1}],
-            "categories": [{"id": 9}, {"id": 2}]}
+    return {
+        "images": [{"id": 5, "file_name": "a.jpg", "width": 100, "height": 80}],
+        "annotations": [
+            {"id": 1, "image_id": 5, "category_id": 9, "bbox": [10, 10, 20, 30]},
+            {"id": 2, "image_id": 5, "category_id": 2, "bbox": [0, 0, 50, 50], "iscrowd": 1},
+        ],
+        "categories": [{"id": 9}, {"id": 2}],
+    }
 
 
 def test_category_ids_map_to_sorted_contiguous_labels_and_crowd(tmp_path):
@@ -31,16 +36,19 @@ def test_category_ids_map_to_sorted_contiguous_labels_and_crowd(tmp_path):
     assert rec.boxes[0] == [10, 10, 30, 40]
 
 
-@pytest.mark.parametrize("mutate, words", [
-    (lambda d: d.pop("categories"), ["missing required key 'categories'"]),
-    (lambda d: d["annotations"][0].pop("bbox"), ["annotations[0]", "(id 1)", "'bbox'"]),
-    (lambda d: d["annotations"][0].update(bbox=[1, 1, 0, 5]), ["annotations[0]", "width or height <= 0"]),
-    (lambda d: d["annotations"][0].update(bbox=[90, 10, 20, 5]), ["annotations[0]", "outside image 5"]),
-    (lambda d: d["annotations"][0].update(category_id=77), ["annotations[0]", "unknown category_id 77"]),
-    (lambda d: d["annotations"][0].update(image_id=6), ["annotations[0]", "unknown image_id 6"]),
-    (lambda d: d["images"].append({"id": 5, "file_name": "b.jpg"}), ["images[1]", "duplicate image id 5"]),
-    (lambda d: d["annotations"][1].update(bbox="x"), ["annotations[1]", "4 finite numbers"]),
-])
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda d: d.pop("categories"), ["missing required key 'categories'"]),
+        (lambda d: d["annotations"][0].pop("bbox"), ["annotations[0]", "(id 1)", "'bbox'"]),
+        (lambda d: d["annotations"][0].update(bbox=[1, 1, 0, 5]), ["annotations[0]", "width or height <= 0"]),
+        (lambda d: d["annotations"][0].update(bbox=[90, 10, 20, 5]), ["annotations[0]", "outside image 5"]),
+        (lambda d: d["annotations"][0].update(category_id=77), ["annotations[0]", "unknown category_id 77"]),
+        (lambda d: d["annotations"][0].update(image_id=6), ["annotations[0]", "unknown image_id 6"]),
+        (lambda d: d["images"].append({"id": 5, "file_name": "b.jpg"}), ["images[1]", "duplicate image id 5"]),
+        (lambda d: d["annotations"][1].update(bbox="x"), ["annotations[1]", "4 finite numbers"]),
+    ],
+)
 def test_bad_annotations_name_file_and_record(tmp_path, mutate, words):
     doc = base_doc()
     mutate(doc)
@@ -86,8 +94,9 @@ def test_collate_pads_to_multiple_with_mean_and_pads_targets(tmp_path, demo_root
     assert batch.targets.shape[1] == max(counts)
     for i, c in enumerate(counts):
         assert (batch.targets[i, c:, 4] == LABEL_PAD).all()
-        torch.testing.assert_close(batch.targets[i, :c, :4],
-                                   torch.tensor(ann.images[i].boxes).reshape(-1, 4) * 100 / 128)
+        torch.testing.assert_close(
+            batch.targets[i, :c, :4], torch.tensor(ann.images[i].boxes).reshape(-1, 4) * 100 / 128
+        )
 
 
 def test_corrupt_image_skipped_in_training_error_in_inference(tmp_path):

@@ -5,6 +5,7 @@ size must agree with its annotation (width/height, boxes); EXIF orientation,
 16-bit greyscale, transparency and the pixel limit are handled the same way
 by every loader; a bad --backbone-weights file is one line.
 """
+
 import io
 import json
 import pathlib
@@ -31,20 +32,27 @@ def write_json(folder, doc, name="ann.json"):
 
 def one_image_doc(**image):
     """Image 5 (fields from `image`) with one box of category 9 (label 1)."""
-    return {"images": [{"id": 5, "file_name": "a.png", **image}],
-            "annotations": [{"id": 1, "image_id": 5, "category_id": 9, "bbox": [10, 10, 20, 30]}],
-            "categories": [{"id": 9}, {"id": 2}]}
+    return {
+        "images": [{"id": 5, "file_name": "a.png", **image}],
+        "annotations": [{"id": 1, "image_id": 5, "category_id": 9, "bbox": [10, 10, 20, 30]}],
+        "categories": [{"id": 9}, {"id": 2}],
+    }
 
 
 # --- ids and categories ---------------------------------------------------
 
+
 @pytest.mark.parametrize("value", [1.5, "abc", True, None, "5", 5.0])
-@pytest.mark.parametrize("record, key, set_value", [
-    ("images[0]", "id", lambda d, v: d["images"][0].update(id=v)),
-    ("categories[0]", "id", lambda d, v: d["categories"][0].update(id=v)),
-    ("annotations[0] (id 1)", "image_id", lambda d, v: d["annotations"][0].update(image_id=v)),
-    ("annotations[0] (id 1)", "category_id", lambda d, v: d["annotations"][0].update(category_id=v)),
-], ids=["image", "category", "annotation-image", "annotation-category"])
+@pytest.mark.parametrize(
+    "record, key, set_value",
+    [
+        ("images[0]", "id", lambda d, v: d["images"][0].update(id=v)),
+        ("categories[0]", "id", lambda d, v: d["categories"][0].update(id=v)),
+        ("annotations[0] (id 1)", "image_id", lambda d, v: d["annotations"][0].update(image_id=v)),
+        ("annotations[0] (id 1)", "category_id", lambda d, v: d["annotations"][0].update(category_id=v)),
+    ],
+    ids=["image", "category", "annotation-image", "annotation-category"],
+)
 def test_a_non_integer_id_is_refused_naming_the_record(tmp_path, value, record, key, set_value):
     doc = one_image_doc()
     set_value(doc, value)
@@ -78,6 +86,7 @@ def test_image_width_must_be_a_positive_integer(tmp_path, value):
 
 # --- decoded size against the annotations -------------------------------------
 
+
 def save_png(folder, name, height, width, value=40):
     Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(folder / name)
     return str(folder / name)
@@ -85,24 +94,45 @@ def save_png(folder, name, height, width, value=40):
 
 def datasets(folder, ann):
     """The same records through a training and an inference dataset (native size)."""
-    return (DetectionDataset(str(folder), ann, 40, 1000, training=True, jitter=(40, 40)),
-            DetectionDataset(str(folder), ann, 40, 1000))
+    return (
+        DetectionDataset(str(folder), ann, 40, 1000, training=True, jitter=(40, 40)),
+        DetectionDataset(str(folder), ann, 40, 1000),
+    )
 
 
-@pytest.mark.parametrize("image, bbox, message", [
-    ({}, [45, 5, 20, 10], "ann.json: annotations[0] (id 1): bbox [45.0, 5.0, 20.0, 10.0] lies outside image 5 "
-                          "(60x40 as decoded from {path})"),
-    ({}, [5, -3, 20, 10], "ann.json: annotations[0] (id 1): bbox [5.0, -3.0, 20.0, 10.0] lies outside image 5 "
-                          "(60x40 as decoded from {path})"),
-    ({"width": 100, "height": 80}, [10, 10, 20, 30],
-     "ann.json: image 5 ({path}) has width 100, height 80 in the annotations but decodes to 60x40 "
-     "(width x height, after its EXIF orientation)"),
-    ({"height": 60}, [10, 10, 20, 30],
-     "ann.json: image 5 ({path}) has height 60 in the annotations but decodes to 60x40 "
-     "(width x height, after its EXIF orientation)"),
-], ids=["box-right", "box-above", "size", "height-only"])
+@pytest.mark.parametrize(
+    "image, bbox, message",
+    [
+        (
+            {},
+            [45, 5, 20, 10],
+            "ann.json: annotations[0] (id 1): bbox [45.0, 5.0, 20.0, 10.0] lies outside image 5 "
+            "(60x40 as decoded from {path})",
+        ),
+        (
+            {},
+            [5, -3, 20, 10],
+            "ann.json: annotations[0] (id 1): bbox [5.0, -3.0, 20.0, 10.0] lies outside image 5 "
+            "(60x40 as decoded from {path})",
+        ),
+        (
+            {"width": 100, "height": 80},
+            [10, 10, 20, 30],
+            "ann.json: image 5 ({path}) has width 100, height 80 in the annotations but decodes to 60x40 "
+            "(width x height, after its EXIF orientation)",
+        ),
+        (
+            {"height": 60},
+            [10, 10, 20, 30],
+            "ann.json: image 5 ({path}) has height 60 in the annotations but decodes to 60x40 "
+            "(width x height, after its EXIF orientation)",
+        ),
+    ],
+    ids=["box-right", "box-above", "size", "height-only"],
+)
 def test_image_disagreeing_with_its_annotation_is_a_data_error_in_training_and_inference(
-        tmp_path, image, bbox, message):
+    tmp_path, image, bbox, message
+):
     path = save_png(tmp_path, "a.png", 40, 60)
     doc = one_image_doc(**image)
     doc["annotations"][0]["bbox"] = bbox
@@ -112,15 +142,17 @@ def test_image_disagreeing_with_its_annotation_is_a_data_error_in_training_and_i
         assert ds[0] == expected
     # Out of a loader worker it arrives as a message in the batch, not a traceback.
     train = datasets(tmp_path, ann)[0]
-    batch, = DataLoader(train, batch_size=1, num_workers=1, collate_fn=Collate(64, FILL))
+    (batch,) = DataLoader(train, batch_size=1, num_workers=1, collate_fn=Collate(64, FILL))
     assert batch.errors == [expected] and batch.image_ids == [] and batch.skipped == 0
 
 
 def test_boxes_within_the_decoded_image_and_its_edge_tolerance_load(tmp_path):
     save_png(tmp_path, "a.png", 40, 60)
     doc = one_image_doc()
-    doc["annotations"] = [{"id": 1, "image_id": 5, "category_id": 9, "bbox": [10, 10, 20, 30]},
-                          {"id": 2, "image_id": 5, "category_id": 2, "bbox": [-1, 30, 61, 11]}]
+    doc["annotations"] = [
+        {"id": 1, "image_id": 5, "category_id": 9, "bbox": [10, 10, 20, 30]},
+        {"id": 2, "image_id": 5, "category_id": 2, "bbox": [-1, 30, 61, 11]},
+    ]
     ann = CocoAnnotations(write_json(tmp_path, doc))
     sample = datasets(tmp_path, ann)[1][0]
     assert sample.size == (40, 60) and tuple(sample.image.shape) == (3, 40, 60)
@@ -179,7 +211,7 @@ def test_pytorch_loader_applies_the_exif_orientation(rotated):
         assert sample.size == (h, w) and tuple(sample.image.shape) == (3, h, w)
         assert sample.targets.tolist() == [[x, y, x + bw, y + bh, 0]]
         block = torch.zeros(h, w, dtype=torch.bool)
-        block[y:y + bh, x:x + bw] = True
+        block[y : y + bh, x : x + bw] = True
         grey = sample.image.float().mean(0)
         assert grey[block].min() > 200 and grey[~block].max() < 150, orientation
 
@@ -220,8 +252,19 @@ def test_dali_pipelines_orient_like_the_pytorch_loader(rotated):
     root, ann = rotated
     D.require_dali()
     turns, crops = set(), 0
-    loader = D.training_loader(str(root), ann, 2, MAX_SIZE, MULTIPLE, DALI_FILL, (40, 90),
-                               T.Augment(crop=True, rotate=True), torch.device("cpu"), threads=1, seed=2)
+    loader = D.training_loader(
+        str(root),
+        ann,
+        2,
+        MAX_SIZE,
+        MULTIPLE,
+        DALI_FILL,
+        (40, 90),
+        T.Augment(crop=True, rotate=True),
+        torch.device("cpu"),
+        threads=1,
+        seed=2,
+    )
     for _ in range(8):
         outs = loader.run()
         params = D.training_params(outs)
@@ -230,10 +273,14 @@ def test_dali_pipelines_orient_like_the_pytorch_loader(rotated):
         turns |= {g.quarter_turns for _, _, g in params}
         crops += sum(g.crop is not None for _, _, g in params)
     assert crops > 0 and len(turns) > 1  # crop windows and rotations on oriented images
-    ours = list(D.inference_loader(str(root), ann.images, 2, 40, MAX_SIZE, MULTIPLE, DALI_FILL,
-                                   torch.device("cpu"), threads=1))
-    theirs = list(DataLoader(DetectionDataset(str(root), ann, 40, MAX_SIZE), batch_size=2,
-                             collate_fn=Collate(MULTIPLE, DALI_FILL)))
+    ours = list(
+        D.inference_loader(str(root), ann.images, 2, 40, MAX_SIZE, MULTIPLE, DALI_FILL, torch.device("cpu"), threads=1)
+    )
+    theirs = list(
+        DataLoader(
+            DetectionDataset(str(root), ann, 40, MAX_SIZE), batch_size=2, collate_fn=Collate(MULTIPLE, DALI_FILL)
+        )
+    )
     assert len(ours) == len(theirs) == 1 and ours[0].sizes == [(40, 60), (60, 40)]
     assert_same_batch(ours[0], theirs[0])
 
@@ -242,12 +289,16 @@ def test_annotation_with_the_stored_not_the_displayed_size_is_an_error(rotated, 
     from retinanet.data import dali as D
 
     root, _ = rotated
-    doc = {"images": [{"id": 7, "file_name": "o6.jpg", "width": STORED_W, "height": STORED_H}],
-           "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 20, 10]}],
-           "categories": [{"id": 1}]}
+    doc = {
+        "images": [{"id": 7, "file_name": "o6.jpg", "width": STORED_W, "height": STORED_H}],
+        "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 20, 10]}],
+        "categories": [{"id": 1}],
+    }
     ann = CocoAnnotations(write_json(tmp_path, doc, "stored.json"))
-    expected = (f"stored.json: image 7 ({root / 'o6.jpg'}) has width 60, height 40 in the annotations but "
-                "decodes to 40x60 (width x height, after its EXIF orientation)")
+    expected = (
+        f"stored.json: image 7 ({root / 'o6.jpg'}) has width 60, height 40 in the annotations but "
+        "decodes to 40x60 (width x height, after its EXIF orientation)"
+    )
     assert DetectionDataset(str(root), ann, 40, 1000)[0] == expected
     loader = D.inference_loader(str(root), ann.images, 1, 40, 333, 128, FILL, torch.device("cpu"), threads=1)
     with pytest.raises(UserError) as e:
@@ -256,6 +307,7 @@ def test_annotation_with_the_stored_not_the_displayed_size_is_an_error(rotated, 
 
 
 # --- images: 16 bits, transparency, pixel limit ---------------------------------
+
 
 def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
     values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
@@ -297,7 +349,7 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     Image.new("L", (8, 8)).save(buf, "JPEG")
     data = bytearray(buf.getvalue())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)
 
 
@@ -306,8 +358,10 @@ def test_image_above_the_pixel_limit_is_one_line(tmp_path, side):
     (tmp_path / "big.jpg").write_bytes(jpeg_claiming(side, side))
     with pytest.raises(CorruptImage) as e:
         read_image(str(tmp_path / "big.jpg"))
-    assert str(e.value) == (f"{tmp_path / 'big.jpg'}: image has more than 268435456 pixels, the limit against "
-                            "decompression bombs; downscale or tile it")
+    assert str(e.value) == (
+        f"{tmp_path / 'big.jpg'}: image has more than 268435456 pixels, the limit against "
+        "decompression bombs; downscale or tile it"
+    )
 
 
 def test_a_hundred_megapixel_image_is_decoded(tmp_path, monkeypatch):
@@ -324,6 +378,7 @@ def test_a_hundred_megapixel_image_is_decoded(tmp_path, monkeypatch):
 
 
 # --- --backbone-weights -------------------------------------------------------
+
 
 class RunsCode:
     """Unpickling this would create a file: a weights file must never run code."""
@@ -358,17 +413,26 @@ def weights_file(kind: str, folder) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("missing", "backbone weights file not found"),
-    ("truncated", "not a readable backbone weights file (not a torch.save file, or a truncated one: PytorchStreamReader "
-                  "failed reading zip archive: failed finding central directory)"),
-    ("text", "not a readable backbone weights file (not a torch.save file, or a truncated one)"),
-    ("resnet34", "not a ResNet18FPN state dict (96 unknown keys, e.g. layer1.2.conv1.weight)"),
-    ("mobilenet", "not a ResNet18FPN state dict (missing 120 keys, e.g. conv1.weight)"),
-    ("wrong-shape", "not a ResNet18FPN state dict (conv1.weight has shape (64, 1, 7, 7), not (64, 3, 7, 7))"),
-    ("code", "refusing to load this backbone weights file: it holds Python objects beyond tensors and plain "
-             "containers, and unpickling them could run code; re-save its tensors (state_dict) alone"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("missing", "backbone weights file not found"),
+        (
+            "truncated",
+            "not a readable backbone weights file (not a torch.save file, or a truncated one: PytorchStreamReader "
+            "failed reading zip archive: failed finding central directory)",
+        ),
+        ("text", "not a readable backbone weights file (not a torch.save file, or a truncated one)"),
+        ("resnet34", "not a ResNet18FPN state dict (96 unknown keys, e.g. layer1.2.conv1.weight)"),
+        ("mobilenet", "not a ResNet18FPN state dict (missing 120 keys, e.g. conv1.weight)"),
+        ("wrong-shape", "not a ResNet18FPN state dict (conv1.weight has shape (64, 1, 7, 7), not (64, 3, 7, 7))"),
+        (
+            "code",
+            "refusing to load this backbone weights file: it holds Python objects beyond tensors and plain "
+            "containers, and unpickling them could run code; re-save its tensors (state_dict) alone",
+        ),
+    ],
+)
 def test_unusable_backbone_weights_file_is_one_line(tmp_path, kind, reason):
     from retinanet.model import backbones
 

@@ -1,5 +1,6 @@
 """Exact resume, crash-safe checkpoints, DDP (gloo, torchrun) equivalence,
 sharded inference and TensorBoard scalars, on a tiny copy of the demo data."""
+
 import json
 import os
 import random
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from retinanet import checkpoint
-from conftest import run_cli
 
 TRAIN_IMAGES, VAL_IMAGES = 8, 4
 
@@ -80,8 +81,9 @@ def test_sigkill_while_writing_leaves_a_loadable_resumable_checkpoint(tmp_path, 
     rng = random.Random(0)
     last = 1
     for _ in range(6):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, path], env={**os.environ, **tiny_env},
-                                  stdout=subprocess.PIPE, text=True)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", WRITER, path], env={**os.environ, **tiny_env}, stdout=subprocess.PIPE, text=True
+        )
         assert writer.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 1.0))  # somewhere inside some write
         writer.send_signal(signal.SIGKILL)
@@ -92,8 +94,7 @@ def test_sigkill_while_writing_leaves_a_loadable_resumable_checkpoint(tmp_path, 
         last = state["iteration"]
     assert last > 1  # some writes completed between the kills
     # Leftover temp files of killed writes never shadow the checkpoint; resume from it.
-    proc = run_cli("train", "m.pth", "--iters", str(last + 1), "--workers", "0", *COMMON, cwd=tmp_path,
-                   env=tiny_env)
+    proc = run_cli("train", "m.pth", "--iters", str(last + 1), "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_env)
     assert f"resuming m.pth at iteration {last}" in proc.stdout
     assert checkpoint.load(path)["iteration"] == last + 1
 
@@ -117,22 +118,82 @@ def random_backbone(tmp_path):
 
 
 def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_path, tiny_env):
-    flags = ["--iters", "3", "--batch", "4", "--seed", "1", "--val-iters", "1000", "--workers", "0",
-             "--jitter", "128", "128", "--backbone-weights", random_backbone(tmp_path)]
+    flags = [
+        "--iters",
+        "3",
+        "--batch",
+        "4",
+        "--seed",
+        "1",
+        "--val-iters",
+        "1000",
+        "--workers",
+        "0",
+        "--jitter",
+        "128",
+        "128",
+        "--backbone-weights",
+        random_backbone(tmp_path),
+    ]
     run_cli("train", "one.pth", *flags, "--logdir", "tb1", cwd=tmp_path, env=tiny_env)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_port()), "-m", "retinanet", "train", "two.pth", *flags,
-                           "--logdir", "tb2"],
-                          cwd=tmp_path, env={**os.environ, **tiny_env}, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_port()),
+            "-m",
+            "retinanet",
+            "train",
+            "two.pth",
+            *flags,
+            "--logdir",
+            "tb2",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **tiny_env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("saved two.pth") == 1  # only rank 0 logs
     # Two "nodes" on localhost: one launcher each, one rendezvous (the multi-node path).
     port = str(_port())
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(n),
-                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
-                               "-m", "retinanet", "train", "nodes.pth", *flags],
-                              cwd=tmp_path, env={**os.environ, **tiny_env}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(n),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "-m",
+                "retinanet",
+                "train",
+                "nodes.pth",
+                *flags,
+            ],
+            cwd=tmp_path,
+            env={**os.environ, **tiny_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
     outs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs
     assert "saved nodes.pth at iteration 3" in outs[0][0]
@@ -160,17 +221,55 @@ def test_sharded_inference_returns_every_image_once(tmp_path, tiny_env):
     from retinanet.config import ModelConfig
     from retinanet.model import RetinaNet
 
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False,
-                      score_threshold=0.0, top_n=5, detections=5)
+    cfg = ModelConfig(
+        backbone="ResNet18FPN",
+        classes=3,
+        channels=32,
+        resize=128,
+        max_size=128,
+        freeze_bn=False,
+        score_threshold=0.0,
+        top_n=5,
+        detections=5,
+    )
     torch.manual_seed(0)
     checkpoint.save(str(tmp_path / "t.pth"), checkpoint.model_state(cfg, RetinaNet(cfg), [1, 3, 7]))
     root = os.path.join(tiny_env["RETINANET_CACHE"], "demo-v2")
-    args = ["infer", "t.pth", "--images", os.path.join(root, "val"), "--annotations",
-            os.path.join(root, "val.json"), "--batch", "1", "--workers", "0"]
+    args = [
+        "infer",
+        "t.pth",
+        "--images",
+        os.path.join(root, "val"),
+        "--annotations",
+        os.path.join(root, "val.json"),
+        "--batch",
+        "1",
+        "--workers",
+        "0",
+    ]
     run_cli(*args, "--output", "one.json", cwd=tmp_path, env=tiny_env)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_port()), "-m", "retinanet", *args, "--output", "two.json"],
-                          cwd=tmp_path, env={**os.environ, **tiny_env}, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_port()),
+            "-m",
+            "retinanet",
+            *args,
+            "--output",
+            "two.json",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **tiny_env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
@@ -178,7 +277,10 @@ def test_sharded_inference_returns_every_image_once(tmp_path, tiny_env):
     for records in (one, two):
         per_image = {i: sum(r["image_id"] == i for r in records) for i in ids}
         assert per_image == {i: 5 for i in ids}, per_image  # every image, each exactly once
-    key = lambda r: (r["image_id"], r["category_id"], r["score"], r["bbox"])
+
+    def key(r):
+        return (r["image_id"], r["category_id"], r["score"], r["bbox"])
+
     assert len(one) == len(two)
     for r1, r2 in zip(sorted(one, key=key), sorted(two, key=key)):
         assert r1["image_id"] == r2["image_id"] and r1["category_id"] == r2["category_id"]
@@ -189,12 +291,23 @@ def test_corrupt_jpeg_in_training_is_skipped_warned_and_counted(tmp_path, tiny_e
     from retinanet.data import demo
 
     cache = tmp_path / "cache"
-    shutil.copytree(os.path.join(tiny_env["RETINANET_CACHE"], f"demo-v{demo.VERSION}"),
-                    cache / f"demo-v{demo.VERSION}")
+    shutil.copytree(os.path.join(tiny_env["RETINANET_CACHE"], f"demo-v{demo.VERSION}"), cache / f"demo-v{demo.VERSION}")
     victim = cache / f"demo-v{demo.VERSION}" / "train" / "train_00002.jpg"
     victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
-    proc = run_cli("train", "c.pth", "--iters", "4", "--workers", "0", "--batch", "2", "--val-iters", "1000",
-                   cwd=tmp_path, env={**tiny_env, "RETINANET_CACHE": str(cache)})
+    proc = run_cli(
+        "train",
+        "c.pth",
+        "--iters",
+        "4",
+        "--workers",
+        "0",
+        "--batch",
+        "2",
+        "--val-iters",
+        "1000",
+        cwd=tmp_path,
+        env={**tiny_env, "RETINANET_CACHE": str(cache)},
+    )
     assert "train_00002.jpg" in proc.stderr and "skipping" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "skipped 1" in proc.stdout
@@ -228,8 +341,15 @@ elif mode == "timeout":
 
 def _pair(mode, timeout_s):
     port = _port()
-    return [subprocess.Popen([sys.executable, "-c", GROUP, str(r), mode, str(port), str(timeout_s)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", GROUP, str(r), mode, str(port), str(timeout_s)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
 
 
 def test_an_error_of_one_rank_is_raised_on_every_rank_with_its_rank():
@@ -257,13 +377,47 @@ def test_a_data_error_on_one_rank_ends_the_job_with_one_line(tmp_path, tiny_env)
     bad = next(a for a in doc["annotations"] if a["image_id"] == victim["id"])
     bad["bbox"] = [10, 10, 5000, 20]
     (tmp_path / "bad.json").write_text(json.dumps(doc))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_port()), "-m", "retinanet", "train", "m.pth", "--annotations",
-                           "bad.json", "--images", str(root / "train"), "--batch", "2", "--iters", "8",
-                           "--workers", "0", "--no-pretrained", "--backbone", "ResNet18FPN", "--resize", "96",
-                           "--max-size", "96", "--jitter", "96", "96"],
-                          cwd=tmp_path, env={**os.environ, **tiny_env}, capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_port()),
+            "-m",
+            "retinanet",
+            "train",
+            "m.pth",
+            "--annotations",
+            "bad.json",
+            "--images",
+            str(root / "train"),
+            "--batch",
+            "2",
+            "--iters",
+            "8",
+            "--workers",
+            "0",
+            "--no-pretrained",
+            "--backbone",
+            "ResNet18FPN",
+            "--resize",
+            "96",
+            "--max-size",
+            "96",
+            "--jitter",
+            "96",
+            "96",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, **tiny_env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("retinanet: error:")]
     assert len(ours) == 1, proc.stderr

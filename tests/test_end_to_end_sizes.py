@@ -6,6 +6,7 @@ detections mapped back to each image's own pixels; an ONNX export is larger
 than any of them. A tiny random-weight model with BatchNorm heads keeps this
 fast; its heads are set so that it detects plenty.
 """
+
 import json
 
 import pytest
@@ -16,8 +17,8 @@ from test_gpu_backend import Recording, assert_same_detections, rows_of
 import retinanet
 from retinanet import checkpoint
 from retinanet.config import ModelConfig
-from retinanet.data.coco import mean_pixel
 from retinanet.data import transforms as T
+from retinanet.data.coco import mean_pixel
 from retinanet.model import RetinaNet
 
 RESIZE, MAX_SIZE = 96, 160
@@ -47,8 +48,9 @@ def images(tmp_path_factory, demo_root):
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False,
-                      head_norm=False)
+    cfg = ModelConfig(
+        backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False, head_norm=False
+    )
     torch.manual_seed(0)
     model = RetinaNet(cfg).eval()
     with torch.no_grad():  # many candidates with spread-out scores, boxes away from their anchors
@@ -65,8 +67,14 @@ def as_records(detections, image_ids):
     records = []
     for image_id, d in zip(image_ids, detections):
         for (x1, y1, x2, y2), score, cat in zip(d.boxes.tolist(), d.scores.tolist(), d.category_ids.tolist()):
-            records.append({"image_id": image_id, "category_id": cat, "score": round(score, 5),
-                            "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]})
+            records.append(
+                {
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "score": round(score, 5),
+                    "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
+                }
+            )
     return records
 
 
@@ -114,8 +122,24 @@ def test_infer_cli_equals_python_api_in_original_pixels(tmp_path, model_path, im
     det = retinanet.load(model_path, device="cpu")
     ids = list(range(1, len(paths) + 1))  # the CLI numbers an annotation-less folder's files in name order
     for batch in (1, len(paths)):  # each image padded to its own 128 multiple; all to 256 x 256 together
-        run_cli("infer", model_path, "--images", str(folder), "--resize", str(RESIZE), "--max-size", str(MAX_SIZE),
-                "--batch", str(batch), "--workers", "0", "--output", f"b{batch}.json", cwd=tmp_path, env=CPU)
+        run_cli(
+            "infer",
+            model_path,
+            "--images",
+            str(folder),
+            "--resize",
+            str(RESIZE),
+            "--max-size",
+            str(MAX_SIZE),
+            "--batch",
+            str(batch),
+            "--workers",
+            "0",
+            "--output",
+            f"b{batch}.json",
+            cwd=tmp_path,
+            env=CPU,
+        )
         written = json.loads((tmp_path / f"b{batch}.json").read_text())
         if batch == 1:
             api = [det(p, resize=RESIZE, max_size=MAX_SIZE) for p in paths]
@@ -130,8 +154,7 @@ def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, model_path,
     from retinanet.runtime.onnxruntime import pad_to
 
     folder, paths = images
-    run_cli("export", model_path, "m.onnx", "--size", *map(str, EXPORT_SIZE), "--full-precision", cwd=tmp_path,
-            env=CPU)
+    run_cli("export", model_path, "m.onnx", "--size", *map(str, EXPORT_SIZE), "--full-precision", cwd=tmp_path, env=CPU)
     ort_det = retinanet.load(str(tmp_path / "m.onnx"), device="cpu")
     torch_det = retinanet.load(model_path, device="cpu")
     ort_det.backend = ort_raw = Recording(ort_det.backend)
@@ -144,15 +167,33 @@ def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, model_path,
     # alone: measured 8e-8 in score, 2e-5 px in box.
     (batch,) = ort_raw.batches
     same_input = torch_raw.backend(pad_to(batch, EXPORT_SIZE, ort_det.fill))
-    assert_same_detections(rows_of(ort_raw.outputs[0]), rows_of(same_input), 100, score_tol=1e-6, box_tol=1e-3,
-                           min_matched=1.0)
+    assert_same_detections(
+        rows_of(ort_raw.outputs[0]), rows_of(same_input), 100, score_tol=1e-6, box_tol=1e-3, min_matched=1.0
+    )
     # PyTorch pads this batch to 256 x 256 only. BatchNorm heads do not depend
     # on the padding, but the backbone's and FPN's convolutions near the border
     # see it: measured up to 3e-5 in score, and a few near-equal scores swap.
-    assert_same_detections(rows_of(ort_raw.outputs[0]), rows_of(torch_raw.outputs[0]), 100, score_tol=1e-4,
-                           box_tol=0.05, min_matched=0.9)
+    assert_same_detections(
+        rows_of(ort_raw.outputs[0]), rows_of(torch_raw.outputs[0]), 100, score_tol=1e-4, box_tol=0.05, min_matched=0.9
+    )
     # `retinanet infer` with the ONNX model writes what the API gives.
-    run_cli("infer", "m.onnx", "--images", str(folder), "--resize", str(RESIZE), "--max-size", str(MAX_SIZE),
-            "--batch", str(len(paths)), "--workers", "0", "--output", "onnx.json", cwd=tmp_path, env=CPU)
+    run_cli(
+        "infer",
+        "m.onnx",
+        "--images",
+        str(folder),
+        "--resize",
+        str(RESIZE),
+        "--max-size",
+        str(MAX_SIZE),
+        "--batch",
+        str(len(paths)),
+        "--workers",
+        "0",
+        "--output",
+        "onnx.json",
+        cwd=tmp_path,
+        env=CPU,
+    )
     ids = list(range(1, len(paths) + 1))
     assert_same_records(json.loads((tmp_path / "onnx.json").read_text()), as_records(got, ids), ids)

@@ -3,6 +3,7 @@
 Structure tests use a tiny random-weight model; accuracy tests (marked slow)
 use the session's trained demo model (conftest.trained) through the CLI.
 """
+
 import json
 import os
 from collections import Counter
@@ -48,15 +49,20 @@ def assert_same_detections(got, want, rtol=1e-3, score_tol=1e-4, min_matched=1.0
         missed = []
         for i in np.nonzero(keep)[0]:
             scale = np.maximum(np.abs(w_boxes[b, i]), 1.0)
-            hits = [j for j in free if g_classes[b, j] == w_classes[b, i]
-                    and abs(g_scores[b, j] - w_scores[b, i]) <= score_tol
-                    and (np.abs(g_boxes[b, j] - w_boxes[b, i]) <= rtol * scale).all()]
+            hits = [
+                j
+                for j in free
+                if g_classes[b, j] == w_classes[b, i]
+                and abs(g_scores[b, j] - w_scores[b, i]) <= score_tol
+                and (np.abs(g_boxes[b, j] - w_boxes[b, i]) <= rtol * scale).all()
+            ]
             if hits:
                 free.remove(hits[0])
             else:
                 missed.append(f"{i} {w_classes[b, i]} {w_scores[b, i]} {w_boxes[b, i]}")
-        assert len(missed) <= (1.0 - min_matched) * keep.sum() + 1e-9, \
+        assert len(missed) <= (1.0 - min_matched) * keep.sum() + 1e-9, (
             f"image {b}: {len(missed)} of {keep.sum()} unmatched, first: {missed[0]}"
+        )
         # Order: scores descending, as the reference writes them.
         s = g_scores[b][~pad]
         assert (np.diff(s) <= 1e-6).all()
@@ -93,8 +99,11 @@ def test_both_forms_pass_full_checker_and_carry_metadata(tiny):
         assert ModelConfig.from_dict(meta["retinanet.config"]) == tiny["model"].config
         assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim][:1] != [""]
         outputs = {o.name: o.type.tensor_type.elem_type for o in proto.graph.output}
-        assert outputs == {"scores": onnx.TensorProto.FLOAT, "boxes": onnx.TensorProto.FLOAT,
-                           "classes": onnx.TensorProto.INT32}
+        assert outputs == {
+            "scores": onnx.TensorProto.FLOAT,
+            "boxes": onnx.TensorProto.FLOAT,
+            "classes": onnx.TensorProto.INT32,
+        }
     assert export_onnx_module.read_metadata(onnx.load(tiny["plugin"]))["retinanet.precision"] == "fp16"
 
 
@@ -107,8 +116,15 @@ def test_plugin_form_has_exactly_the_plugin_nodes_and_fields(tiny):
     decodes = [n for n in custom if n.op_type == "RetinaNetDecode"]
     for i, (node, stride, base) in enumerate(zip(decodes, cfg.strides, tiny["model"].base_anchors())):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert set(attrs) == {"plugin_version", "plugin_namespace", "score_threshold", "top_n", "box_clamp",
-                              "stride", "anchors"}
+        assert set(attrs) == {
+            "plugin_version",
+            "plugin_namespace",
+            "score_threshold",
+            "top_n",
+            "box_clamp",
+            "stride",
+            "anchors",
+        }
         assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b""
         assert attrs["stride"] == stride and attrs["top_n"] == cfg.top_n
         assert attrs["score_threshold"] == pytest.approx(cfg.score_threshold)
@@ -117,8 +133,12 @@ def test_plugin_form_has_exactly_the_plugin_nodes_and_fields(tiny):
         assert list(node.input) == [f"scores_{i}", f"deltas_{i}"]
     nms = next(n for n in custom if n.op_type == "RetinaNetNMS")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nms.attribute}
-    assert attrs == {"plugin_version": b"1", "plugin_namespace": b"", "nms_iou": pytest.approx(cfg.nms_iou),
-                     "detections": cfg.detections}
+    assert attrs == {
+        "plugin_version": b"1",
+        "plugin_namespace": b"",
+        "nms_iou": pytest.approx(cfg.nms_iou),
+        "detections": cfg.detections,
+    }
     assert list(nms.output) == ["scores", "boxes", "classes"]
     # The network runs in FP16; the plugins get float32 inputs.
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
@@ -148,8 +168,11 @@ def test_int8_has_qdq_on_every_conv_input_and_weight(tiny):
                 assert scale.shape == (weight.dims[0],)  # per output channel
                 assert {a.name: a.i for a in q.attribute}.get("axis") == 0
     # Decode/NMS are left out: nothing after the heads is quantised.
-    q_inputs = {producers[n.input[0]].op_type for n in proto.graph.node if n.op_type == "QuantizeLinear"
-                and n.input[0] in producers}
+    q_inputs = {
+        producers[n.input[0]].op_type
+        for n in proto.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] in producers
+    }
     assert "RetinaNetDecode" not in q_inputs and "Sigmoid" not in q_inputs
 
 
@@ -164,20 +187,27 @@ def test_calibration_table_round_trip_is_byte_identical(tiny):
     a = open(tiny["int8"], "rb").read()
     b = open(tiny["int8_from_table"], "rb").read()
     assert a == b  # images then table: same scales, same bytes
-    again = export_onnx(tiny["pth"], str(tiny["work"] / "int8_again.onnx"),
-                        ExportOptions(SIZE, "int8", plugin_form=True, calibration_table=tiny["table"]))["output"]
+    again = export_onnx(
+        tiny["pth"],
+        str(tiny["work"] / "int8_again.onnx"),
+        ExportOptions(SIZE, "int8", plugin_form=True, calibration_table=tiny["table"]),
+    )["output"]
     assert open(again, "rb").read() == b
 
 
 def test_table_for_other_model_or_size_is_refused(tiny, tmp_path):
     with pytest.raises(UserError, match="input size 128x256"):
-        export_onnx(tiny["pth"], str(tmp_path / "x.onnx"),
-                    ExportOptions((256, 256), "int8", calibration_table=tiny["table"]))
+        export_onnx(
+            tiny["pth"], str(tmp_path / "x.onnx"), ExportOptions((256, 256), "int8", calibration_table=tiny["table"])
+        )
     other = tiny_model(classes=2)
     checkpoint.save(str(tmp_path / "other.pth"), checkpoint.model_state(other.config, other, [1, 3]))
     with pytest.raises(UserError, match="another model"):
-        export_onnx(str(tmp_path / "other.pth"), str(tmp_path / "x.onnx"),
-                    ExportOptions(SIZE, "int8", calibration_table=tiny["table"]))
+        export_onnx(
+            str(tmp_path / "other.pth"),
+            str(tmp_path / "x.onnx"),
+            ExportOptions(SIZE, "int8", calibration_table=tiny["table"]),
+        )
 
 
 def test_onnx_runtime_backend_through_load(tiny):
@@ -222,16 +252,18 @@ def test_export_cli_errors_are_one_line(tiny, tmp_path):
 
     pth = tiny["pth"]
     (tmp_path / "empty").mkdir()
-    assert_user_error(fails("export", pth, "o.onnx", "--int8", "--calibration-images", "empty"),
-                      "empty", "no image files")
+    assert_user_error(
+        fails("export", pth, "o.onnx", "--int8", "--calibration-images", "empty"), "empty", "no image files"
+    )
     assert_user_error(fails("export", pth, "o.onnx", "--opset", "11"), "--opset 11", "unsupported")
     assert_user_error(fails("export", pth, "o.plan"), "TensorRT is not installed", "export to .onnx")
     assert_user_error(fails("export", pth, os.path.basename(tiny["fp32"]), cwd=tiny["work"]), "--override")
     assert_user_error(fails("infer", tiny["plugin"], "--images", tiny["images"]), "plugin", "portable")
 
 
-@pytest.mark.parametrize("module, flags", [("onnx", []), ("onnxscript", []),
-                                           ("onnxruntime", ["--int8", "--calibration-images", "IMAGES"])])
+@pytest.mark.parametrize(
+    "module, flags", [("onnx", []), ("onnxscript", []), ("onnxruntime", ["--int8", "--calibration-images", "IMAGES"])]
+)
 def test_missing_onnx_package_is_one_line(tiny, tmp_path, module, flags):
     stubs = tmp_path / "stubs"
     stubs.mkdir()
@@ -239,8 +271,18 @@ def test_missing_onnx_package_is_one_line(tiny, tmp_path, module, flags):
     (stubs / f"{module}.py").write_text(f"raise ModuleNotFoundError(\"No module named '{module}'\", name='{module}')\n")
     path = os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")])
     flags = [tiny["images"] if f == "IMAGES" else f for f in flags]
-    proc = run_cli("export", tiny["pth"], "o.onnx", "--size", "128", "256", *flags, cwd=tmp_path,
-                   env={"PYTHONPATH": path}, check=False)
+    proc = run_cli(
+        "export",
+        tiny["pth"],
+        "o.onnx",
+        "--size",
+        "128",
+        "256",
+        *flags,
+        cwd=tmp_path,
+        env={"PYTHONPATH": path},
+        check=False,
+    )
     assert_user_error(proc, module, "pip install 'retinanet[onnx]'")
     assert sorted(os.listdir(tmp_path)) == ["stubs"]
 
@@ -248,6 +290,7 @@ def test_missing_onnx_package_is_one_line(tiny, tmp_path, module, flags):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fails the test if an export gets as far as loading the checkpoint."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the export started working before checking its outputs")
 
@@ -284,8 +327,12 @@ def test_outputs_are_checked_before_any_work(tiny, tmp_path, no_work, monkeypatc
     monkeypatch.setattr("retinanet.files.tempfile.mkstemp", _no_space)
     with pytest.raises(UserError, match="is not writable"):
         export(tiny["pth"], str(tmp_path / "free.onnx"), ExportOptions(SIZE, "fp16"), override=True)
-    assert sorted(os.listdir(tmp_path)) == ["e.plan.timing_cache", "free.onnx", "meta.plan.json",
-                                            "taken.calibration.json"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "e.plan.timing_cache",
+        "free.onnx",
+        "meta.plan.json",
+        "taken.calibration.json",
+    ]
 
 
 def _no_space(*args, **kwargs):
@@ -305,13 +352,15 @@ def test_calibration_table_is_written_only_for_a_checked_model(tiny, tmp_path, m
     monkeypatch.setattr(onnx.checker, "check_model", broken)
     out = str(tmp_path / "m.onnx")
     with pytest.raises(RuntimeError, match="onnx.checker"):
-        export_onnx(tiny["pth"], out, ExportOptions(SIZE, "int8", calibration_images=tiny["images"],
-                                                    calibration_batches=1))
+        export_onnx(
+            tiny["pth"], out, ExportOptions(SIZE, "int8", calibration_images=tiny["images"], calibration_batches=1)
+        )
     assert os.listdir(tmp_path) == []
 
 
 def _fail_fsync(monkeypatch):
     """os.fsync, which atomic_write calls before its rename, fails like a full disk."""
+
     def fsync(fd):
         raise OSError(28, "No space left on device")
 
@@ -324,8 +373,11 @@ def test_failed_writes_leave_the_old_files(tiny, tmp_path, monkeypatch):
     table.write_text("old table")
     _fail_fsync(monkeypatch)
     with pytest.raises(OSError, match="No space"):  # the table is written first
-        export_onnx(tiny["pth"], str(model), ExportOptions(SIZE, "int8", calibration_images=tiny["images"],
-                                                           calibration_batches=1))
+        export_onnx(
+            tiny["pth"],
+            str(model),
+            ExportOptions(SIZE, "int8", calibration_images=tiny["images"], calibration_batches=1),
+        )
     assert model.read_bytes() == b"old model" and table.read_text() == "old table"
     with pytest.raises(OSError, match="No space"):
         export_onnx(tiny["pth"], str(model), ExportOptions(SIZE, "fp16", plugin_form=True))
@@ -350,14 +402,17 @@ def test_corrupt_onnx_metadata_is_one_line(tiny, tmp_path):
 
     assert ort_runtime.FORMAT_VERSION == export_onnx_module.FORMAT_VERSION
     cases = {
-        "broken.onnx": (lambda p: p.update({"retinanet.config": p["retinanet.config"][:-5]}),
-                        "metadata retinanet.config is not valid JSON"),
+        "broken.onnx": (
+            lambda p: p.update({"retinanet.config": p["retinanet.config"][:-5]}),
+            "metadata retinanet.config is not valid JSON",
+        ),
         "missing.onnx": (lambda p: p.pop("retinanet.input_size"), "metadata retinanet.input_size missing"),
-        "version.onnx": (lambda p: p.update({"retinanet.format_version": "2"}),
-                         "metadata format version 2, this retinanet reads version 1"),
+        "version.onnx": (
+            lambda p: p.update({"retinanet.format_version": "2"}),
+            "metadata format version 2, this retinanet reads version 1",
+        ),
         "unversioned.onnx": (lambda p: p.pop("retinanet.format_version"), "format version missing"),
-        "size.onnx": (lambda p: p.update({"retinanet.input_size": "[128, -256]"}),
-                      "bad metadata retinanet.input_size"),
+        "size.onnx": (lambda p: p.update({"retinanet.input_size": "[128, -256]"}), "bad metadata retinanet.input_size"),
         "ids.onnx": (lambda p: p.update({"retinanet.category_ids": "[1, 3]"}), "lists 2 ids for a model of 3"),
     }
     (tmp_path / "images").mkdir()
@@ -373,6 +428,7 @@ def test_corrupt_onnx_metadata_is_one_line(tiny, tmp_path):
 
 # --- accuracy on the demo model (the session's trained checkpoint) -----------------------------
 
+
 def _records_map(demo_root, out_json):
     from retinanet.evaluate import coco_stats
 
@@ -385,10 +441,14 @@ def demo_exports(trained, demo_root):
     work, _, env = trained
     val = ["--images", str(demo_root / "val"), "--annotations", str(demo_root / "val.json")]
     out = {}
-    for name, flags in (("fp32", ["--full-precision"]), ("fp16", []),
-                        ("int8", ["--int8", "--calibration-images", str(demo_root / "train")])):
-        proc = run_cli("export", "demo.pth", f"demo_{name}.onnx", "--size", "128", *flags, "--override",
-                       cwd=work, env=env)
+    for name, flags in (
+        ("fp32", ["--full-precision"]),
+        ("fp16", []),
+        ("int8", ["--int8", "--calibration-images", str(demo_root / "train")]),
+    ):
+        proc = run_cli(
+            "export", "demo.pth", f"demo_{name}.onnx", "--size", "128", *flags, "--override", cwd=work, env=env
+        )
         assert f"wrote demo_{name}.onnx" in proc.stdout
         run_cli("infer", f"demo_{name}.onnx", *val, "--output", f"{name}.json", "--override", cwd=work, env=env)
         out[name] = _records_map(demo_root, work / f"{name}.json")
@@ -425,10 +485,32 @@ def test_demo_fp16_and_int8_map_drop(demo_exports):
 @pytest.mark.slow
 def test_demo_int8_from_table_cli_is_byte_identical(trained, demo_exports):
     work, _, env = trained
-    run_cli("export", "demo.pth", "table_a.onnx", "--size", "128", "--int8", "--calibration-table",
-            "demo_int8.calibration.json", "--override", cwd=work, env=env)
-    run_cli("export", "demo.pth", "table_b.onnx", "--size", "128", "--int8", "--calibration-table",
-            "demo_int8.calibration.json", "--override", cwd=work, env=env)
+    run_cli(
+        "export",
+        "demo.pth",
+        "table_a.onnx",
+        "--size",
+        "128",
+        "--int8",
+        "--calibration-table",
+        "demo_int8.calibration.json",
+        "--override",
+        cwd=work,
+        env=env,
+    )
+    run_cli(
+        "export",
+        "demo.pth",
+        "table_b.onnx",
+        "--size",
+        "128",
+        "--int8",
+        "--calibration-table",
+        "demo_int8.calibration.json",
+        "--override",
+        cwd=work,
+        env=env,
+    )
     a, b = (work / "table_a.onnx").read_bytes(), (work / "table_b.onnx").read_bytes()
     assert a == b
     assert a == (work / "demo_int8.onnx").read_bytes()  # images, then table: the same scales and bytes

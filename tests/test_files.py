@@ -1,10 +1,11 @@
 """Every file we write: atomic replacement, no temp files left, outputs checked before work."""
+
 import json
 import os
 
 import pytest
-
 from conftest import assert_user_error, run_cli
+
 from retinanet import files
 from retinanet.errors import UserError
 
@@ -31,12 +32,15 @@ def test_orphaned_temp_files_of_a_killed_write_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["m.pth"] + [f.name for f in unrelated])
 
 
-@pytest.mark.parametrize("name, words", [
-    ("missing/d.json", ["missing/d.json", "does not exist"]),
-    ("folder", ["folder", "is a folder"]),
-    ("exists.json", ["exists.json", "exists", "--override"]),
-    ("afile/d.json", ["afile/d.json", "does not exist"]),  # a file where the folder should be
-])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("missing/d.json", ["missing/d.json", "does not exist"]),
+        ("folder", ["folder", "is a folder"]),
+        ("exists.json", ["exists.json", "exists", "--override"]),
+        ("afile/d.json", ["afile/d.json", "does not exist"]),  # a file where the folder should be
+    ],
+)
 def test_check_output_refuses_before_any_work(tmp_path, name, words):
     (tmp_path / "folder").mkdir()
     (tmp_path / "exists.json").write_text("[]")

@@ -1,5 +1,6 @@
 """The fast inference path on a GPU: CUDA-graph replay equals eager, GPU preprocessing
 matches the CPU's. The detection-set comparison they use is checked on the CPU here too."""
+
 import pytest
 import torch
 
@@ -22,8 +23,9 @@ NMS_IOU = 0.5  # the models' config.nms_iou
 IOU_TOL = 0.02  # IoUs move this much with rounding and still decide NMS alike
 
 
-def unexplained_differences(got, want, detections, score_threshold, score_tol, box_tol, nms_iou=NMS_IOU,
-                            iou_tol=IOU_TOL, separation=1.0):
+def unexplained_differences(
+    got, want, detections, score_threshold, score_tol, box_tol, nms_iou=NMS_IOU, iou_tol=IOU_TOL, separation=1.0
+):
     """Detections of one image (detection_rows) in `got` or `want` without a
     counterpart in the other that no change of NMS decisions explains.
 
@@ -46,8 +48,11 @@ def unexplained_differences(got, want, detections, score_threshold, score_tol, b
     (gs, gb, gc), (ws, wb, wc) = got, want
     free = {"got": set(range(len(gs))), "want": set()}
     for i in range(len(ws)):  # best first: outputs are sorted by score
-        hits = [j for j in free["got"] if gc[j] == wc[i] and abs(gs[j] - ws[i]) <= score_tol
-                and (gb[j] - wb[i]).abs().max() <= box_tol]
+        hits = [
+            j
+            for j in free["got"]
+            if gc[j] == wc[i] and abs(gs[j] - ws[i]) <= score_tol and (gb[j] - wb[i]).abs().max() <= box_tol
+        ]
         if hits:
             free["got"].remove(min(hits, key=lambda j: float((gb[j] - wb[i]).abs().max())))
         else:
@@ -79,11 +84,12 @@ def assert_same_detections(got, want, detections, score_tol, box_tol, min_matche
         assert len(w[0]) > 0, f"image {i}: no detections to compare"
         matched, unexplained = unexplained_differences(g, w, detections, score_threshold, score_tol, box_tol)
         assert not unexplained, f"image {i}: {len(unexplained)} differences, e.g. {unexplained[:4]}"
-        for name, (s, b, c) in (("got", g), ("want", w)):
+        for name, (_, b, c) in (("got", g), ("want", w)):
             iou = box_ops.box_iou(b, b).triu(1) * (c[:, None] == c[None, :])
             assert not (iou > NMS_IOU + IOU_TOL).any(), f"image {i}: {name} keeps boxes that suppress each other"
-        assert matched >= min_matched * max(len(g[0]), len(w[0])), \
+        assert matched >= min_matched * max(len(g[0]), len(w[0])), (
             f"image {i}: only {matched} of {len(g[0])} / {len(w[0])} detections have counterparts"
+        )
 
 
 def busy_model(cfg, weight_std):
@@ -99,12 +105,15 @@ def busy_model(cfg, weight_std):
 
 # --------------------------------------------------------------------------- the comparison (any machine)
 
+
 def random_heads(gen, cfg, batch, height, width):
     cls, box = [], []
     for stride in cfg.strides:
         shape = (batch, -1, -(-height // stride), -(-width // stride))
-        cls.append(-2.95 + 0.5 * torch.randn(batch * cfg.num_anchors * cfg.classes * shape[2] * shape[3],
-                                              generator=gen).view(shape))
+        cls.append(
+            -2.95
+            + 0.5 * torch.randn(batch * cfg.num_anchors * cfg.classes * shape[2] * shape[3], generator=gen).view(shape)
+        )
         box.append(0.1 * torch.randn(batch * cfg.num_anchors * 4 * shape[2] * shape[3], generator=gen).view(shape))
     return cls, box
 
@@ -151,8 +160,11 @@ def test_detection_comparison_takes_rounding_and_catches_wrong_detections():
 def hand_rows(rows):
     """(score, class, box) rows of one image, best first, as detection_rows gives them."""
     rows = sorted(rows, key=lambda r: -r[0])
-    return (torch.tensor([r[0] for r in rows], dtype=torch.float64),
-            torch.tensor([r[2] for r in rows], dtype=torch.float64), torch.tensor([r[1] for r in rows]))
+    return (
+        torch.tensor([r[0] for r in rows], dtype=torch.float64),
+        torch.tensor([r[2] for r in rows], dtype=torch.float64),
+        torch.tensor([r[1] for r in rows]),
+    )
 
 
 def test_detection_comparison_explains_nms_reorderings_only():
@@ -165,9 +177,11 @@ def test_detection_comparison_explains_nms_reorderings_only():
     got = hand_rows([b, d, e, f, c])
     tol = dict(detections=100, score_tol=1e-3, box_tol=0.1, min_matched=0.4)
     assert_same_detections([got], [want], **tol)
-    for extra, error in [((0.65, 1, [52, 50, 62, 60]), "1 differences"),  # IoU 0.67 with d, kept on both sides
-                         ((0.3, 0, [30, 0, 40, 10]), "1 differences"),  # overlaps nothing
-                         ((0.5, 0, [-2.5, 0, 7.5, 10]), "suppress each other")]:  # c again, half a pixel away
+    for extra, error in [
+        ((0.65, 1, [52, 50, 62, 60]), "1 differences"),  # IoU 0.67 with d, kept on both sides
+        ((0.3, 0, [30, 0, 40, 10]), "1 differences"),  # overlaps nothing
+        ((0.5, 0, [-2.5, 0, 7.5, 10]), "suppress each other"),
+    ]:  # c again, half a pixel away
         with pytest.raises(AssertionError, match=error):
             assert_same_detections([hand_rows([b, d, e, f, c, extra])], [want], **tol)
     with pytest.raises(AssertionError, match="2 differences"):  # e moved by less than a candidate's spacing
@@ -175,6 +189,7 @@ def test_detection_comparison_explains_nms_reorderings_only():
 
 
 # --------------------------------------------------------------------------- GPU
+
 
 @gpu
 @pytest.mark.parametrize("full_precision, compile", [(True, False), (False, False), (True, True)])
@@ -184,8 +199,9 @@ def test_graph_replay_with_new_inputs_equals_eager(full_precision, compile):
     cfg = ModelConfig(backbone="ResNet18FPN", classes=5, channels=64)
     model = busy_model(cfg, weight_std=5.0)
     eager = TorchBackend(model, list(range(5)), "cuda", full_precision=full_precision, cuda_graphs=False)
-    graphed = TorchBackend(model, list(range(5)), "cuda", full_precision=full_precision, cuda_graphs=True,
-                           compile=compile)
+    graphed = TorchBackend(
+        model, list(range(5)), "cuda", full_precision=full_precision, cuda_graphs=True, compile=compile
+    )
     for seed in range(3):  # the first call captures, later calls replay with new data
         g = torch.Generator().manual_seed(seed)
         images = torch.randint(0, 256, (2, 3, 256, 384), generator=g, dtype=torch.uint8)
@@ -203,8 +219,9 @@ def test_graph_replay_with_new_inputs_equals_eager(full_precision, compile):
             # of what a 1e-3 relative change of every head output gives
             # (measured on the CPU), far above fused-kernel rounding; boxes
             # hardly move (their deltas are ~0.01 here).
-            assert_same_detections(rows_of(got), rows_of(want), cfg.detections, score_tol=1e-3, box_tol=0.1,
-                                   min_matched=0.9)
+            assert_same_detections(
+                rows_of(got), rows_of(want), cfg.detections, score_tol=1e-3, box_tol=0.1, min_matched=0.9
+            )
             continue
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
@@ -261,8 +278,9 @@ def test_gpu_preprocessing_matches_cpu(demo_root):
     # and boxes by 0.001 px (CPU, float32); the GPU's TF32 convolutions add
     # their own. A wrong scale or offset moves the boxes by a pixel or more.
     (raw_got,), (raw_want,) = on_gpu.outputs, on_cpu.outputs
-    assert_same_detections(rows_of(raw_got), rows_of(raw_want), cfg.detections, score_tol=0.05, box_tol=0.5,
-                           min_matched=0.7)
+    assert_same_detections(
+        rows_of(raw_got), rows_of(raw_want), cfg.detections, score_tol=0.05, box_tol=0.5, min_matched=0.7
+    )
     # What the caller gets is those detections in the image's pixels, on the CPU.
     for side, raw in ((got, raw_got), (want, raw_want)):
         for d, scores, boxes in zip(side, raw[0], raw[1]):

@@ -1,4 +1,5 @@
 """Focal loss and the classification prior (issue 2, acceptance 2)."""
+
 import math
 
 import pytest
@@ -15,7 +16,7 @@ def test_focal_loss_matches_closed_form():
     targets = (torch.rand(1000, 7, generator=g) < 0.2).double()
     got = focal_loss(logits, targets, alpha=0.25, gamma=2.0)
     p = 1 / (1 + torch.exp(-logits))
-    expect = torch.where(targets == 1, -0.25 * (1 - p) ** 2 * torch.log(p), -0.75 * p ** 2 * torch.log(1 - p))
+    expect = torch.where(targets == 1, -0.25 * (1 - p) ** 2 * torch.log(p), -0.75 * p**2 * torch.log(1 - p))
     torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-12)
 
 

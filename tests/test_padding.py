@@ -14,6 +14,7 @@ its own pixels only); the conv backbone's residual is measured separately.
 Tiny models with random weights, the classification bias raised so that the
 100 detections per image are filled, CPU only.
 """
+
 import math
 import os
 
@@ -60,8 +61,17 @@ backbones.register(POOL)(lambda pretrained=False, weights_file=None, freeze_bn=T
 
 
 def gn_model(backbone: str = POOL, head_norm: bool = True, seed: int = 0) -> RetinaNet:
-    cfg = ModelConfig(backbone=backbone, classes=3, channels=64, head_norm=head_norm, resize=128, max_size=256,
-                      freeze_bn=False, top_n=300, mean=MEAN)
+    cfg = ModelConfig(
+        backbone=backbone,
+        classes=3,
+        channels=64,
+        head_norm=head_norm,
+        resize=128,
+        max_size=256,
+        freeze_bn=False,
+        top_n=300,
+        mean=MEAN,
+    )
     torch.manual_seed(seed)
     model = RetinaNet(cfg).eval()
     # Busy: some 15000 candidates above 0.05 for the 100 kept (scores 0.58-0.78
@@ -98,14 +108,19 @@ def assert_same_detections(got, want, score_tol: float, box_tol: float):
     assert len(got.scores) == len(want.scores), (len(got.scores), len(want.scores))
     free = list(range(len(got.scores)))
     for i in range(len(want.scores)):
-        hits = [j for j in free if got.category_ids[j] == want.category_ids[i]
-                and abs(float(got.scores[j] - want.scores[i])) <= score_tol
-                and float((got.boxes[j] - want.boxes[i]).abs().max()) <= box_tol]
+        hits = [
+            j
+            for j in free
+            if got.category_ids[j] == want.category_ids[i]
+            and abs(float(got.scores[j] - want.scores[i])) <= score_tol
+            and float((got.boxes[j] - want.boxes[i]).abs().max()) <= box_tol
+        ]
         assert hits, f"no match for {int(want.category_ids[i])} {float(want.scores[i]):.5f} {want.boxes[i].tolist()}"
         free.remove(hits[0])
 
 
 # --- the valid region and the heads --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backbone", ["ResNet18FPN", "MobileNetV2FPN"])
 def test_valid_cells_are_the_feature_shapes_of_the_unpadded_image(backbone):
@@ -134,8 +149,8 @@ def test_head_on_padded_features_equals_head_on_cropped_features():
     with torch.no_grad():
         padded = head(features, valid_mask(sizes, 8, 20, 28, features.dtype))
         for i, (h, w) in enumerate([(20, 28), (13, 7), (1, 1)]):
-            cropped = head(features[i:i + 1, :, :h, :w])
-            torch.testing.assert_close(padded[i:i + 1, :, :h, :w], cropped, rtol=1e-5, atol=1e-5)
+            cropped = head(features[i : i + 1, :, :h, :w])
+            torch.testing.assert_close(padded[i : i + 1, :, :h, :w], cropped, rtol=1e-5, atol=1e-5)
         # Without the sizes the padding enters the statistics: far from equal.
         unmasked = head(features[1:2])[..., :13, :7]
         assert (unmasked - head(features[1:2, :, :13, :7])).abs().max() > 0.1
@@ -162,6 +177,7 @@ def test_plain_groupnorm_checkpoints_load_and_run_as_before():
 
 
 # --- through retinanet.load and the inference loader ---------------------------------------------
+
 
 def test_detector_alone_equals_batched_with_a_larger_image(tmp_path):
     detector = retinanet.load(save(gn_model(), tmp_path / "pool.pth"), device="cpu")
@@ -190,9 +206,14 @@ def test_infer_batch_size_does_not_change_detections(tmp_path):
     assert len(one) == len(two) == 200
     free = list(range(len(two)))
     for r in one:  # records are rounded (box 0.01 px, score 1e-5): a rounding step either way
-        hits = [j for j in free if two[j]["image_id"] == r["image_id"] and two[j]["category_id"] == r["category_id"]
-                and abs(two[j]["score"] - r["score"]) <= 2e-5
-                and max(abs(a - b) for a, b in zip(two[j]["bbox"], r["bbox"])) <= 0.02]
+        hits = [
+            j
+            for j in free
+            if two[j]["image_id"] == r["image_id"]
+            and two[j]["category_id"] == r["category_id"]
+            and abs(two[j]["score"] - r["score"]) <= 2e-5
+            and max(abs(a - b) for a, b in zip(two[j]["bbox"], r["bbox"])) <= 0.02
+        ]
         assert hits, r
         free.remove(hits[0])
 
@@ -257,8 +278,10 @@ def test_conv_backbone_border_effect_is_what_remains():
     """
     model = gn_model("ResNet18FPN")
     torch.manual_seed(3)
-    cases = {"batch": (torch.rand(1, 3, 128, 199) * 255, (128, 256), (256, 256)),
-             "export": (torch.rand(1, 3, 256, 320) * 255, (256, 384), (512, 512))}
+    cases = {
+        "batch": (torch.rand(1, 3, 128, 199) * 255, (128, 256), (256, 256)),
+        "export": (torch.rand(1, 3, 256, 320) * 255, (256, 384), (512, 512)),
+    }
     for name, (image, padded, more) in cases.items():
         sizes = torch.tensor([list(image.shape[-2:])])
         with_sizes = logit_differences(model, image, padded, more, sizes)
@@ -269,6 +292,7 @@ def test_conv_backbone_border_effect_is_what_remains():
 
 
 # --- ONNX exports ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
@@ -282,10 +306,12 @@ def exports(tmp_path_factory):
         Image.fromarray(random_image(h, w, 10 + i)).save(images / f"{i}.png")
     gn, bn = save(gn_model(), work / "gn.pth"), save(gn_model(head_norm=False), work / "bn.pth")
     out = {"gn": gn, "bn": bn}
-    for key, path, size, options in [("gn256", gn, (256, 256), {}), ("gn384", gn, (384, 512), {}),
-                                     ("bn256", bn, (256, 256), {}),
-                                     ("gn_plugin8", gn, (256, 256),
-                                      dict(precision="int8", plugin_form=True, calibration_images=str(images)))]:
+    for key, path, size, options in [
+        ("gn256", gn, (256, 256), {}),
+        ("gn384", gn, (384, 512), {}),
+        ("bn256", bn, (256, 256), {}),
+        ("gn_plugin8", gn, (256, 256), dict(precision="int8", plugin_form=True, calibration_images=str(images))),
+    ]:
         opts = ExportOptions(size, **{"precision": "fp32", **options})
         out[key] = export_onnx(path, str(work / f"{key}.onnx"), opts)["output"]
     return out
@@ -314,8 +340,11 @@ def test_groupnorm_export_declares_image_sizes_and_batchnorm_keeps_one_input(exp
 
     from retinanet.export import onnx as export_onnx_module
 
-    for key, inputs in [("gn256", ["images", "image_sizes"]), ("gn_plugin8", ["images", "image_sizes"]),
-                        ("bn256", ["images"])]:
+    for key, inputs in [
+        ("gn256", ["images", "image_sizes"]),
+        ("gn_plugin8", ["images", "image_sizes"]),
+        ("bn256", ["images"]),
+    ]:
         proto = onnx.load(exports[key])
         assert [i.name for i in proto.graph.input] == inputs, key
         assert export_onnx_module.read_metadata(proto)["retinanet.inputs"] == inputs
@@ -354,9 +383,13 @@ def test_plugin_form_clips_candidates_to_image_sizes_before_nms(exports):
     assert "image_sizes" in {i for n in chain for i in n.input}
     graph = helper.make_graph(
         list(reversed(chain)) + [clip],
-        "clip", [helper.make_tensor_value_info("image_sizes", TensorProto.INT32, ["b", 2]),
-                 helper.make_tensor_value_info(clip.input[0], TensorProto.FLOAT, ["b", "n", 4])],
-        [helper.make_tensor_value_info(clip.output[0], TensorProto.FLOAT, ["b", "n", 4])])
+        "clip",
+        [
+            helper.make_tensor_value_info("image_sizes", TensorProto.INT32, ["b", 2]),
+            helper.make_tensor_value_info(clip.input[0], TensorProto.FLOAT, ["b", "n", 4]),
+        ],
+        [helper.make_tensor_value_info(clip.output[0], TensorProto.FLOAT, ["b", "n", 4])],
+    )
     evaluator = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
     sizes = torch.tensor([[100, 150], [256, 40]], dtype=torch.int32)
     boxes = torch.rand(2, 7, 4) * 300

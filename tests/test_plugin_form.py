@@ -7,6 +7,7 @@ which the TensorRT ONNX parser hands to the plugins as their fields; everything
 else (the network up to the plugins' inputs, the Concats between them) in ONNX
 Runtime, cut out of the same model. The result must be the checkpoint's detections.
 """
+
 import onnx
 import onnxruntime as ort
 import pytest
@@ -24,10 +25,12 @@ from retinanet.ops import reference
 def forms(tiny):
     """The plugin form in FP32, FP16 and INT8, and the portable INT8 export with the same scales."""
     work = tiny["work"]
-    fp32 = export_onnx(tiny["pth"], str(work / "plugin_fp32.onnx"),
-                       ExportOptions(TINY_SIZE, "fp32", plugin_form=True))["output"]
-    int8_portable = export_onnx(tiny["pth"], str(work / "int8_portable.onnx"),
-                                ExportOptions(TINY_SIZE, "int8", calibration_table=tiny["table"]))["output"]
+    fp32 = export_onnx(tiny["pth"], str(work / "plugin_fp32.onnx"), ExportOptions(TINY_SIZE, "fp32", plugin_form=True))[
+        "output"
+    ]
+    int8_portable = export_onnx(
+        tiny["pth"], str(work / "int8_portable.onnx"), ExportOptions(TINY_SIZE, "int8", calibration_table=tiny["table"])
+    )["output"]
     return {"fp32": fp32, "fp16": tiny["plugin"], "int8": tiny["int8"], "int8_portable": int8_portable}
 
 
@@ -66,8 +69,9 @@ def run_plugin(node, values: dict) -> list:
     assert (a.pop("plugin_version"), a.pop("plugin_namespace")) == (b"1", b""), node.name
     if node.op_type == "RetinaNetDecode":
         anchors = torch.tensor(a.pop("anchors"), dtype=torch.float32).view(-1, 4)
-        out = reference.decode(*args, anchors, a.pop("stride"), a.pop("score_threshold"), a.pop("top_n"),
-                               a.pop("box_clamp"))
+        out = reference.decode(
+            *args, anchors, a.pop("stride"), a.pop("score_threshold"), a.pop("top_n"), a.pop("box_clamp")
+        )
     elif node.op_type == "RetinaNetNMS":
         out = reference.nms(*args, a.pop("nms_iou"), a.pop("detections"))
     else:
@@ -79,8 +83,9 @@ def run_plugin(node, values: dict) -> list:
 def network_inputs(proto, images) -> dict:
     values = {}
     for i in proto.graph.input:  # GroupNorm-head models also take each image's valid (h, w)
-        values[i.name] = (images if i.name == "images" else
-                          torch.tensor([list(TINY_SIZE)] * images.shape[0], dtype=torch.int32))
+        values[i.name] = (
+            images if i.name == "images" else torch.tensor([list(TINY_SIZE)] * images.shape[0], dtype=torch.int32)
+        )
     return values
 
 
@@ -104,17 +109,18 @@ def run_plugin_form(path, images, change=None):
 
 def test_fp32_plugin_form_gives_the_checkpoints_detections(forms, images, checkpoint_detections):
     # Measured: scores within 6e-8, boxes within 1.2e-7 relative of the checkpoint's.
-    assert_same_detections(run_plugin_form(forms["fp32"], images), checkpoint_detections, rtol=1e-3,
-                           score_tol=1e-4)
+    assert_same_detections(run_plugin_form(forms["fp32"], images), checkpoint_detections, rtol=1e-3, score_tol=1e-4)
 
 
 def test_plugin_attributes_drive_the_result(forms, images, checkpoint_detections):
     """The comparison above sees a wrong field: a stride or an IoU threshold off changes the detections."""
+
     def set_attribute(op_type, name, value):
         def change(proto):
             node = next(n for n in proto.graph.node if n.op_type == op_type)
             attr = next(a for a in node.attribute if a.name == name)
             attr.CopyFrom(helper.make_attribute(name, value))
+
         return change
 
     for change in (set_attribute("RetinaNetDecode", "stride", 16), set_attribute("RetinaNetNMS", "nms_iou", 0.3)):
@@ -128,8 +134,9 @@ def test_fp16_plugin_form_gives_the_checkpoints_detections(forms, images, checkp
     # relative in box; 296 of the 300 (3 images x 100) match, the worst image 97 of 100. The
     # rest are NMS decisions (or the cut at 100) that FP16 rounding flips: a suppressed box
     # kept or the reverse. Bar: 95% of each image's detections within 1e-4 / 1e-3.
-    assert_same_detections(run_plugin_form(forms["fp16"], images), checkpoint_detections, rtol=1e-3,
-                           score_tol=1e-4, min_matched=0.95)
+    assert_same_detections(
+        run_plugin_form(forms["fp16"], images), checkpoint_detections, rtol=1e-3, score_tol=1e-4, min_matched=0.95
+    )
 
 
 def test_int8_plugin_form_gives_the_portable_int8_detections(forms, images):

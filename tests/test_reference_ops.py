@@ -1,4 +1,5 @@
 """The reference decode/NMS, the oracle for every other implementation (acceptance 3)."""
+
 import math
 
 import pytest
@@ -81,8 +82,21 @@ def naive_decode(cls_scores, box_deltas, anchors, stride, threshold, top_n):
         cands.sort()
         rows = []
         for neg_s, _, a, c, y, x in cands[:top_n]:
-            rows.append((-neg_s, naive_box(anchors[a].tolist(), box_deltas[b, a * 4:(a + 1) * 4, y, x].tolist(),
-                                           x, y, stride, w * stride, h * stride), c))
+            rows.append(
+                (
+                    -neg_s,
+                    naive_box(
+                        anchors[a].tolist(),
+                        box_deltas[b, a * 4 : (a + 1) * 4, y, x].tolist(),
+                        x,
+                        y,
+                        stride,
+                        w * stride,
+                        h * stride,
+                    ),
+                    c,
+                )
+            )
         results.append(rows)
     return results
 
@@ -141,10 +155,21 @@ def test_decode_of_a_hand_worked_level():
     # Score order; the two 0.3s by flat index ((a*C + c)*H + y)*W + x: 2 (class 0) before 9 (class 1).
     torch.testing.assert_close(s[0], torch.tensor([0.9, 0.7, 0.3, 0.3, 0.06, 0.0]))
     assert c[0].tolist() == [0, 1, 0, 1, 1, -1]
-    torch.testing.assert_close(b[0], torch.tensor([[0.0, 0.0, 32.0, 24.0], [16.0, 16.0, 32.0, 32.0],
-                                                   [24.0, 0.0, 48.0, 24.0], [0.0, 8.0, 48.0, 32.0],
-                                                   [20.0, 0.0, 28.0, 32.0], [0.0, 0.0, 0.0, 0.0]]),
-                               rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        b[0],
+        torch.tensor(
+            [
+                [0.0, 0.0, 32.0, 24.0],
+                [16.0, 16.0, 32.0, 32.0],
+                [24.0, 0.0, 48.0, 24.0],
+                [0.0, 8.0, 48.0, 32.0],
+                [20.0, 0.0, 28.0, 32.0],
+                [0.0, 0.0, 0.0, 0.0],
+            ]
+        ),
+        rtol=1e-6,
+        atol=1e-5,
+    )
     assert (s[1] == 0).all() and (b[1] == 0).all() and (c[1] == -1).all()
 
 

@@ -1,4 +1,5 @@
 """TensorRT engine export and runtime up to the TensorRT calls (TensorRT is not installable here)."""
+
 import importlib.util
 import json
 import os
@@ -25,7 +26,8 @@ def test_batch_opts_validation():
 
 def test_profile_covers_every_input_at_the_batch_range():
     assert trt_export.profile_shapes((640, 768), (1, 8, 16)) == {
-        "images": {"min": (1, 3, 640, 768), "opt": (8, 3, 640, 768), "max": (16, 3, 640, 768)}}
+        "images": {"min": (1, 3, 640, 768), "opt": (8, 3, 640, 768), "max": (16, 3, 640, 768)}
+    }
     shapes = trt_export.profile_shapes((640, 768), (2, 4, 8), ["images", "image_sizes"])
     assert shapes["image_sizes"] == {"min": (2, 2), "opt": (4, 2), "max": (8, 2)}
     with pytest.raises(UserError, match="model input 'x' is not one of"):
@@ -33,8 +35,14 @@ def test_profile_covers_every_input_at_the_batch_range():
 
 
 def _engine_meta(**changes):
-    meta = {"config": {"classes": 3}, "category_ids": [1, 3, 7], "input_size": [128, 256],
-            "tensorrt_version": "10.16.0", "gpu": "NVIDIA H100", "batch_opts": [1, 8, 16]}
+    meta = {
+        "config": {"classes": 3},
+        "category_ids": [1, 3, 7],
+        "input_size": [128, 256],
+        "tensorrt_version": "10.16.0",
+        "gpu": "NVIDIA H100",
+        "batch_opts": [1, 8, 16],
+    }
     meta.update(changes)
     return meta
 
@@ -105,17 +113,21 @@ def test_tensorrt_missing_message(tmp_path):
 def test_cli_engine_flags(tmp_path):
     from retinanet.cli import build_parser
 
-    ns = build_parser().parse_args(["export", "m.pth", "e.plan", "--dynamic-batch-opts", "2", "4", "8",
-                                    "--workspace", "512"])
+    ns = build_parser().parse_args(
+        ["export", "m.pth", "e.plan", "--dynamic-batch-opts", "2", "4", "8", "--workspace", "512"]
+    )
     assert ns.dynamic_batch_opts == [2, 4, 8] and ns.workspace == 512
 
 
 def test_network_flags_are_strongly_typed_on_10_and_default_on_11():
     flags = types.SimpleNamespace(STRONGLY_TYPED=5)  # the enum's int value is the bit index
-    assert trt_export.network_flags(types.SimpleNamespace(__version__="10.16.0",
-                                                          NetworkDefinitionCreationFlag=flags)) == 1 << 5
-    assert trt_export.network_flags(types.SimpleNamespace(__version__="11.1.0",
-                                                          NetworkDefinitionCreationFlag=flags)) == 0
+    assert (
+        trt_export.network_flags(types.SimpleNamespace(__version__="10.16.0", NetworkDefinitionCreationFlag=flags))
+        == 1 << 5
+    )
+    assert (
+        trt_export.network_flags(types.SimpleNamespace(__version__="11.1.0", NetworkDefinitionCreationFlag=flags)) == 0
+    )
 
 
 @needs_trt
@@ -127,6 +139,7 @@ def test_network_flags():
 
 
 # --- engine export around the TensorRT build (which needs a GPU and TensorRT) ---------------------
+
 
 @pytest.fixture
 def fake_build(monkeypatch):
@@ -152,29 +165,48 @@ def test_engine_export_writes_its_files_beside_the_plan(tiny, tmp_path, fake_bui
     from retinanet.export import onnx as export_onnx
 
     plan = tmp_path / "e.plan"
-    result = export(tiny["pth"], str(plan), ExportOptions(TINY_SIZE, "int8", calibration_images=tiny["images"],
-                                                          calibration_batches=1, batch_opts=(1, 2, 4)))
-    assert sorted(os.listdir(tmp_path)) == ["e.calibration.json", "e.onnx", "e.plan", "e.plan.json",
-                                            "e.plan.timing_cache"]
+    result = export(
+        tiny["pth"],
+        str(plan),
+        ExportOptions(
+            TINY_SIZE, "int8", calibration_images=tiny["images"], calibration_batches=1, batch_opts=(1, 2, 4)
+        ),
+    )
+    assert sorted(os.listdir(tmp_path)) == [
+        "e.calibration.json",
+        "e.onnx",
+        "e.plan",
+        "e.plan.json",
+        "e.plan.timing_cache",
+    ]
     assert result["table"] == str(tmp_path / "e.calibration.json") and result["onnx"] == str(tmp_path / "e.onnx")
-    assert fake_build == [{"onnx": str(tmp_path / "e.onnx"), "input_size": TINY_SIZE, "batch_opts": (1, 2, 4),
-                           "cache": b""}]
+    assert fake_build == [
+        {"onnx": str(tmp_path / "e.onnx"), "input_size": TINY_SIZE, "batch_opts": (1, 2, 4), "cache": b""}
+    ]
     onnx_meta = export_onnx.read_metadata(onnx.load(str(tmp_path / "e.onnx")))
     assert onnx_meta["retinanet.form"] == "tensorrt" and onnx_meta["retinanet.precision"] == "int8"
     digest = export_onnx.model_hash(checkpoint.load(tiny["pth"]))
     assert quantize.read_table(result["table"], digest, TINY_SIZE)["images"] == 8
     assert plan.read_bytes() == b"PLAN 1" and (tmp_path / "e.plan.timing_cache").read_bytes() == b"CACHE 1"
     meta = trt_export.read_metadata(str(plan))
-    assert meta == {"config": tiny["model"].config.to_dict(), "category_ids": [1, 3, 7],
-                    "input_size": list(TINY_SIZE), "precision": "int8", "model_sha256": digest,
-                    "tensorrt_version": "10.16.0", "gpu": "unknown", "batch_opts": [1, 2, 4],
-                    "plan_sha256": trt_export.plan_digest(b"PLAN 1")}
+    assert meta == {
+        "config": tiny["model"].config.to_dict(),
+        "category_ids": [1, 3, 7],
+        "input_size": list(TINY_SIZE),
+        "precision": "int8",
+        "model_sha256": digest,
+        "tensorrt_version": "10.16.0",
+        "gpu": "unknown",
+        "batch_opts": [1, 2, 4],
+        "plan_sha256": trt_export.plan_digest(b"PLAN 1"),
+    }
     trt_runtime.check_plan(str(plan), meta, plan.read_bytes())
     assert trt_runtime.settings(str(plan), meta) == (tiny["model"].config, TINY_SIZE, [1, 3, 7], (1, 2, 4))
 
     # A rebuild starts from the timing cache and replaces plan and metadata together.
-    trt_export.build_engine(str(tmp_path / "e.onnx"), str(plan), onnx_meta, (1, 2, 4),
-                            timing_cache=trt_export.timing_cache_path(str(plan)))
+    trt_export.build_engine(
+        str(tmp_path / "e.onnx"), str(plan), onnx_meta, (1, 2, 4), timing_cache=trt_export.timing_cache_path(str(plan))
+    )
     assert fake_build[1]["cache"] == b"CACHE 1"
     assert plan.read_bytes() == b"PLAN 2" and (tmp_path / "e.plan.timing_cache").read_bytes() == b"CACHE 2"
     assert trt_export.read_metadata(str(plan))["plan_sha256"] == trt_export.plan_digest(b"PLAN 2")

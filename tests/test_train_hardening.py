@@ -1,5 +1,6 @@
 """Training never hangs, never unpickles code, stops cleanly on signals, and never
 saves weights from a non-finite step."""
+
 import json
 import os
 import shutil
@@ -10,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import assert_user_error, demo_subset, run_cli
+
 from retinanet import checkpoint
 from retinanet.config import ModelConfig, TrainConfig
 
@@ -24,19 +25,36 @@ def six(tmp_path_factory, demo_root):
     return root
 
 
-SMALL = ["--backbone", "ResNet18FPN", "--no-pretrained", "--resize", "96", "--max-size", "96", "--jitter", "96",
-         "96", "--workers", "0", "--val-iters", "1000"]
+SMALL = [
+    "--backbone",
+    "ResNet18FPN",
+    "--no-pretrained",
+    "--resize",
+    "96",
+    "--max-size",
+    "96",
+    "--jitter",
+    "96",
+    "96",
+    "--workers",
+    "0",
+    "--val-iters",
+    "1000",
+]
 
 
 def cli(*args, cwd, timeout=120):
     return run_cli(*args, cwd=cwd, check=False, timeout=timeout)
 
 
-@pytest.mark.parametrize("images, extra, words", [
-    ("nowhere", [], ["nowhere", "image folder not found", "--images"]),
-    (None, [], ["6 of the 6 images", "not there", "the first", "image id", "--images"]),  # default: .
-    ("images", ["--batch", "8"], ["6 images cannot fill one batch of 8"]),
-])
+@pytest.mark.parametrize(
+    "images, extra, words",
+    [
+        ("nowhere", [], ["nowhere", "image folder not found", "--images"]),
+        (None, [], ["6 of the 6 images", "not there", "the first", "image id", "--images"]),  # default: .
+        ("images", ["--batch", "8"], ["6 images cannot fill one batch of 8"]),
+    ],
+)
 def test_no_batch_can_be_formed_is_one_line_before_any_work(six, tmp_path, images, extra, words):
     args = ["train", "m.pth", "--annotations", str(six / "ann.json"), *SMALL, *extra]
     if images is not None:
@@ -51,13 +69,11 @@ def test_no_batch_can_be_formed_is_one_line_before_any_work(six, tmp_path, image
 def test_empty_image_list_and_one_missing_file(six, tmp_path):
     doc = json.loads((six / "ann.json").read_text())
     (tmp_path / "empty.json").write_text(json.dumps({**doc, "images": [], "annotations": []}))
-    proc = cli("train", "m.pth", "--annotations", "empty.json", "--images", str(six / "images"), *SMALL,
-               cwd=tmp_path)
+    proc = cli("train", "m.pth", "--annotations", "empty.json", "--images", str(six / "images"), *SMALL, cwd=tmp_path)
     assert_user_error(proc, "empty.json", "no images")
     doc["images"][3]["file_name"] = "lost.jpg"
     (tmp_path / "one.json").write_text(json.dumps(doc))
-    proc = cli("train", "m.pth", "--annotations", "one.json", "--images", str(six / "images"), *SMALL,
-               cwd=tmp_path)
+    proc = cli("train", "m.pth", "--annotations", "one.json", "--images", str(six / "images"), *SMALL, cwd=tmp_path)
     assert_user_error(proc, "1 of the 6 images", "lost.jpg", f"image id {doc['images'][3]['id']}")
 
 
@@ -66,8 +82,19 @@ def test_an_epoch_without_a_step_is_an_error_not_a_loop(six, tmp_path):
     shutil.copytree(six / "images", images)
     for f in images.iterdir():
         f.write_bytes(f.read_bytes()[:100])  # every image truncated: every batch is empty
-    proc = cli("train", "m.pth", "--annotations", str(six / "ann.json"), "--images", str(images), *SMALL,
-               "--batch", "2", cwd=tmp_path, timeout=120)
+    proc = cli(
+        "train",
+        "m.pth",
+        "--annotations",
+        str(six / "ann.json"),
+        "--images",
+        str(images),
+        *SMALL,
+        "--batch",
+        "2",
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("retinanet: error:")]
@@ -83,8 +110,12 @@ def test_checkpoints_are_never_unpickled_with_code(tmp_path, monkeypatch):
     mark = tmp_path / "pwned"
     monkeypatch.setenv("EXPLOIT_MARK", str(mark))
     torch.save({"format_version": 1, "payload": Exploit()}, tmp_path / "evil.pth")
-    for args in (["infer", "evil.pth"], ["train", "evil.pth"], ["export", "evil.pth", "out.onnx"],
-                 ["train", "new.pth", "--fine-tune", "evil.pth"]):
+    for args in (
+        ["infer", "evil.pth"],
+        ["train", "evil.pth"],
+        ["export", "evil.pth", "out.onnx"],
+        ["train", "new.pth", "--fine-tune", "evil.pth"],
+    ):
         proc = cli(*args, cwd=tmp_path)
         assert_user_error(proc, "evil.pth", "refusing to load", "could run code")
     assert not mark.exists()
@@ -94,8 +125,20 @@ def test_checkpoints_are_never_unpickled_with_code(tmp_path, monkeypatch):
 
 
 def test_everything_we_save_loads_with_weights_only(six, tmp_path):
-    run_cli("train", "m.pth", "--annotations", str(six / "ann.json"), "--images", str(six / "images"), *SMALL,
-            "--iters", "1", "--batch", "2", cwd=tmp_path)
+    run_cli(
+        "train",
+        "m.pth",
+        "--annotations",
+        str(six / "ann.json"),
+        "--images",
+        str(six / "images"),
+        *SMALL,
+        "--iters",
+        "1",
+        "--batch",
+        "2",
+        cwd=tmp_path,
+    )
     state = torch.load(tmp_path / "m.pth", weights_only=True)
     assert {"optimizer", "scheduler", "scaler", "rng_python", "rng_torch", "train_config"} <= state.keys()
 
@@ -107,17 +150,38 @@ def test_resuming_weights_without_training_state_is_one_line(six, tmp_path):
     ids = sorted(c["id"] for c in doc["categories"])
     cfg = ModelConfig(backbone="ResNet18FPN", classes=len(ids), resize=96, max_size=96)
     checkpoint.save(str(tmp_path / "w.pth"), checkpoint.model_state(cfg, RetinaNet(cfg), ids))
-    proc = cli("train", "w.pth", "--annotations", str(six / "ann.json"), "--images", str(six / "images"),
-               *SMALL, cwd=tmp_path)
+    proc = cli(
+        "train", "w.pth", "--annotations", str(six / "ann.json"), "--images", str(six / "images"), *SMALL, cwd=tmp_path
+    )
     assert_user_error(proc, "w.pth", "no training state", "optimizer", "--override", "--fine-tune")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_at_the_current_iteration_and_resumes(six, tmp_path, sig):
-    args = [sys.executable, "-m", "retinanet", "train", "m.pth", "--annotations", str(six / "ann.json"),
-            "--images", str(six / "images"), *SMALL, "--iters", "100000", "--batch", "2"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "retinanet",
+        "train",
+        "m.pth",
+        "--annotations",
+        str(six / "ann.json"),
+        "--images",
+        str(six / "images"),
+        *SMALL,
+        "--iters",
+        "100000",
+        "--batch",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     line = proc.stdout.readline()  # the first progress line comes after iteration 1
     assert line.startswith("[     1/100000]"), line + proc.stderr.read()
     proc.send_signal(sig)
@@ -127,10 +191,24 @@ def test_signal_saves_at_the_current_iteration_and_resumes(six, tmp_path, sig):
     state = checkpoint.load(str(tmp_path / "m.pth"))
     stopped = state["iteration"]
     assert stopped >= 1
-    assert err.strip() == (f"retinanet: stopped by {signal.Signals(sig).name} at iteration {stopped}: saved m.pth; "
-                           "run the same command to resume")
-    again = run_cli("train", "m.pth", "--annotations", str(six / "ann.json"), "--images", str(six / "images"),
-                    *SMALL, "--iters", str(stopped + 1), "--batch", "2", cwd=tmp_path)
+    assert err.strip() == (
+        f"retinanet: stopped by {signal.Signals(sig).name} at iteration {stopped}: saved m.pth; "
+        "run the same command to resume"
+    )
+    again = run_cli(
+        "train",
+        "m.pth",
+        "--annotations",
+        str(six / "ann.json"),
+        "--images",
+        str(six / "images"),
+        *SMALL,
+        "--iters",
+        str(stopped + 1),
+        "--batch",
+        "2",
+        cwd=tmp_path,
+    )
     assert f"resuming m.pth at iteration {stopped}" in again.stdout
     assert checkpoint.load(str(tmp_path / "m.pth"))["iteration"] == stopped + 1
 
@@ -142,11 +220,11 @@ def make_trainer(six, tmp_path, **train):
     from retinanet.data.coco import CocoAnnotations
 
     coco = CocoAnnotations(coco_path)
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=coco.classes, channels=32, resize=96, max_size=96,
-                      freeze_bn=False)
+    cfg = ModelConfig(
+        backbone="ResNet18FPN", classes=coco.classes, channels=32, resize=96, max_size=96, freeze_bn=False
+    )
     tcfg = TrainConfig(batch=2, iters=50, workers=0, jitter=[96, 96], warmup=0, **train)
-    setup = tr.Setup(str(tmp_path / "m.pth"), cfg, tcfg, tr.DataPaths(str(six / "images"), coco_path), coco,
-                     None)
+    setup = tr.Setup(str(tmp_path / "m.pth"), cfg, tcfg, tr.DataPaths(str(six / "images"), coco_path), coco, None)
     return tr.Trainer(setup, torch.device("cpu"), 0, 1, False, None, None)
 
 
@@ -169,8 +247,7 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched(six, tmp_path,
     weights = {k: v.clone() for k, v in t.net.state_dict().items()}
     momentum = [t.optimizer.state[p]["momentum_buffer"].clone() for p in t.net.parameters()]
     real = t.net.loss_from_heads
-    monkeypatch.setattr(t.net, "loss_from_heads",
-                        lambda *a: {k: v * float("nan") for k, v in real(*a).items()})
+    monkeypatch.setattr(t.net, "loss_from_heads", lambda *a: {k: v * float("nan") for k, v in real(*a).items()})
     from retinanet.train import MAX_NONFINITE_STEPS, check_finite
 
     for _ in range(MAX_NONFINITE_STEPS - 1):
@@ -196,13 +273,18 @@ def test_divergence_is_one_line_and_the_checkpoint_keeps_finite_weights(six, tmp
     assert retinanet_cli.main(["train", "m.pth", *common, "--iters", "2"]) == 0
     before = checkpoint.load(str(tmp_path / "m.pth"))
     real = RetinaNet.loss_from_heads
-    monkeypatch.setattr(RetinaNet, "loss_from_heads",  # from here on every loss is NaN
-                        lambda self, *a: {k: v * float("nan") for k, v in real(self, *a).items()})
+    monkeypatch.setattr(
+        RetinaNet,
+        "loss_from_heads",  # from here on every loss is NaN
+        lambda self, *a: {k: v * float("nan") for k, v in real(self, *a).items()},
+    )
     capsys.readouterr()
     assert retinanet_cli.main(["train", "m.pth", *common, "--iters", "200"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("retinanet: error: training diverged: 20 steps in a row with a non-finite loss or "
-                          "gradient (loss nan, gradient norm nan) at iteration 22;"), err
+    assert err.startswith(
+        "retinanet: error: training diverged: 20 steps in a row with a non-finite loss or "
+        "gradient (loss nan, gradient norm nan) at iteration 22;"
+    ), err
     assert err.endswith("m.pth keeps its last finite weights; lower --lr or --clip-grad") and "\n" not in err
     after = checkpoint.load(str(tmp_path / "m.pth"))
     assert after["iteration"] == before["iteration"] == 2
@@ -210,13 +292,16 @@ def test_divergence_is_one_line_and_the_checkpoint_keeps_finite_weights(six, tmp
         assert torch.equal(v, before["state_dict"][k]), k
 
 
-@pytest.mark.parametrize("flags, head_norm", [
-    ({"no_pretrained": True}, True),  # from scratch: GroupNorm towers (unnormalised ones diverge, TRAINING.md)
-    ({}, False),  # ImageNet weights: plain towers, as in the paper
-    ({"backbone_weights": "r50.pth"}, False),
-    ({"no_pretrained": True, "head_norm": False}, False),  # --no-head-norm wins
-    ({"head_norm": True}, True),
-])
+@pytest.mark.parametrize(
+    "flags, head_norm",
+    [
+        ({"no_pretrained": True}, True),  # from scratch: GroupNorm towers (unnormalised ones diverge, TRAINING.md)
+        ({}, False),  # ImageNet weights: plain towers, as in the paper
+        ({"backbone_weights": "r50.pth"}, False),
+        ({"no_pretrained": True, "head_norm": False}, False),  # --no-head-norm wins
+        ({"head_norm": True}, True),
+    ],
+)
 def test_head_towers_are_normalised_by_default_when_training_from_scratch(six, flags, head_norm):
     from retinanet.train import resolve_settings
 

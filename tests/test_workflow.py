@@ -4,6 +4,7 @@ One demo model is trained per session (conftest.trained: a few minutes on 2
 CPU cores) and shared by the fine-tune, inference, API and export tests. On a
 GPU, short runs in fp16 and bf16 mixed precision train there too.
 """
+
 import contextlib
 import io
 import json
@@ -56,8 +57,18 @@ def test_infer_json_loads_in_pycocotools_and_printed_map_matches(trained, demo_r
     from pycocotools.cocoeval import COCOeval
 
     work, _, env = trained
-    out = cli("infer", "demo.pth", "--images", str(demo_root / "val"), "--annotations",
-              str(demo_root / "val.json"), "--output", "val.json", cwd=work, env=env)
+    out = cli(
+        "infer",
+        "demo.pth",
+        "--images",
+        str(demo_root / "val"),
+        "--annotations",
+        str(demo_root / "val.json"),
+        "--output",
+        "val.json",
+        cwd=work,
+        env=env,
+    )
     records = json.loads((work / "val.json").read_text())
     assert records and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in records)
     assert {r["category_id"] for r in records} <= {1, 3, 7}
@@ -73,8 +84,9 @@ def test_infer_json_loads_in_pycocotools_and_printed_map_matches(trained, demo_r
     assert ev.stats[0] > MAP_THRESHOLD
     assert abs(final_map(out.stdout) - ev.stats[0]) < 5e-4  # printed with 3 decimals
     # Refuses to overwrite without --override.
-    again = cli("infer", "demo.pth", "--images", str(demo_root / "val"), "--output", "val.json", cwd=work,
-                env=env, check=False)
+    again = cli(
+        "infer", "demo.pth", "--images", str(demo_root / "val"), "--output", "val.json", cwd=work, env=env, check=False
+    )
     assert again.returncode == 2 and "val.json" in again.stderr and "--override" in again.stderr
 
 
@@ -85,8 +97,18 @@ def test_infer_without_annotations_covers_every_image(trained, demo_root, tmp_pa
     for name in sorted(os.listdir(demo_root / "val"))[:5]:
         (folder / name).write_bytes((demo_root / "val" / name).read_bytes())
     # On the CPU also where there is a GPU, as the API below: its decoding and fp16 would round otherwise.
-    cli("infer", str(work / "demo.pth"), "--images", str(folder), "--output", "d.json", "--batch", "5", cwd=tmp_path,
-        env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    cli(
+        "infer",
+        str(work / "demo.pth"),
+        "--images",
+        str(folder),
+        "--output",
+        "d.json",
+        "--batch",
+        "5",
+        cwd=tmp_path,
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+    )
     records = json.loads((tmp_path / "d.json").read_text())
     # The same as the Python API on the same five images (one batch both ways), record for record.
     names = sorted(os.listdir(folder))
@@ -104,10 +126,32 @@ def test_fine_tune_to_other_class_count_loads_all_but_last_conv(trained, demo_ro
     doc["categories"] = [c for c in doc["categories"] if c["id"] != 7]
     doc["annotations"] = [a for a in doc["annotations"] if a["category_id"] != 7]
     (tmp_path / "two.json").write_text(json.dumps(doc))
-    proc = cli("train", "ft.pth", "--fine-tune", str(work / "demo.pth"), "--annotations", "two.json",
-               "--images", str(demo_root / "train"), "--iters", "3", "--batch", "4", "--workers", "0",
-               "--jitter", "128", "128", "--regularization-l2", "0", "--lr", "1e-9",
-               cwd=tmp_path, env=env, check=False)
+    proc = cli(
+        "train",
+        "ft.pth",
+        "--fine-tune",
+        str(work / "demo.pth"),
+        "--annotations",
+        "two.json",
+        "--images",
+        str(demo_root / "train"),
+        "--iters",
+        "3",
+        "--batch",
+        "4",
+        "--workers",
+        "0",
+        "--jitter",
+        "128",
+        "128",
+        "--regularization-l2",
+        "0",
+        "--lr",
+        "1e-9",
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     old = checkpoint.load(str(work / "demo.pth"))
     new = checkpoint.load(str(tmp_path / "ft.pth"))
@@ -145,12 +189,27 @@ def train_on(device, amp_dtype, images, annotations, work, monkeypatch):
             super().__init__(device_type, dtype=dtype, enabled=enabled, **kw)
 
     monkeypatch.setattr(torch, "autocast", RecordedAutocast)
-    given = dict(annotations=str(annotations), images=str(images), backbone="ResNet18FPN", no_pretrained=True,
-                 batch=4, iters=AMP_ITERS, lr=0.01, warmup=5, resize=128, max_size=128, jitter=[128, 128],
-                 val_iters=1000, workers=0, amp_dtype=amp_dtype, seed=0)
+    given = dict(
+        annotations=str(annotations),
+        images=str(images),
+        backbone="ResNet18FPN",
+        no_pretrained=True,
+        batch=4,
+        iters=AMP_ITERS,
+        lr=0.01,
+        warmup=5,
+        resize=128,
+        max_size=128,
+        jitter=[128, 128],
+        val_iters=1000,
+        workers=0,
+        amp_dtype=amp_dtype,
+        seed=0,
+    )
     model_cfg, cfg, paths, pretrained = train.resolve_settings(given)
-    train.train(str(work / "m.pth"), model_cfg, cfg, paths, pretrained=pretrained, logdir=str(work / "tb"),
-                device=device)
+    train.train(
+        str(work / "m.pth"), model_cfg, cfg, paths, pretrained=pretrained, logdir=str(work / "tb"), device=device
+    )
     acc = EventAccumulator(str(work / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     losses = [e.value for e in acc.Scalars("train/loss")]

@@ -1,4 +1,5 @@
 """COCO-format annotations (validated), the dataset and the batch collate."""
+
 from __future__ import annotations
 
 import json
@@ -57,15 +58,19 @@ def _size(record: dict, key: str, where: str) -> int | None:
     value = record.get(key)
     if value is None:
         return None
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value != int(value) or value <= 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+        or value <= 0
+    ):
         raise UserError(f"{where}: {key} must be a positive integer, got {json.dumps(value)}")
     return int(value)
 
 
 def _outside(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> bool:
-    return (x1 < -EDGE_TOLERANCE or y1 < -EDGE_TOLERANCE
-            or x2 > width + EDGE_TOLERANCE or y2 > height + EDGE_TOLERANCE)
+    return x1 < -EDGE_TOLERANCE or y1 < -EDGE_TOLERANCE or x2 > width + EDGE_TOLERANCE or y2 > height + EDGE_TOLERANCE
 
 
 def _load_json(path: str):
@@ -104,8 +109,9 @@ class CocoAnnotations:
             image_id = _id(im["id"], where, "id")
             if image_id in by_id:
                 raise UserError(f"{where}: duplicate image id {image_id}")
-            rec = ImageRecord(image_id, str(im["file_name"]), _size(im, "width", where), _size(im, "height", where),
-                              source=name)
+            rec = ImageRecord(
+                image_id, str(im["file_name"]), _size(im, "width", where), _size(im, "height", where), source=name
+            )
             by_id[rec.id] = rec
             self.images.append(rec)
         self._annotations(doc["annotations"], by_id)
@@ -125,8 +131,11 @@ class CocoAnnotations:
     def _annotations(self, annotations: list, by_id: dict[int, ImageRecord]) -> None:
         to_label = {cid: i for i, cid in enumerate(self.category_ids)}
         for i, a in enumerate(annotations):
-            where = (f"{self.name}: annotations[{i}] (id {a.get('id')})" if isinstance(a, dict)
-                     else f"{self.name}: annotations[{i}]")
+            where = (
+                f"{self.name}: annotations[{i}] (id {a.get('id')})"
+                if isinstance(a, dict)
+                else f"{self.name}: annotations[{i}]"
+            )
             _require(a, ["id", "image_id", "category_id", "bbox"], where)
             rec = by_id.get(_id(a["image_id"], where, "image_id"))
             if rec is None:
@@ -134,17 +143,19 @@ class CocoAnnotations:
             if _id(a["category_id"], where, "category_id") not in to_label:
                 raise UserError(f"{where}: unknown category_id {a['category_id']}")
             bbox = a["bbox"]
-            if (not isinstance(bbox, list) or len(bbox) != 4
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                               for v in bbox)):
+            if (
+                not isinstance(bbox, list)
+                or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+            ):
                 raise UserError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
             x, y, w, h = (float(v) for v in bbox)
             if w <= 0 or h <= 0:
                 raise UserError(f"{where}: bbox {bbox} has width or height <= 0")
-            if rec.width is not None and rec.height is not None and _outside(x, y, x + w, y + h, rec.width,
-                                                                              rec.height):
-                raise UserError(f"{where}: bbox {bbox} lies outside image {rec.id} "
-                                f"({rec.width}x{rec.height}, {rec.file_name})")
+            if rec.width is not None and rec.height is not None and _outside(x, y, x + w, y + h, rec.width, rec.height):
+                raise UserError(
+                    f"{where}: bbox {bbox} lies outside image {rec.id} ({rec.width}x{rec.height}, {rec.file_name})"
+                )
             rec.boxes.append([x, y, x + w, y + h])
             rec.labels.append(LABEL_CROWD if a.get("iscrowd", 0) else to_label[a["category_id"]])
             rec.annotation_index.append(i)
@@ -163,18 +174,25 @@ def check_decoded_size(rec: ImageRecord, height: int, width: int, path: str) -> 
     boxes were checked against them at load). Where they are not given, the
     boxes are checked here, against the image itself.
     """
-    stated = [(k, v, actual) for k, v, actual in (("width", rec.width, width), ("height", rec.height, height))
-              if v is not None]
+    stated = [
+        (k, v, actual)
+        for k, v, actual in (("width", rec.width, width), ("height", rec.height, height))
+        if v is not None
+    ]
     if any(v != actual for _, v, actual in stated):
-        return (f"{rec.source}: image {rec.id} ({path}) has {', '.join(f'{k} {v}' for k, v, _ in stated)} in the "
-                f"annotations but decodes to {width}x{height} (width x height, after its EXIF orientation)")
+        return (
+            f"{rec.source}: image {rec.id} ({path}) has {', '.join(f'{k} {v}' for k, v, _ in stated)} in the "
+            f"annotations but decodes to {width}x{height} (width x height, after its EXIF orientation)"
+        )
     if rec.width is not None and rec.height is not None:
         return None
     for k, (x1, y1, x2, y2) in enumerate(rec.boxes):
         if _outside(x1, y1, x2, y2, width, height):
             bbox = [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]
-            return (f"{rec.source}: annotations[{rec.annotation_index[k]}] (id {rec.annotation_ids[k]}): bbox "
-                    f"{bbox} lies outside image {rec.id} ({width}x{height} as decoded from {path})")
+            return (
+                f"{rec.source}: annotations[{rec.annotation_index[k]}] (id {rec.annotation_ids[k]}): bbox "
+                f"{bbox} lies outside image {rec.id} ({width}x{height} as decoded from {path})"
+            )
     return None
 
 
@@ -225,8 +243,10 @@ def read_image(path: str, background: tuple[int, int, int] | None = None) -> Ten
                 ImageOps.exif_transpose(im, in_place=True)
                 rgb = _to_rgb(im, background or DEFAULT_BACKGROUND)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CorruptImage(f"{path}: image has more than {MAX_IMAGE_PIXELS} pixels, the limit against "
-                           "decompression bombs; downscale or tile it") from None
+        raise CorruptImage(
+            f"{path}: image has more than {MAX_IMAGE_PIXELS} pixels, the limit against "
+            "decompression bombs; downscale or tile it"
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad or truncated files
         raise CorruptImage(f"{path}: cannot decode image ({str(e).splitlines()[0]})") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
@@ -284,9 +304,18 @@ class DetectionDataset(Dataset):
     each epoch's loader is created.
     """
 
-    def __init__(self, images_dir: str, annotations: CocoAnnotations | None, resize: int, max_size: int,
-                 training: bool = False, jitter: tuple[int, int] | None = None,
-                 augment: T.Augment | None = None, seed: int = 0, fill: tuple[int, int, int] | None = None):
+    def __init__(
+        self,
+        images_dir: str,
+        annotations: CocoAnnotations | None,
+        resize: int,
+        max_size: int,
+        training: bool = False,
+        jitter: tuple[int, int] | None = None,
+        augment: T.Augment | None = None,
+        seed: int = 0,
+        fill: tuple[int, int, int] | None = None,
+    ):
         self.images_dir = images_dir
         self.seed, self.epoch = seed, 0
         self.annotations = annotations
@@ -380,9 +409,16 @@ class Collate:
         errors = [s for s in samples if isinstance(s, str)]
         samples = [s for s in samples if isinstance(s, Sample)]
         if not samples:
-            return Batch(torch.zeros(0, 3, self.multiple, self.multiple, dtype=torch.uint8),
-                         torch.zeros(0, 0, 5), [], torch.zeros(0, 2), [], skipped, errors,
-                         torch.zeros(0, 2, dtype=torch.int32))
+            return Batch(
+                torch.zeros(0, 3, self.multiple, self.multiple, dtype=torch.uint8),
+                torch.zeros(0, 0, 5),
+                [],
+                torch.zeros(0, 2),
+                [],
+                skipped,
+                errors,
+                torch.zeros(0, 2, dtype=torch.int32),
+            )
         h = max(s.image.shape[1] for s in samples)
         w = max(s.image.shape[2] for s in samples)
         h = -(-h // self.multiple) * self.multiple
@@ -393,8 +429,9 @@ class Collate:
         targets = stack_targets([s.targets for s in samples])
         scales = torch.tensor([s.scale for s in samples], dtype=torch.float32)
         valid = torch.tensor([tuple(s.image.shape[1:]) for s in samples], dtype=torch.int32)
-        return Batch(images, targets, [s.image_id for s in samples], scales, [s.size for s in samples], skipped,
-                     errors, valid)
+        return Batch(
+            images, targets, [s.image_id for s in samples], scales, [s.size for s in samples], skipped, errors, valid
+        )
 
 
 def stack_targets(targets: list[Tensor]) -> Tensor:
@@ -412,4 +449,3 @@ def mean_pixel(mean: list[float]) -> tuple[int, int, int]:
 
 
 DEFAULT_BACKGROUND = mean_pixel(ModelConfig().mean)
-

@@ -5,6 +5,7 @@ three classes with non-contiguous category ids (so the id mapping is
 exercised), varied sizes, overlaps, a few empty images, train and val splits.
 Generated once into a cache folder; no network is ever needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,9 +101,16 @@ def _write_split(root: Path, split: str, n: int, seed: int) -> None:
         images.append({"id": i + 1, "file_name": name, "width": SIZE, "height": SIZE})
         for (x1, y1, x2, y2), cat in objects:
             w, h = x2 - x1, y2 - y1
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                "category_id": CATEGORIES[cat]["id"], "bbox": [x1, y1, w, h],
-                                "area": w * h, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": CATEGORIES[cat]["id"],
+                    "bbox": [x1, y1, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
     doc = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     tmp = root / f"{split}.json.tmp"
     tmp.write_text(json.dumps(doc))
@@ -124,5 +132,9 @@ def ensure(root: Path | None = None) -> Path:
 
 def paths(root: Path | None = None) -> dict[str, str]:
     root = ensure(root)
-    return {"images": str(root / "train"), "annotations": str(root / "train.json"),
-            "val_images": str(root / "val"), "val_annotations": str(root / "val.json")}
+    return {
+        "images": str(root / "train"),
+        "annotations": str(root / "train.json"),
+        "val_images": str(root / "val"),
+        "val_annotations": str(root / "val.json"),
+    }

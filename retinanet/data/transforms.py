@@ -6,6 +6,7 @@ once as a `Geometry`; `transform_targets` maps boxes through it and
 their side, report them, and the boxes go through `transform_targets` too, so
 both loaders give identical boxes for identical parameters.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,8 +78,7 @@ def _iou_with_window(boxes: Tensor, x0: float, y0: float, x1: float, y1: float) 
     return inter / (area + (x1 - x0) * (y1 - y0) - inter)
 
 
-def random_crop_window(rng: random.Random, boxes: Tensor, width: int, height: int
-                       ) -> tuple[int, int, int, int] | None:
+def random_crop_window(rng: random.Random, boxes: Tensor, width: int, height: int) -> tuple[int, int, int, int] | None:
     """A window (x0, y0, w, h) meeting a drawn IoU threshold with every box, or None."""
     threshold = rng.choice(CROP_THRESHOLDS)
     if threshold is None:
@@ -104,8 +104,9 @@ class Geometry:
     quarter_turns: int = 0  # counter-clockwise
 
 
-def transform_targets(targets: Tensor, g: Geometry, height: int, width: int, max_size: int
-                      ) -> tuple[Tensor, tuple[int, int], tuple[float, float]]:
+def transform_targets(
+    targets: Tensor, g: Geometry, height: int, width: int, max_size: int
+) -> tuple[Tensor, tuple[int, int], tuple[float, float]]:
     """Targets [M, 5] (original pixels) through `g`.
 
     Returns the targets, the final image size (h, w) and the resize scale
@@ -127,7 +128,7 @@ def transform_targets(targets: Tensor, g: Geometry, height: int, width: int, max
 def transform_image(image: Tensor, g: Geometry, max_size: int) -> Tensor:
     if g.crop is not None:
         x0, y0, w, h = g.crop
-        image = image[:, y0:y0 + h, x0:x0 + w]
+        image = image[:, y0 : y0 + h, x0 : x0 + w]
     image, _ = resize_image(image, g.short, max_size)
     if g.flip:
         image = image.flip(-1)

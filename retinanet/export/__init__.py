@@ -1,4 +1,5 @@
 """Export a checkpoint: ONNX here (onnx.py, quantize.py); TensorRT engines build on the ONNX."""
+
 from __future__ import annotations
 
 import importlib
@@ -19,8 +20,9 @@ def require_onnx_packages(calibrating: bool) -> None:
             importlib.import_module(name)
         except ImportError as e:
             reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            raise UserError(f"ONNX export needs the {name} package, which cannot be imported ({reason}): "
-                            f"{INSTALL_HINT}") from None
+            raise UserError(
+                f"ONNX export needs the {name} package, which cannot be imported ({reason}): {INSTALL_HINT}"
+            ) from None
 
 
 def onnx_path(output: str) -> str:
@@ -48,8 +50,10 @@ def check_outputs(output: str, options: ExportOptions, override: bool) -> None:
     if calibrating(options):
         table = quantize.table_path(model)
         if os.path.exists(table) and not override:
-            raise UserError(f"{table}: calibration table exists; pass --override to replace it, "
-                            f"or reuse it with --calibration-table")
+            raise UserError(
+                f"{table}: calibration table exists; pass --override to replace it, "
+                f"or reuse it with --calibration-table"
+            )
         check_output(table, True, "calibration table")
 
 
@@ -77,9 +81,18 @@ def _export_engine(model_path: str, output: str, options: ExportOptions, log) ->
     start = time.perf_counter()
     result = export_onnx(model_path, model, dataclasses.replace(options, plugin_form=True), log=log)
     meta = read_metadata(onnx.load(model, load_external_data=False))
-    result.update(tensorrt.build_engine(model, output, meta, options.batch_opts, options.workspace_mib,
-                                        timing_cache=tensorrt.timing_cache_path(output), verbose=options.verbose,
-                                        log=log))
+    result.update(
+        tensorrt.build_engine(
+            model,
+            output,
+            meta,
+            options.batch_opts,
+            options.workspace_mib,
+            timing_cache=tensorrt.timing_cache_path(output),
+            verbose=options.verbose,
+            log=log,
+        )
+    )
     result["onnx"] = model
     result["export_s"] = time.perf_counter() - start
     return result

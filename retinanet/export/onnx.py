@@ -29,6 +29,7 @@ BatchNorm-head models keep the one input. Outputs ``scores`` float32 [batch, D],
 int32 [batch, D]; padding has score 0, box 0, class -1. The batch axis is
 dynamic. metadata_props carry what a runtime needs (METADATA_* keys).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -145,8 +146,16 @@ def _quiet(verbose: bool):
         yield
 
 
-def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], opset: int,
-                  verbose: bool, translations: dict | None = None, varargs: bool = False):
+def _torch_export(
+    module: nn.Module,
+    args: tuple,
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    verbose: bool,
+    translations: dict | None = None,
+    varargs: bool = False,
+):
     import onnx  # noqa: F401  (fail early with the install hint)
 
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -154,10 +163,19 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output
     if varargs:  # forward(*tensors): one positional entry holding them all
         shapes = (shapes,)
     with _quiet(verbose), torch.no_grad():
-        program = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset,
-                                    input_names=input_names, output_names=output_names,
-                                    dynamic_shapes=shapes,
-                                    custom_translation_table=translations, verbose=verbose, optimize=True)
+        program = torch.onnx.export(
+            module,
+            args,
+            None,
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=shapes,
+            custom_translation_table=translations,
+            verbose=verbose,
+            optimize=True,
+        )
     return program.model_proto
 
 
@@ -184,8 +202,9 @@ def _portable_tail(model: RetinaNet, net, opset: int, verbose: bool):
         names = names + [IMAGE_SIZES]
     else:
         tail = PortablePostprocess(model.config, model.base_anchors())
-    return _torch_export(tail, example, names, ["scores", "boxes", "classes"], opset, verbose, NMS_TRANSLATION,
-                         varargs=True)
+    return _torch_export(
+        tail, example, names, ["scores", "boxes", "classes"], opset, verbose, NMS_TRANSLATION, varargs=True
+    )
 
 
 def _clipping_tail(model: RetinaNet) -> nn.Module:
@@ -200,9 +219,10 @@ def _clipping_tail(model: RetinaNet) -> nn.Module:
             c = self.config
             *heads, sizes = inputs
             levels = len(c.strides)
-            parts = [decode_level(s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n,
-                                  c.box_clamp)
-                     for i, (s, d, stride) in enumerate(zip(heads[:levels], heads[levels:], c.strides))]
+            parts = [
+                decode_level(s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n, c.box_clamp)
+                for i, (s, d, stride) in enumerate(zip(heads[:levels], heads[levels:], c.strides))
+            ]
             scores, boxes, classes = (torch.cat(p, dim=1) for p in zip(*parts))
             return class_aware_nms(scores, clip_boxes(boxes, sizes), classes, c.classes, c.nms_iou, c.detections)
 
@@ -222,15 +242,27 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
     parts = {"scores": [], "boxes": [], "classes": []}
     for i, (stride, anchors) in enumerate(zip(config.strides, base_anchors)):
         outs = [f"decode_{k}_{i}" for k in ("scores", "boxes", "classes")]
-        nodes.append(helper.make_node(
-            "RetinaNetDecode", [f"scores_{i}", f"deltas_{i}"], outs, name=f"RetinaNetDecode_{i}",
-            domain=PLUGIN_DOMAIN, plugin_version=PLUGIN_VERSION, plugin_namespace="",
-            score_threshold=float(config.score_threshold), top_n=int(config.top_n),
-            box_clamp=float(config.box_clamp), stride=int(stride),
-            anchors=[float(v) for v in anchors.flatten().tolist()]))
-        infos += [helper.make_tensor_value_info(outs[0], TensorProto.FLOAT, [batch, config.top_n]),
-                  helper.make_tensor_value_info(outs[1], TensorProto.FLOAT, [batch, config.top_n, 4]),
-                  helper.make_tensor_value_info(outs[2], TensorProto.INT32, [batch, config.top_n])]
+        nodes.append(
+            helper.make_node(
+                "RetinaNetDecode",
+                [f"scores_{i}", f"deltas_{i}"],
+                outs,
+                name=f"RetinaNetDecode_{i}",
+                domain=PLUGIN_DOMAIN,
+                plugin_version=PLUGIN_VERSION,
+                plugin_namespace="",
+                score_threshold=float(config.score_threshold),
+                top_n=int(config.top_n),
+                box_clamp=float(config.box_clamp),
+                stride=int(stride),
+                anchors=[float(v) for v in anchors.flatten().tolist()],
+            )
+        )
+        infos += [
+            helper.make_tensor_value_info(outs[0], TensorProto.FLOAT, [batch, config.top_n]),
+            helper.make_tensor_value_info(outs[1], TensorProto.FLOAT, [batch, config.top_n, 4]),
+            helper.make_tensor_value_info(outs[2], TensorProto.INT32, [batch, config.top_n]),
+        ]
         for k, name in zip(parts, outs):
             parts[k].append(name)
     clip = len(net.graph.input) > 1  # image_sizes: GroupNorm heads
@@ -239,14 +271,25 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
         nodes.append(helper.make_node("Concat", names, [out], name=f"Concat_{k}", axis=1))
     if clip:
         nodes += _clip_nodes(net.graph.input[1].name, "candidate_boxes_unclipped", "candidate_boxes")
-    nodes.append(helper.make_node(
-        "RetinaNetNMS", [f"candidate_{k}" for k in parts], ["scores", "boxes", "classes"], name="RetinaNetNMS",
-        domain=PLUGIN_DOMAIN, plugin_version=PLUGIN_VERSION, plugin_namespace="",
-        nms_iou=float(config.nms_iou), detections=int(config.detections)))
+    nodes.append(
+        helper.make_node(
+            "RetinaNetNMS",
+            [f"candidate_{k}" for k in parts],
+            ["scores", "boxes", "classes"],
+            name="RetinaNetNMS",
+            domain=PLUGIN_DOMAIN,
+            plugin_version=PLUGIN_VERSION,
+            plugin_namespace="",
+            nms_iou=float(config.nms_iou),
+            detections=int(config.detections),
+        )
+    )
     d = config.detections
-    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, d]),
-               helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [batch, d, 4]),
-               helper.make_tensor_value_info("classes", TensorProto.INT32, [batch, d])]
+    outputs = [
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, d]),
+        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [batch, d, 4]),
+        helper.make_tensor_value_info("classes", TensorProto.INT32, [batch, d]),
+    ]
     return nodes, outputs, infos
 
 
@@ -258,13 +301,14 @@ def _clip_nodes(sizes: str, boxes: str, out: str) -> list:
         tensor = helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
         return helper.make_node("Constant", [], [name], name=f"Constant_{name}", value=tensor)
 
-    return [helper.make_node("Cast", [sizes], ["clip_sizes"], name="Cast_clip_sizes", to=TensorProto.FLOAT),
-            const("clip_order", [1, 0, 1, 0]), const("clip_axis", [1]),
-            helper.make_node("Gather", ["clip_sizes", "clip_order"], ["clip_limits"], name="Gather_clip_limits",
-                             axis=1),
-            helper.make_node("Unsqueeze", ["clip_limits", "clip_axis"], ["clip_limits_3d"],
-                             name="Unsqueeze_clip_limits"),
-            helper.make_node("Min", [boxes, "clip_limits_3d"], [out], name="Min_clip_boxes")]
+    return [
+        helper.make_node("Cast", [sizes], ["clip_sizes"], name="Cast_clip_sizes", to=TensorProto.FLOAT),
+        const("clip_order", [1, 0, 1, 0]),
+        const("clip_axis", [1]),
+        helper.make_node("Gather", ["clip_sizes", "clip_order"], ["clip_limits"], name="Gather_clip_limits", axis=1),
+        helper.make_node("Unsqueeze", ["clip_limits", "clip_axis"], ["clip_limits_3d"], name="Unsqueeze_clip_limits"),
+        helper.make_node("Min", [boxes, "clip_limits_3d"], [out], name="Min_clip_boxes"),
+    ]
 
 
 def _append_tail(net, nodes, outputs, initializers=(), value_info=(), functions=(), opsets=()):
@@ -304,8 +348,15 @@ def _merge_portable(net, tail):
         init.name = rename(init.name)
     for vi in tail.graph.value_info:
         vi.name = rename(vi.name)
-    return _append_tail(net, tail.graph.node, tail.graph.output, tail.graph.initializer, tail.graph.value_info,
-                        tail.functions, tail.opset_import)
+    return _append_tail(
+        net,
+        tail.graph.node,
+        tail.graph.output,
+        tail.graph.initializer,
+        tail.graph.value_info,
+        tail.functions,
+        tail.opset_import,
+    )
 
 
 def _set_metadata(proto, values: dict) -> None:
@@ -329,8 +380,9 @@ def parse_size(size, config: ModelConfig) -> tuple[int, int]:
     h, w = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
     m = config.pad_multiple
     if h % m or w % m or h <= 0 or w <= 0:
-        raise UserError(f"--size {h} {w}: height and width must be positive multiples of {m} "
-                        f"(the model's largest stride)")
+        raise UserError(
+            f"--size {h} {w}: height and width must be positive multiples of {m} (the model's largest stride)"
+        )
     return h, w
 
 
@@ -342,8 +394,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
     import onnx
 
     if options.opset not in SUPPORTED_OPSETS:
-        raise UserError(f"--opset {options.opset}: unsupported; choose one of "
-                        f"{', '.join(map(str, SUPPORTED_OPSETS))}")
+        raise UserError(f"--opset {options.opset}: unsupported; choose one of {', '.join(map(str, SUPPORTED_OPSETS))}")
     if options.precision not in PRECISIONS:
         raise UserError(f"unknown precision {options.precision!r}")
     check_output(output, True, "ONNX model")  # API callers replace; `export` asks for --override
@@ -358,13 +409,15 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
     table = None
     if options.precision == "int8":
         if options.calibration_table and options.calibration_images:
-            raise UserError("--calibration-table and --calibration-images exclude each other: "
-                            "the table replaces calibration")
+            raise UserError(
+                "--calibration-table and --calibration-images exclude each other: the table replaces calibration"
+            )
         if options.calibration_table:
             table = quantize.read_table(options.calibration_table, digest, size)
         elif not options.calibration_images:
-            raise UserError("--int8 needs --calibration-images DIR "
-                            "(or --calibration-table FILE from an earlier export)")
+            raise UserError(
+                "--int8 needs --calibration-images DIR (or --calibration-table FILE from an earlier export)"
+            )
         else:
             quantize.check_image_folder(options.calibration_images)
     elif options.calibration_table or options.calibration_images:
@@ -376,8 +429,15 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
     if options.precision == "int8":
         if table is None:
             t0 = time.perf_counter()
-            table = quantize.calibrate(net, config, size, options.calibration_images, options.calibration_batches,
-                                       digest, log=log if options.verbose else None)
+            table = quantize.calibrate(
+                net,
+                config,
+                size,
+                options.calibration_images,
+                options.calibration_batches,
+                digest,
+                log=log if options.verbose else None,
+            )
             result["calibration_s"] = time.perf_counter() - t0
             result["table"] = quantize.table_path(output)
         net = quantize.insert_qdq(net, table)
@@ -389,16 +449,19 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
         proto = _merge_portable(net, _portable_tail(model, net, options.opset, options.verbose))
     proto.graph.name = "retinanet"
     proto.doc_string = ""
-    _set_metadata(proto, {
-        METADATA_CONFIG: config.to_dict(),
-        METADATA_CATEGORY_IDS: list(state["category_ids"]),
-        METADATA_INPUT_SIZE: list(size),
-        METADATA_PRECISION: options.precision,
-        METADATA_FORM: "tensorrt" if options.plugin_form else "portable",
-        METADATA_MODEL_SHA256: digest,
-        METADATA_FORMAT_VERSION: FORMAT_VERSION,
-        METADATA_INPUTS: input_names(config),
-    })
+    _set_metadata(
+        proto,
+        {
+            METADATA_CONFIG: config.to_dict(),
+            METADATA_CATEGORY_IDS: list(state["category_ids"]),
+            METADATA_INPUT_SIZE: list(size),
+            METADATA_PRECISION: options.precision,
+            METADATA_FORM: "tensorrt" if options.plugin_form else "portable",
+            METADATA_MODEL_SHA256: digest,
+            METADATA_FORMAT_VERSION: FORMAT_VERSION,
+            METADATA_INPUTS: input_names(config),
+        },
+    )
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:  # a bug here, not a user error: keep the details

@@ -10,6 +10,7 @@ custom op here (`retinanet_export::nms_keep`) that the exporter translates to
 NonMaxSuppression + ScatterND (NMS_TRANSLATION below); its eager kernel
 (torchvision's NMS) lets the module run in PyTorch too.
 """
+
 from __future__ import annotations
 
 import torch
@@ -52,23 +53,28 @@ def _nms_keep_onnx(boxes, class_scores, max_per_class: int, iou_threshold: float
     from onnxscript import opset18 as op
 
     # Score threshold 0: padding (score 0) never enters NMS, as in the reference.
-    selected = op.NonMaxSuppression(boxes, class_scores, op.Constant(value_ints=[max_per_class]),
-                                    op.Constant(value_floats=[iou_threshold]), op.Constant(value_floats=[0.0]),
-                                    center_point_box=0)
+    selected = op.NonMaxSuppression(
+        boxes,
+        class_scores,
+        op.Constant(value_ints=[max_per_class]),
+        op.Constant(value_floats=[iou_threshold]),
+        op.Constant(value_floats=[0.0]),
+        center_point_box=0,
+    )
     positions = op.Gather(selected, op.Constant(value_ints=[0, 2]), axis=1)  # (image, box)
     shape = op.Slice(op.Shape(boxes), op.Constant(value_ints=[0]), op.Constant(value_ints=[2]))
     false = onnx.helper.make_tensor("false", onnx.TensorProto.BOOL, [1], [False])
     true = onnx.helper.make_tensor("true", onnx.TensorProto.BOOL, [1], [True])
     count = op.Slice(op.Shape(selected), op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
-    return op.ScatterND(op.ConstantOfShape(shape, value=false), positions,
-                        op.Expand(op.Constant(value=true), count))
+    return op.ScatterND(op.ConstantOfShape(shape, value=false), positions, op.Expand(op.Constant(value=true), count))
 
 
 NMS_TRANSLATION = {torch.ops.retinanet_export.nms_keep.default: _nms_keep_onnx}
 
 
-def decode_level(scores: Tensor, deltas: Tensor, anchors: Tensor, stride: int, score_threshold: float,
-                 top_n: int, box_clamp: float) -> tuple[Tensor, Tensor, Tensor]:
+def decode_level(
+    scores: Tensor, deltas: Tensor, anchors: Tensor, stride: int, score_threshold: float, top_n: int, box_clamp: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """reference.decode() for export: scores [B, A*C, H, W] (sigmoid applied), deltas [B, A*4, H, W].
 
     Returns scores [B, k], boxes [B, k, 4], classes [B, k] int32 with
@@ -102,12 +108,16 @@ def decode_level(scores: Tensor, deltas: Tensor, anchors: Tensor, stride: int, s
     boxes = torch.minimum(boxes.clamp(min=0), limits)
 
     zero = torch.zeros((), dtype=torch.float32)
-    return (torch.where(valid, top, zero), torch.where(valid.unsqueeze(-1), boxes, zero),
-            torch.where(valid, c, torch.full_like(c, -1)).to(torch.int32))
+    return (
+        torch.where(valid, top, zero),
+        torch.where(valid.unsqueeze(-1), boxes, zero),
+        torch.where(valid, c, torch.full_like(c, -1)).to(torch.int32),
+    )
 
 
-def class_aware_nms(scores: Tensor, boxes: Tensor, classes: Tensor, num_classes: int, iou_threshold: float,
-                    detections: int) -> tuple[Tensor, Tensor, Tensor]:
+def class_aware_nms(
+    scores: Tensor, boxes: Tensor, classes: Tensor, num_classes: int, iou_threshold: float, detections: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """reference.nms() for export: the `detections` best survivors, padded."""
     n = scores.shape[1]
     class_ids = torch.arange(num_classes, dtype=torch.int32).view(1, -1, 1)
@@ -121,12 +131,18 @@ def class_aware_nms(scores: Tensor, boxes: Tensor, classes: Tensor, num_classes:
     valid = top > 0
     out_boxes = torch.gather(boxes, 1, order.unsqueeze(-1).expand(-1, -1, 4))
     out_classes = torch.gather(classes, 1, order)
-    out = (torch.where(valid, top, zero), torch.where(valid.unsqueeze(-1), out_boxes, zero),
-           torch.where(valid, out_classes, torch.full_like(out_classes, -1)))
+    out = (
+        torch.where(valid, top, zero),
+        torch.where(valid.unsqueeze(-1), out_boxes, zero),
+        torch.where(valid, out_classes, torch.full_like(out_classes, -1)),
+    )
     if k < detections:  # fewer candidates than detections: pad as the reference does
         pad = detections - k
-        out = (torch.nn.functional.pad(out[0], (0, pad)), torch.nn.functional.pad(out[1], (0, 0, 0, pad)),
-               torch.nn.functional.pad(out[2], (0, pad), value=-1))
+        out = (
+            torch.nn.functional.pad(out[0], (0, pad)),
+            torch.nn.functional.pad(out[1], (0, 0, 0, pad)),
+            torch.nn.functional.pad(out[2], (0, pad), value=-1),
+        )
     return out
 
 
@@ -143,7 +159,9 @@ class PortablePostprocess(nn.Module):
         c = self.config
         levels = len(c.strides)
         scores, deltas = heads[:levels], heads[levels:]
-        parts = [decode_level(s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n, c.box_clamp)
-                 for i, (s, d, stride) in enumerate(zip(scores, deltas, c.strides))]
+        parts = [
+            decode_level(s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n, c.box_clamp)
+            for i, (s, d, stride) in enumerate(zip(scores, deltas, c.strides))
+        ]
         s, b, cl = (torch.cat(p, dim=1) for p in zip(*parts))
         return class_aware_nms(s, b, cl, c.classes, c.nms_iou, c.detections)

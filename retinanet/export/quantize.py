@@ -21,6 +21,7 @@ for an engine export that is the engine's ONNX), JSON written with sorted keys:
 Scales are float32 values written as JSON numbers, which round-trip exactly,
 so ``--calibration-table`` rebuilds the byte-identical Q/DQ model without images.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,7 +84,7 @@ def _calibration_batches(config: ModelConfig, size, folder: str, batches: int):
     fill = mean_pixel(config.mean)
     for start in range(0, len(names), BATCH_SIZE):
         images = []
-        for name in names[start: start + BATCH_SIZE]:
+        for name in names[start : start + BATCH_SIZE]:
             try:
                 img = read_image(os.path.join(folder, name))
             except CorruptImage as e:
@@ -145,9 +146,19 @@ def calibrate(net, config: ModelConfig, size, folder: str, batches: int, digest:
         edge = int(np.searchsorted(cdf, PERCENTILE / 100.0)) + 1  # upper edge of the percentile's bin
         value = (amax[name] if amax[name] > 0 else 1.0) * min(edge, BINS) / BINS
         scales[name] = float(np.float32(max(value, 1e-8) / QMAX))
-    return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "model_sha256": digest, "input_size": list(size),
-            "method": METHOD, "percentile": PERCENTILE, "bins": BINS, "images": count, "batch_size": BATCH_SIZE,
-            "batches": -(-count // BATCH_SIZE), "scales": scales}
+    return {
+        "format": TABLE_FORMAT,
+        "version": TABLE_VERSION,
+        "model_sha256": digest,
+        "input_size": list(size),
+        "method": METHOD,
+        "percentile": PERCENTILE,
+        "bins": BINS,
+        "images": count,
+        "batch_size": BATCH_SIZE,
+        "batches": -(-count // BATCH_SIZE),
+        "scales": scales,
+    }
 
 
 def write_table(path: str, table: dict) -> None:
@@ -168,12 +179,16 @@ def read_table(path: str, digest: str, size) -> dict:
         raise UserError(f"{path}: calibration table version {table.get('version')} is not {TABLE_VERSION}")
     if table.get("model_sha256") != digest:
         other = str(table.get("model_sha256"))[:12]
-        raise UserError(f"{path}: calibration table is for another model (sha256 {other}..., this checkpoint "
-                        f"is {digest[:12]}...): calibrate again with --calibration-images")
+        raise UserError(
+            f"{path}: calibration table is for another model (sha256 {other}..., this checkpoint "
+            f"is {digest[:12]}...): calibrate again with --calibration-images"
+        )
     if list(table.get("input_size", [])) != list(size):
         got = "x".join(map(str, table.get("input_size", []))) or "?"
-        raise UserError(f"{path}: calibration table is for input size {got}, not {size[0]}x{size[1]}: "
-                        f"export with --size {got.replace('x', ' ')} or calibrate again")
+        raise UserError(
+            f"{path}: calibration table is for input size {got}, not {size[0]}x{size[1]}: "
+            f"export with --size {got.replace('x', ' ')} or calibrate again"
+        )
     bad = [k for k, v in table["scales"].items() if not isinstance(v, (int, float)) or not v > 0]
     if bad:
         raise UserError(f"{path}: calibration scale of {bad[0]} is not a positive number")
@@ -193,17 +208,19 @@ def insert_qdq(net, table: dict):
     def qdq(tensor: str, scale: np.ndarray, axis: int | None) -> str:
         if tensor in done:
             return done[tensor]
-        s = helper.make_tensor(f"{tensor}_qdq_scale", TensorProto.FLOAT, list(scale.shape),
-                               scale.astype(np.float32).flatten().tolist())
-        z = helper.make_tensor(f"{tensor}_qdq_zero_point", TensorProto.INT8, list(scale.shape),
-                               [0] * int(scale.size))
+        s = helper.make_tensor(
+            f"{tensor}_qdq_scale", TensorProto.FLOAT, list(scale.shape), scale.astype(np.float32).flatten().tolist()
+        )
+        z = helper.make_tensor(f"{tensor}_qdq_zero_point", TensorProto.INT8, list(scale.shape), [0] * int(scale.size))
         new_inits.extend([s, z])
         attrs = {} if axis is None else {"axis": axis}
         q, dq = f"{tensor}_quantized", f"{tensor}_dequantized"
-        new_nodes.append(helper.make_node("QuantizeLinear", [tensor, s.name, z.name], [q],
-                                          name=f"{tensor}_QuantizeLinear", **attrs))
-        new_nodes.append(helper.make_node("DequantizeLinear", [q, s.name, z.name], [dq],
-                                          name=f"{tensor}_DequantizeLinear", **attrs))
+        new_nodes.append(
+            helper.make_node("QuantizeLinear", [tensor, s.name, z.name], [q], name=f"{tensor}_QuantizeLinear", **attrs)
+        )
+        new_nodes.append(
+            helper.make_node("DequantizeLinear", [q, s.name, z.name], [dq], name=f"{tensor}_DequantizeLinear", **attrs)
+        )
         done[tensor] = dq
         return dq
 
@@ -211,8 +228,10 @@ def insert_qdq(net, table: dict):
         if node.op_type == "Conv":
             x, w = node.input[0], node.input[1]
             if x not in scales:
-                raise UserError(f"{where}: no scale for Conv input {x!r}: the table does not match this "
-                                f"model's graph (written by another retinanet version?); calibrate again")
+                raise UserError(
+                    f"{where}: no scale for Conv input {x!r}: the table does not match this "
+                    f"model's graph (written by another retinanet version?); calibrate again"
+                )
             if w not in inits:
                 raise RuntimeError(f"Conv {node.name}: weight {w} is not an initializer")
             weight = numpy_helper.to_array(inits[w]).astype(np.float32)

@@ -4,6 +4,7 @@ Precision is already in the graph (FP16 weights or INT8 Q/DQ), so the network is
 strongly typed: `create_network(0)` on TensorRT 11 (the only mode there), the
 STRONGLY_TYPED flag on 10.x. No precision builder flags, no calibrator.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,7 @@ def profile_shapes(input_size, batch_opts, names=("images",)) -> dict[str, dict[
     per_image = {"images": (3, h, w), "image_sizes": (2,)}
     unknown = [n for n in names if n not in per_image]
     if unknown:
-        raise UserError(f"model input {unknown[0]!r} is not one of {', '.join(per_image)}: "
-                        f"not a retinanet export")
+        raise UserError(f"model input {unknown[0]!r} is not one of {', '.join(per_image)}: not a retinanet export")
     return {n: {k: (b, *per_image[n]) for k, b in zip(("min", "opt", "max"), batch_opts)} for n in names}
 
 
@@ -84,16 +84,20 @@ def read_metadata(plan_path: str) -> dict:
         with open(path) as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{plan_path}: metadata {path} missing (it is written beside the engine by "
-                        f"`retinanet export`; copy it with the plan)") from None
+        raise UserError(
+            f"{plan_path}: metadata {path} missing (it is written beside the engine by "
+            f"`retinanet export`; copy it with the plan)"
+        ) from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable engine metadata ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: engine metadata is not a JSON object")
     missing = [k for k in METADATA_KEYS if k not in meta]
     if missing:
-        raise UserError(f"{path}: engine metadata lacks {', '.join(missing)} (written by another retinanet "
-                        f"version?); rebuild the engine with `retinanet export`")
+        raise UserError(
+            f"{path}: engine metadata lacks {', '.join(missing)} (written by another retinanet "
+            f"version?); rebuild the engine with `retinanet export`"
+        )
     return meta
 
 
@@ -101,8 +105,10 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise UserError("TensorRT is not installed: pip install tensorrt (or use an NGC container with TensorRT), "
-                        "or export to .onnx") from None
+        raise UserError(
+            "TensorRT is not installed: pip install tensorrt (or use an NGC container with TensorRT), "
+            "or export to .onnx"
+        ) from None
     return trt
 
 
@@ -111,8 +117,10 @@ def plugin_library_path() -> str:
     env = os.environ.get("RETINANET_PLUGINS")
     path = env or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PLUGIN_LIBRARY)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: TensorRT plugin library not found; reinstall retinanet with TensorRT headers "
-                        f"available (TENSORRT_INCLUDE=...) or set RETINANET_PLUGINS to libretinanet_plugins.so")
+        raise UserError(
+            f"{path}: TensorRT plugin library not found; reinstall retinanet with TensorRT headers "
+            f"available (TENSORRT_INCLUDE=...) or set RETINANET_PLUGINS to libretinanet_plugins.so"
+        )
     return path
 
 
@@ -140,8 +148,9 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown"
 
 
-def build_plan(trt, onnx_path: str, input_size, batch_opts, workspace_mib: int, cache_blob: bytes,
-               verbose: bool = False, log=print) -> tuple[bytes, bytes]:
+def build_plan(
+    trt, onnx_path: str, input_size, batch_opts, workspace_mib: int, cache_blob: bytes, verbose: bool = False, log=print
+) -> tuple[bytes, bytes]:
     """The TensorRT calls: parse, one optimisation profile, build. Returns (plan, timing cache)."""
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -182,8 +191,16 @@ def _read_timing_cache(path: str | None) -> bytes:
         raise UserError(f"{path}: cannot read the timing cache ({e.strerror})") from None
 
 
-def build_engine(onnx_path: str, plan_path: str, onnx_metadata: dict, batch_opts=None, workspace_mib: int = 4096,
-                 timing_cache: str | None = None, verbose: bool = False, log=print) -> dict:
+def build_engine(
+    onnx_path: str,
+    plan_path: str,
+    onnx_metadata: dict,
+    batch_opts=None,
+    workspace_mib: int = 4096,
+    timing_cache: str | None = None,
+    verbose: bool = False,
+    log=print,
+) -> dict:
     """Build and write the engine, its metadata and the timing cache. onnx_metadata: the ONNX
     export's retinanet.* values."""
     batch_opts = check_batch_opts(batch_opts)
@@ -194,18 +211,23 @@ def build_engine(onnx_path: str, plan_path: str, onnx_metadata: dict, batch_opts
     input_size = tuple(onnx_metadata["retinanet.input_size"])
     trt = import_tensorrt()
     load_plugins(trt)
-    plan, cache = build_plan(trt, onnx_path, input_size, batch_opts, workspace_mib, _read_timing_cache(timing_cache),
-                             verbose, log)
-    write_engine(plan_path, plan, {
-        "config": onnx_metadata["retinanet.config"],
-        "category_ids": onnx_metadata["retinanet.category_ids"],
-        "input_size": list(input_size),
-        "precision": onnx_metadata.get("retinanet.precision"),
-        "model_sha256": onnx_metadata.get("retinanet.model_sha256"),
-        "tensorrt_version": trt.__version__,
-        "gpu": gpu_name(),
-        "batch_opts": list(batch_opts),
-    })
+    plan, cache = build_plan(
+        trt, onnx_path, input_size, batch_opts, workspace_mib, _read_timing_cache(timing_cache), verbose, log
+    )
+    write_engine(
+        plan_path,
+        plan,
+        {
+            "config": onnx_metadata["retinanet.config"],
+            "category_ids": onnx_metadata["retinanet.category_ids"],
+            "input_size": list(input_size),
+            "precision": onnx_metadata.get("retinanet.precision"),
+            "model_sha256": onnx_metadata.get("retinanet.model_sha256"),
+            "tensorrt_version": trt.__version__,
+            "gpu": gpu_name(),
+            "batch_opts": list(batch_opts),
+        },
+    )
     if timing_cache:
         files.write_bytes(timing_cache, cache)
     result = {"output": plan_path, "metadata": metadata_path(plan_path)}

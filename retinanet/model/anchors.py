@@ -1,4 +1,5 @@
 """Anchors for a padded input of a given size, all levels concatenated."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Frozen BatchNorm as a constant affine map, and conv+BN folding for inference."""
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "FrozenBatchNorm2d":
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
         frozen = cls(bn.num_features, bn.eps)
         with torch.no_grad():
             for name in ("weight", "bias", "running_mean", "running_var"):
@@ -62,8 +63,17 @@ def _bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     scale, shift = _bn_scale_shift(bn)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    )
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)

@@ -1,4 +1,5 @@
 """The RetinaNet module: backbone + FPN + heads, loss and batched detection."""
+
 from __future__ import annotations
 
 import torch
@@ -39,11 +40,18 @@ class RetinaNet(nn.Module):
     def __init__(self, config: ModelConfig, pretrained: bool = False, weights_file: str | None = None):
         super().__init__()
         self.config = config
-        self.backbone = backbones.build(config.backbone, pretrained=pretrained, weights_file=weights_file,
-                                        freeze_bn=config.freeze_bn)
+        self.backbone = backbones.build(
+            config.backbone, pretrained=pretrained, weights_file=weights_file, freeze_bn=config.freeze_bn
+        )
         self.fpn = FPN(self.backbone.out_channels, config.channels)
-        self.cls_head = classification_head(config.num_anchors, config.classes, config.prior_probability,
-                                            config.channels, config.head_depth, config.head_norm)
+        self.cls_head = classification_head(
+            config.num_anchors,
+            config.classes,
+            config.prior_probability,
+            config.channels,
+            config.head_depth,
+            config.head_norm,
+        )
         self.box_head = box_head(config.num_anchors, config.channels, config.head_depth, config.head_norm)
         mean = torch.tensor(config.mean).view(1, 3, 1, 1) * 255
         std = torch.tensor(config.std).view(1, 3, 1, 1) * 255
@@ -61,8 +69,10 @@ class RetinaNet(nn.Module):
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         features = self.fpn(self.backbone(x))
         masks = self.valid_masks(sizes, [tuple(f.shape[-2:]) for f in features], features[0].dtype)
-        return ([self.cls_head(f, m) for f, m in zip(features, masks)],
-                [self.box_head(f, m) for f, m in zip(features, masks)])
+        return (
+            [self.cls_head(f, m) for f, m in zip(features, masks)],
+            [self.box_head(f, m) for f, m in zip(features, masks)],
+        )
 
     def valid_masks(self, sizes: Tensor | None, shapes: list[tuple[int, int]], dtype: torch.dtype) -> list:
         """Per level, the [B, 1, h, w] mask of valid cells; Nones where padding does not matter."""
@@ -73,8 +83,9 @@ class RetinaNet(nn.Module):
     def loss(self, images: Tensor, targets: Tensor, sizes: Tensor | None = None) -> dict[str, Tensor]:
         return self.loss_from_heads(*self(images, sizes), targets)
 
-    def loss_from_heads(self, cls_heads: list[Tensor], box_heads: list[Tensor], targets: Tensor,
-                        count_foreground=None) -> dict[str, Tensor]:
+    def loss_from_heads(
+        self, cls_heads: list[Tensor], box_heads: list[Tensor], targets: Tensor, count_foreground=None
+    ) -> dict[str, Tensor]:
         """Focal + smooth L1 of head outputs against targets [B, M, 5] in input pixels.
 
         count_foreground: see model.loss.detection_loss (data-parallel normalisation)."""
@@ -82,8 +93,7 @@ class RetinaNet(nn.Module):
         key = (shapes, targets.device)
         if key not in self._anchor_cache:  # input sizes repeat, anchors with them
             self._anchor_cache[key] = all_anchors(self.config, list(shapes), device=targets.device)
-        return detection_loss(cls_heads, box_heads, self._anchor_cache[key], targets, self.config,
-                              count_foreground)
+        return detection_loss(cls_heads, box_heads, self._anchor_cache[key], targets, self.config, count_foreground)
 
     def scores(self, cls_heads: list[Tensor], sizes: Tensor | None = None) -> list[Tensor]:
         """Sigmoid per level; 0 on cells outside the valid region (they would not
@@ -91,13 +101,17 @@ class RetinaNet(nn.Module):
         masks = self.valid_masks(sizes, [tuple(c.shape[-2:]) for c in cls_heads], cls_heads[0].dtype)
         return [torch.sigmoid(c) if m is None else torch.sigmoid(c) * m for c, m in zip(cls_heads, masks)]
 
-    def postprocess(self, cls_heads: list[Tensor], box_heads: list[Tensor],
-                    sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def postprocess(
+        self, cls_heads: list[Tensor], box_heads: list[Tensor], sizes: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Sigmoid, per-level decode, class-aware NMS: scores [B, D], boxes [B, D, 4], classes [B, D]."""
         c = self.config
-        decoded = [ops.decode(scores, box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp)
-                   for scores, box, anchors, stride
-                   in zip(self.scores(cls_heads, sizes), box_heads, self.base_anchors(), c.strides)]
+        decoded = [
+            ops.decode(scores, box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp)
+            for scores, box, anchors, stride in zip(
+                self.scores(cls_heads, sizes), box_heads, self.base_anchors(), c.strides
+            )
+        ]
         scores, boxes, classes = (torch.cat(parts, dim=1) for parts in zip(*decoded))
         if sizes is not None and c.head_norm:
             boxes = clip_boxes(boxes, sizes)

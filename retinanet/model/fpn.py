@@ -1,4 +1,5 @@
 """Feature pyramid P3-P7 on backbone levels C3-C5."""
+
 from __future__ import annotations
 
 import torch.nn as nn

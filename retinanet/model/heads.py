@@ -8,6 +8,7 @@ tower outside them, so that on the valid cells the head computes what it
 computes on the features cropped to them (whose 3x3 convs see zero padding
 at the border).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,8 +69,7 @@ class MaskedGroupNorm(nn.GroupNorm):
 class Head(nn.Module):
     """4 x (3x3 conv + ReLU), then a 3x3 conv to `outputs` channels."""
 
-    def __init__(self, outputs: int, channels: int = 256, depth: int = 4, bias_init: float = 0.0,
-                 norm: bool = False):
+    def __init__(self, outputs: int, channels: int = 256, depth: int = 4, bias_init: float = 0.0, norm: bool = False):
         super().__init__()
         layers = []
         for _ in range(depth):
@@ -98,8 +98,9 @@ class Head(nn.Module):
         return self.out(x)
 
 
-def classification_head(num_anchors: int, classes: int, prior: float, channels: int = 256,
-                        depth: int = 4, norm: bool = False) -> Head:
+def classification_head(
+    num_anchors: int, classes: int, prior: float, channels: int = 256, depth: int = 4, norm: bool = False
+) -> Head:
     # Start every anchor at score ~prior so the background flood does not
     # swamp the focal loss in the first iterations.
     return Head(num_anchors * classes, channels, depth, bias_init=-math.log((1 - prior) / prior), norm=norm)

@@ -1,4 +1,5 @@
 """Anchor matching, sigmoid focal loss and smooth L1."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -66,9 +67,14 @@ def flatten_heads(outputs: list[Tensor], width: int) -> Tensor:
     return torch.cat(flat, dim=1)
 
 
-def detection_loss(cls_heads: list[Tensor], box_heads: list[Tensor], anchors: Tensor,
-                   targets: Tensor, config: ModelConfig,
-                   count_foreground: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+def detection_loss(
+    cls_heads: list[Tensor],
+    box_heads: list[Tensor],
+    anchors: Tensor,
+    targets: Tensor,
+    config: ModelConfig,
+    count_foreground: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
     """Focal + smooth L1, each summed and divided by max(1, #foreground) over the batch.
 
     count_foreground: maps this batch's foreground count to the one to divide

@@ -3,6 +3,7 @@
 Both paths have one behaviour (ops/reference.py documents it); the tests hold
 the custom operators to the reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,16 +23,25 @@ def _use_extension(t: Tensor) -> bool:
     return HAVE_EXTENSION and t.is_cuda
 
 
-def decode(cls_scores: Tensor, box_deltas: Tensor, anchors: Tensor, stride: int,
-           score_threshold: float, top_n: int, box_clamp: float) -> tuple[Tensor, Tensor, Tensor]:
+def decode(
+    cls_scores: Tensor,
+    box_deltas: Tensor,
+    anchors: Tensor,
+    stride: int,
+    score_threshold: float,
+    top_n: int,
+    box_clamp: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     if _use_extension(cls_scores):
-        return torch.ops.retinanet.decode(cls_scores, box_deltas, anchors.to(cls_scores.device),
-                                          stride, score_threshold, top_n, box_clamp)
+        return torch.ops.retinanet.decode(
+            cls_scores, box_deltas, anchors.to(cls_scores.device), stride, score_threshold, top_n, box_clamp
+        )
     return reference.decode(cls_scores, box_deltas, anchors, stride, score_threshold, top_n, box_clamp)
 
 
-def nms(scores: Tensor, boxes: Tensor, classes: Tensor, iou_threshold: float,
-        detections: int) -> tuple[Tensor, Tensor, Tensor]:
+def nms(
+    scores: Tensor, boxes: Tensor, classes: Tensor, iou_threshold: float, detections: int
+) -> tuple[Tensor, Tensor, Tensor]:
     if _use_extension(scores):
         return torch.ops.retinanet.nms(scores, boxes, classes, iou_threshold, detections)
     return reference.nms(scores, boxes, classes, iou_threshold, detections)

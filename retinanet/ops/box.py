@@ -3,10 +3,11 @@
 Boxes are (x1, y1, x2, y2). These plain functions are shared by training (the
 loss), the reference decode and the ONNX export, so the formulas exist once.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -52,9 +53,7 @@ def encode(boxes: Tensor, anchors: Tensor) -> Tensor:
     """Regression targets (dx, dy, dw, dh) of boxes relative to anchors."""
     acx, acy, aw, ah = to_center(anchors)
     cx, cy, w, h = to_center(boxes)
-    return torch.stack(
-        [(cx - acx) / aw, (cy - acy) / ah, torch.log(w / aw), torch.log(h / ah)], dim=-1
-    )
+    return torch.stack([(cx - acx) / aw, (cy - acy) / ah, torch.log(w / aw), torch.log(h / ah)], dim=-1)
 
 
 def decode(deltas: Tensor, anchors: Tensor, clamp: float) -> Tensor:

@@ -15,6 +15,7 @@ Conventions shared by all implementations
   NMS ignores inputs with score <= 0, so decode's padding never survives.
 * Boxes are clipped to the network input, [0, W*stride] x [0, H*stride].
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 `retinanet.load(path)` and `retinanet infer` both come through here, so every
 model format behaves alike.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,11 +47,13 @@ class Detector:
         detections that do not depend on the padding (model.RetinaNet)."""
         return self.backend(images, sizes)
 
-    def to_original(self, scores: Tensor, boxes: Tensor, classes: Tensor, scales: Tensor,
-                    sizes: list[tuple[int, int]]) -> list[Detections]:
+    def to_original(
+        self, scores: Tensor, boxes: Tensor, classes: Tensor, scales: Tensor, sizes: list[tuple[int, int]]
+    ) -> list[Detections]:
         """Per image: drop padding, undo the resize, clip to the image, map category ids."""
-        scores, boxes, classes, scales = (t.float().cpu() if t.is_floating_point() else t.cpu()
-                                          for t in (scores, boxes, classes, scales))
+        scores, boxes, classes, scales = (
+            t.float().cpu() if t.is_floating_point() else t.cpu() for t in (scores, boxes, classes, scales)
+        )
         out = []
         for i, (h, w) in enumerate(sizes):
             keep = scores[i] > 0
@@ -150,5 +153,7 @@ def load(path: str, device=None, full_precision: bool = False, compile: bool = F
 
         backend = TensorRTBackend(path, device)
         return Detector(backend, backend.config, backend.category_ids)
-    raise UserError(f"{path}: unknown model format {suffix!r} "
-                    f"(expected a .pth checkpoint, an .onnx model or a .plan/.engine TensorRT engine)")
+    raise UserError(
+        f"{path}: unknown model format {suffix!r} "
+        f"(expected a .pth checkpoint, an .onnx model or a .plan/.engine TensorRT engine)"
+    )

@@ -5,6 +5,7 @@ the ModelConfig, the category ids and the fixed input size H x W. Batches are
 padded up to that size with the mean colour; the preprocessing sizes are
 capped so that images fit it (`fit_config`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,12 @@ from ..errors import UserError
 
 # The metadata keys written by export/onnx.py (repeated here as plain strings:
 # runtime/ sits below export/ and must not import it).
-_CONFIG, _CATEGORY_IDS, _INPUT_SIZE, _FORM = ("retinanet.config", "retinanet.category_ids",
-                                              "retinanet.input_size", "retinanet.form")
+_CONFIG, _CATEGORY_IDS, _INPUT_SIZE, _FORM = (
+    "retinanet.config",
+    "retinanet.category_ids",
+    "retinanet.input_size",
+    "retinanet.form",
+)
 _FORMAT_VERSION = "retinanet.format_version"
 # The metadata layout this runtime reads; export/onnx.py's FORMAT_VERSION (a test holds them equal).
 FORMAT_VERSION = 1
@@ -40,8 +45,10 @@ def pad_to(images: Tensor, size: tuple[int, int], fill) -> Tensor:
     if (h, w) == tuple(size):
         return images
     if h > size[0] or w > size[1]:
-        raise UserError(f"image batch of {h}x{w} pixels does not fit the model input {size[0]}x{size[1]}: "
-                        f"lower --resize/--max-size or export with a larger --size")
+        raise UserError(
+            f"image batch of {h}x{w} pixels does not fit the model input {size[0]}x{size[1]}: "
+            f"lower --resize/--max-size or export with a larger --size"
+        )
     out = torch.tensor(fill, dtype=images.dtype, device=images.device).view(1, 3, 1, 1).repeat(b, 1, *size)
     out[:, :, :h, :w] = images
     return out
@@ -62,8 +69,9 @@ def providers_for(device) -> list[str]:
     want = torch.device(device).type if device is not None else None
     if want == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise UserError("device cuda asked for, but this onnxruntime has no CUDAExecutionProvider "
-                            "(install onnxruntime-gpu)")
+            raise UserError(
+                "device cuda asked for, but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+            )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if want is None and "CUDAExecutionProvider" in available and torch.cuda.is_available():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -85,8 +93,10 @@ def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, tuple[int,
     version = values.get(_FORMAT_VERSION)
     if version != FORMAT_VERSION:
         got = "missing" if version is None else f"{version!r}"
-        raise UserError(f"{path}: metadata format version {got}, this retinanet reads version {FORMAT_VERSION}: "
-                        f"re-export the model with this retinanet")
+        raise UserError(
+            f"{path}: metadata format version {got}, this retinanet reads version {FORMAT_VERSION}: "
+            f"re-export the model with this retinanet"
+        )
     missing = [k for k in (_CONFIG, _CATEGORY_IDS, _INPUT_SIZE) if k not in values]
     if missing:
         raise UserError(f"{path}: not a complete retinanet ONNX export (metadata {', '.join(missing)} missing)")
@@ -102,8 +112,9 @@ def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, tuple[int,
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: bad metadata {key} ({str(e).splitlines()[0][:120]})") from None
     if len(category_ids) != config.classes:
-        raise UserError(f"{path}: metadata {_CATEGORY_IDS} lists {len(category_ids)} ids for a model of "
-                        f"{config.classes} classes")
+        raise UserError(
+            f"{path}: metadata {_CATEGORY_IDS} lists {len(category_ids)} ids for a model of {config.classes} classes"
+        )
     return config, (h, w), category_ids
 
 
@@ -133,11 +144,14 @@ class OnnxRuntimeBackend:
         except Exception as e:  # ORT raises its own exception types for bad files and unknown ops
             text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             if "RetinaNetDecode" in text or "RetinaNetNMS" in text or "trt.plugins" in text:
-                raise UserError(f"{path}: this is the TensorRT (plugin) form; ONNX Runtime runs the portable "
-                                f"form (export without --plugin-form) or build a TensorRT engine from it") from None
+                raise UserError(
+                    f"{path}: this is the TensorRT (plugin) form; ONNX Runtime runs the portable "
+                    f"form (export without --plugin-form) or build a TensorRT engine from it"
+                ) from None
             raise UserError(f"{path}: ONNX Runtime cannot load the model ({text})") from None
         config, self.input_size, self.category_ids = read_model_metadata(
-            path, self.session.get_modelmeta().custom_metadata_map)
+            path, self.session.get_modelmeta().custom_metadata_map
+        )
         self.config = fit_config(config, self.input_size)
         self.fill = mean_pixel(config.mean)
         self.providers = self.session.get_providers()
@@ -155,5 +169,4 @@ class OnnxRuntimeBackend:
         if self.sizes_name is not None:
             feed[self.sizes_name] = valid_sizes(images, sizes).numpy()
         out = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
-        return (torch.from_numpy(out["scores"]), torch.from_numpy(out["boxes"]),
-                torch.from_numpy(out["classes"]))
+        return (torch.from_numpy(out["scores"]), torch.from_numpy(out["boxes"]), torch.from_numpy(out["classes"]))

@@ -1,4 +1,5 @@
 """PyTorch backend: a checkpoint's model on CPU or GPU."""
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,15 @@ class TorchBackend:
 
     MAX_GRAPHS = 8  # input shapes kept captured; more shapes run eagerly
 
-    def __init__(self, model: RetinaNet, category_ids: list[int], device=None, full_precision: bool = False,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+    def __init__(
+        self,
+        model: RetinaNet,
+        category_ids: list[int],
+        device=None,
+        full_precision: bool = False,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
+    ):
         self.device = torch.device(device) if device is not None else default_device()
         # An inference copy: BatchNorm folded into the convs, and on the GPU
         # fp16 weights (no per-call autocast casts) in channels_last.
@@ -54,8 +62,9 @@ class TorchBackend:
         self.network = torch.compile(self.model, dynamic=False) if compile else self.model
 
     @classmethod
-    def from_checkpoint(cls, path: str, device=None, full_precision: bool = False,
-                        compile: bool = False) -> "TorchBackend":
+    def from_checkpoint(
+        cls, path: str, device=None, full_precision: bool = False, compile: bool = False
+    ) -> TorchBackend:
         model, state = checkpoint.load_model(path)
         return cls(model, state["category_ids"], device, full_precision, compile=compile)
 

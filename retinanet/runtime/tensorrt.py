@@ -4,6 +4,7 @@ I/O by name (`images` in; `scores`, `boxes`, `classes` out), torch tensors as th
 device buffers, set_input_shape / set_tensor_address / execute_async_v3 on the
 current torch stream.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,14 +22,18 @@ _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.i
 def check_batch(path: str, batch: int, batch_opts) -> None:
     lo, _, hi = batch_opts
     if not lo <= batch <= hi:
-        raise UserError(f"{path}: batch of {batch} images is outside the engine's profile {lo}..{hi} "
-                        f"(use --batch within it or export with --dynamic-batch-opts)")
+        raise UserError(
+            f"{path}: batch of {batch} images is outside the engine's profile {lo}..{hi} "
+            f"(use --batch within it or export with --dynamic-batch-opts)"
+        )
 
 
 def check_build_match(path: str, meta: dict, trt_version: str, gpu: str) -> None:
     if meta["tensorrt_version"] != trt_version:
-        raise UserError(f"{path}: engine built with TensorRT {meta['tensorrt_version']}, this is {trt_version}: "
-                        f"rebuild it with `retinanet export`")
+        raise UserError(
+            f"{path}: engine built with TensorRT {meta['tensorrt_version']}, this is {trt_version}: "
+            f"rebuild it with `retinanet export`"
+        )
     if meta["gpu"] != gpu:
         raise UserError(f"{path}: engine built on {meta['gpu']}, this GPU is {gpu}: rebuild it here")
 
@@ -37,9 +42,11 @@ def check_plan(path: str, meta: dict, plan: bytes) -> None:
     """The metadata must describe this very plan (a plan copied without its .json, or beside
     another build's, would run with the wrong config and category ids)."""
     if meta["plan_sha256"] != plan_digest(plan):
-        raise UserError(f"{metadata_path(path)}: engine metadata is for another plan (sha256 "
-                        f"{str(meta['plan_sha256'])[:12]}..., {path} is {plan_digest(plan)[:12]}...): "
-                        f"copy the .json built with this plan, or rebuild it with `retinanet export`")
+        raise UserError(
+            f"{metadata_path(path)}: engine metadata is for another plan (sha256 "
+            f"{str(meta['plan_sha256'])[:12]}..., {path} is {plan_digest(plan)[:12]}...): "
+            f"copy the .json built with this plan, or rebuild it with `retinanet export`"
+        )
 
 
 def settings(path: str, meta: dict) -> tuple[ModelConfig, tuple[int, int], list[int], tuple[int, int, int]]:

@@ -1,9 +1,10 @@
 """Write plugin-harness cases and check the harness outputs against retinanet.ops.reference.
 
-    python tests/plugins/compare.py write CASE_DIR      # inputs + cases.txt (+ reference outputs)
-    build/check_plugins/plugin_harness CASE_DIR OUT_DIR  # on a GPU (scripts/check_plugins.sh builds it)
-    python tests/plugins/compare.py check CASE_DIR OUT_DIR
+python tests/plugins/compare.py write CASE_DIR      # inputs + cases.txt (+ reference outputs)
+build/check_plugins/plugin_harness CASE_DIR OUT_DIR  # on a GPU (scripts/check_plugins.sh builds it)
+python tests/plugins/compare.py check CASE_DIR OUT_DIR
 """
+
 import math
 import os
 import sys
@@ -27,9 +28,9 @@ def cases():
     for dtype in ("f32", "f16"):
         td = torch.float32 if dtype == "f32" else torch.float16
         for name, (b, a, c, h, w, stride, thr, top_n) in {
-            "many": (3, 9, 5, 12, 16, 8, 0.05, 100),       # more candidates than top_n
-            "few": (2, 3, 4, 4, 4, 32, 0.5, 1000),         # fewer candidates than top_n
-            "none": (2, 3, 2, 3, 3, 64, 0.99, 50),         # everything below the threshold
+            "many": (3, 9, 5, 12, 16, 8, 0.05, 100),  # more candidates than top_n
+            "few": (2, 3, 4, 4, 4, 32, 0.5, 1000),  # fewer candidates than top_n
+            "none": (2, 3, 2, 3, 3, 64, 0.99, 50),  # everything below the threshold
         }.items():
             scores = torch.rand(b, a * c, h, w, generator=g)
             if name == "many":  # ties
@@ -38,9 +39,17 @@ def cases():
                 scores *= 0.9
             deltas = torch.randn(b, a * 4, h, w, generator=g) * 0.5
             params = dict(stride=stride, score_threshold=thr, top_n=top_n, box_clamp=CLAMP)
-            out.append((f"decode_{name}_{dtype}", "decode", dtype, td,
-                        dict(scores=scores.to(td), deltas=deltas.to(td), anchors=_anchors(a)),
-                        (b, a, c, h, w), params))
+            out.append(
+                (
+                    f"decode_{name}_{dtype}",
+                    "decode",
+                    dtype,
+                    td,
+                    dict(scores=scores.to(td), deltas=deltas.to(td), anchors=_anchors(a)),
+                    (b, a, c, h, w),
+                    params,
+                )
+            )
         for name, (b, n, d, iou) in {"crowded": (3, 400, 100, 0.5), "sparse": (2, 30, 100, 0.3)}.items():
             centres = torch.rand(b, n, 2, generator=g) * 100
             sizes = torch.rand(b, n, 2, generator=g) * 40 + 5
@@ -49,9 +58,17 @@ def cases():
             scores[:, -5:] = 0  # padding never survives
             scores[:, :10] = 0.75  # ties
             classes = torch.randint(0, 4, (b, n), generator=g, dtype=torch.int32)
-            out.append((f"nms_{name}_{dtype}", "nms", dtype, td,
-                        dict(scores=scores.to(td), boxes=boxes.to(td), classes=classes), (b, n),
-                        dict(iou=iou, detections=d)))
+            out.append(
+                (
+                    f"nms_{name}_{dtype}",
+                    "nms",
+                    dtype,
+                    td,
+                    dict(scores=scores.to(td), boxes=boxes.to(td), classes=classes),
+                    (b, n),
+                    dict(iou=iou, detections=d),
+                )
+            )
     return out
 
 
@@ -67,8 +84,10 @@ def write(case_dir):
             _save(t, os.path.join(case_dir, f"{name}.{k}.bin"))
         if kind == "decode":
             b, a, c, h, w = shape
-            lines.append(f"{name} decode {dtype} {b} {a} {c} {h} {w} {p['stride']} {p['score_threshold']!r} "
-                         f"{p['top_n']} {p['box_clamp']!r}")
+            lines.append(
+                f"{name} decode {dtype} {b} {a} {c} {h} {w} {p['stride']} {p['score_threshold']!r} "
+                f"{p['top_n']} {p['box_clamp']!r}"
+            )
         else:
             b, n = shape
             lines.append(f"{name} nms {dtype} {b} {n} {p['iou']!r} {p['detections']}")
@@ -81,13 +100,20 @@ def check(case_dir, out_dir):
     for name, kind, dtype, td, inputs, shape, p in cases():
         if kind == "decode":
             # Parameters as the plugin sees them: float32 fields.
-            ref = reference.decode(inputs["scores"], inputs["deltas"], inputs["anchors"], p["stride"],
-                                   float(np.float32(p["score_threshold"])), p["top_n"],
-                                   float(np.float32(p["box_clamp"])))
+            ref = reference.decode(
+                inputs["scores"],
+                inputs["deltas"],
+                inputs["anchors"],
+                p["stride"],
+                float(np.float32(p["score_threshold"])),
+                p["top_n"],
+                float(np.float32(p["box_clamp"])),
+            )
             b, k = shape[0], p["top_n"]
         else:
-            ref = reference.nms(inputs["scores"], inputs["boxes"], inputs["classes"],
-                                float(np.float32(p["iou"])), p["detections"])
+            ref = reference.nms(
+                inputs["scores"], inputs["boxes"], inputs["classes"], float(np.float32(p["iou"])), p["detections"]
+            )
             b, k = shape[0], p["detections"]
         np_dtype = np.float32 if dtype == "f32" else np.float16
         got_scores = np.fromfile(os.path.join(out_dir, f"{name}.scores.bin"), np_dtype).reshape(b, k)
@@ -95,10 +121,16 @@ def check(case_dir, out_dir):
         got_classes = np.fromfile(os.path.join(out_dir, f"{name}.classes.bin"), np.int32).reshape(b, k)
         rs, rb, rc = (t.to(td).numpy() if t.is_floating_point() else t.numpy() for t in ref)
         tol = 0 if dtype == "f32" else 1e-3
-        ok = (np.array_equal(got_classes, rc) and np.allclose(got_scores.astype(np.float32), rs.astype(np.float32),
-                                                              rtol=tol, atol=tol)
-              and np.allclose(got_boxes.astype(np.float32), rb.astype(np.float32), rtol=1e-5 if tol == 0 else 2e-3,
-                              atol=1e-3 if tol == 0 else 0.05))
+        ok = (
+            np.array_equal(got_classes, rc)
+            and np.allclose(got_scores.astype(np.float32), rs.astype(np.float32), rtol=tol, atol=tol)
+            and np.allclose(
+                got_boxes.astype(np.float32),
+                rb.astype(np.float32),
+                rtol=1e-5 if tol == 0 else 2e-3,
+                atol=1e-3 if tol == 0 else 0.05,
+            )
+        )
         kept = int((rs > 0).sum())
         print(f"{name}: {'equal to reference' if ok else 'DIFFERS from reference'} ({kept} detections)")
         if not ok:

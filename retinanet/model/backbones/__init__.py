@@ -3,13 +3,14 @@
 A backbone family lives in one file that calls :func:`register`; importing
 this package imports every family.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 
-_REGISTRY: dict[str, Callable[..., "Backbone"]] = {}
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
 
 
 class Backbone(nn.Module):
@@ -33,8 +34,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, pretrained: bool = False, weights_file: str | None = None,
-          freeze_bn: bool = True) -> Backbone:
+def build(name: str, pretrained: bool = False, weights_file: str | None = None, freeze_bn: bool = True) -> Backbone:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(names())}")
     return _REGISTRY[name](pretrained=pretrained, weights_file=weights_file, freeze_bn=freeze_bn)

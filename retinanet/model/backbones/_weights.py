@@ -1,4 +1,5 @@
 """Loading ImageNet weights for torchvision-defined backbones."""
+
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +48,12 @@ def _read_state_dict(model: nn.Module, name: str, weights_file: str) -> dict:
         raise WeightsUnavailable(str(e)) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise WeightsUnavailable(f"{weights_file}: not a {name} state dict (expected names mapped to tensors, "
-                                 f"got a {type(state).__name__})")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsUnavailable(
+            f"{weights_file}: not a {name} state dict (expected names mapped to tensors, got a {type(state).__name__})"
+        )
     head = ("fc.", "classifier.")
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
     state = {k: v for k, v in state.items() if not k.startswith(head)}
@@ -58,9 +61,13 @@ def _read_state_dict(model: nn.Module, name: str, weights_file: str) -> dict:
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        detail = (f"missing {len(missing)} keys, e.g. {missing[0]}" if missing
-                  else f"{len(unexpected)} unknown keys, e.g. {unexpected[0]}" if unexpected
-                  else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)}")
+        detail = (
+            f"missing {len(missing)} keys, e.g. {missing[0]}"
+            if missing
+            else f"{len(unexpected)} unknown keys, e.g. {unexpected[0]}"
+            if unexpected
+            else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)}"
+        )
         raise WeightsUnavailable(f"{weights_file}: not a {name} state dict ({detail})")
     return state
 

@@ -1,4 +1,5 @@
 """MobileNetV2 backbone on torchvision's definition."""
+
 from __future__ import annotations
 
 from torchvision import models

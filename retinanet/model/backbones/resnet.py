@@ -1,4 +1,5 @@
 """ResNet and ResNeXt backbones on torchvision's definitions."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -13,8 +14,12 @@ class ResNetBackbone(Backbone):
         super().__init__()
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        widths = [layer[-1].conv2.out_channels if isinstance(layer[-1], models.resnet.BasicBlock)
-                  else layer[-1].conv3.out_channels for layer in (net.layer2, net.layer3, net.layer4)]
+        widths = [
+            layer[-1].conv2.out_channels
+            if isinstance(layer[-1], models.resnet.BasicBlock)
+            else layer[-1].conv3.out_channels
+            for layer in (net.layer2, net.layer3, net.layer4)
+        ]
         self.out_channels = tuple(widths)
 
     def forward(self, x):
