@@ -2,15 +2,24 @@
 
 import glob
 import os
+import re
 import shutil
 import sys
 
 from setuptools import find_packages, setup
 
 
+def read_version(path="retinanet/__init__.py"):
+    """__version__ from the package's __init__.py, read as text: importing the package needs torch."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), path), encoding="utf-8") as f:
+        match = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", f.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no __version__ = '...' line in {path}")
+    return match.group(1)
+
+
 def _default_arch_list(nvcc):
     """Every architecture the installed nvcc supports from 7.5 up, plus PTX of the newest."""
-    import re
     import subprocess
 
     try:
@@ -120,7 +129,7 @@ if ext is not None:
 
 setup(
     name="retinanet",
-    version="0.1.0",
+    version=read_version(),
     description="Fast single-stage object detection (RetinaNet) for NVIDIA GPUs: train, infer, export",
     packages=find_packages(include=["retinanet", "retinanet.*"]),
     python_requires=">=3.10",
