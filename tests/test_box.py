@@ -1,4 +1,4 @@
-"""Box coding, anchors and matching (issue 2, acceptance 1)."""
+"""Box coding (encode/decode and the size clamp), anchor generation and anchor matching."""
 
 import math
 

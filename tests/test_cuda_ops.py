@@ -1,4 +1,4 @@
-"""The CUDA custom operators (csrc/) against the reference decode/NMS (acceptance 1, 2).
+"""The CUDA custom operators (csrc/) give the reference decode/NMS results, also in CUDA graphs and compiled.
 
 GPU tests are marked `gpu` and skipped without a CUDA device or without the
 built extension; test_extension_* run on the CPU too when the extension is built.

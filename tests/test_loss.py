@@ -1,4 +1,4 @@
-"""Focal loss and the classification prior (issue 2, acceptance 2)."""
+"""Focal loss, the classification prior, foreground normalisation and BatchNorm folding."""
 
 import math
 

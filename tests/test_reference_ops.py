@@ -1,4 +1,4 @@
-"""The reference decode/NMS, the oracle for every other implementation (acceptance 3)."""
+"""The reference decode/NMS, the oracle for every other implementation, against torchvision and worked examples."""
 
 import math
 

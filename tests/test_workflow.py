@@ -1,4 +1,4 @@
-"""End to end on the embedded demo data, through the CLI (acceptance 4, 5, 6).
+"""End to end on the embedded demo data, through the CLI: train to a useful mAP, infer, fine-tune.
 
 One demo model is trained per session (conftest.trained: a few minutes on 2
 CPU cores) and shared by the fine-tune, inference, API and export tests. On a
