@@ -16,13 +16,13 @@
 // Kernels return at once for images that are done, so the host never looks at
 // a count. The emit kernel ranks the (< top_n + bucket) collected keys: a key's
 // rank is its output slot. It decodes the top `count` boxes and pads the rest.
-#include "decode.h"
+#include "kernels/decode.h"
 
 #include <algorithm>
 
 #include <cub/block/block_scan.cuh>
 
-#include "device_utils.cuh"
+#include "kernels/device_utils.cuh"
 
 namespace retinanet {
 namespace {

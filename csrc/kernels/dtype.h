@@ -11,6 +11,4 @@ enum class DType : int {
   kBFloat16 = 2,
 };
 
-inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
-
 }  // namespace retinanet

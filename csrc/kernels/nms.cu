@@ -14,14 +14,14 @@
 //    registers) suppresses the rest of this block, and once the block is done
 //    the kept rows are ORed into the later words. It stops after `detections`
 //    kept, then writes the kept candidates and the padding.
-#include "nms.h"
+#include "kernels/nms.h"
 
 #include <algorithm>
 #include <cfloat>
 
 #include <cub/device/device_segmented_radix_sort.cuh>
 
-#include "device_utils.cuh"
+#include "kernels/device_utils.cuh"
 
 namespace retinanet {
 namespace {

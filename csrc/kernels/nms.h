@@ -12,7 +12,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "dtype.h"
+#include "kernels/dtype.h"
 
 namespace retinanet {
 

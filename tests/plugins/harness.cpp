@@ -16,13 +16,12 @@
 // fields compared, attachToContext, onShapeChange, enqueue on device buffers.
 // tests/plugins/compare.py writes the cases and checks the outputs against
 // retinanet.ops.reference. Exit status 0 only if every check passed.
-#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iostream>
-#include <map>
 #include <memory>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
