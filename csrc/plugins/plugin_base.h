@@ -24,7 +24,6 @@
 #pragma once
 
 #include <cstdint>
-#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -98,7 +97,14 @@ class PluginBase : public nvinfer1::IPluginV3,
     return nullptr;
   }
   // A fresh instance from the fields alone: device state is rebuilt in onShapeChange.
-  nvinfer1::IPluginV3* clone() noexcept override { return new (std::nothrow) Derived(params_); }
+  nvinfer1::IPluginV3* clone() noexcept override {
+    try {
+      return new Derived(params_);
+    } catch (...) {
+      log_exception(Derived::kName);
+    }
+    return nullptr;
+  }
 
   // IPluginV3OneCore
   char const* getPluginName() const noexcept override { return Derived::kName; }
@@ -149,10 +155,15 @@ class PluginBase : public nvinfer1::IPluginV3,
 
   int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
                           nvinfer1::DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept override {
-    typename Derived::Args args;
-    if (!counts_match(nbInputs, nbOutputs)) return -1;
-    if (!args_for(in, &args)) return shape_error();
-    return 0;
+    try {
+      typename Derived::Args args;
+      if (!counts_match(nbInputs, nbOutputs)) return -1;
+      if (!args_for(in, &args)) return shape_error();
+      return 0;
+    } catch (...) {
+      log_exception(Derived::kName);
+    }
+    return -1;
   }
 
   size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -166,26 +177,36 @@ class PluginBase : public nvinfer1::IPluginV3,
   // IPluginV3OneRuntime
   int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
                         nvinfer1::PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept override {
-    typename Derived::Args args;
-    if (!counts_match(nbInputs, nbOutputs) || !args_for(in, &args)) return shape_error();
-    return derived().prepare();
+    try {
+      typename Derived::Args args;
+      if (!counts_match(nbInputs, nbOutputs) || !args_for(in, &args)) return shape_error();
+      return derived().prepare();
+    } catch (...) {
+      log_exception(Derived::kName);
+    }
+    return -1;
   }
 
   int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* /*outputDesc*/,
                   void const* const* inputs, void* const* outputs, void* workspace,
                   cudaStream_t stream) noexcept override {
-    typename Derived::Args args;
-    DType dtype;
-    if (!derived().ready() || !args_for(inputDesc, &args) || !to_kernel_dtype(inputDesc[0].type, &dtype)) {
-      log_error(std::string(Derived::kName) + ": enqueue before onShapeChange or with unsupported inputs");
-      return -1;
+    try {
+      typename Derived::Args args;
+      DType dtype;
+      if (!derived().ready() || !args_for(inputDesc, &args) || !to_kernel_dtype(inputDesc[0].type, &dtype)) {
+        log_error(std::string(Derived::kName) + ": enqueue before onShapeChange or with unsupported inputs");
+        return -1;
+      }
+      cudaError_t const err = derived().run(args, dtype, inputs, outputs, workspace, stream);
+      if (err != cudaSuccess) {
+        log_error(std::string(Derived::kName) + ": " + cudaGetErrorString(err));
+        return -1;
+      }
+      return 0;
+    } catch (...) {
+      log_exception(Derived::kName);
     }
-    cudaError_t const err = derived().run(args, dtype, inputs, outputs, workspace, stream);
-    if (err != cudaSuccess) {
-      log_error(std::string(Derived::kName) + ": " + cudaGetErrorString(err));
-      return -1;
-    }
-    return 0;
+    return -1;
   }
 
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept override {
@@ -193,9 +214,14 @@ class PluginBase : public nvinfer1::IPluginV3,
   }
 
   nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override {
-    serialized_.clear();
-    for (FieldRef const& ref : params_.fields()) serialized_.push_back(ref.describe(true));
-    return collect(serialized_, &serialized_collection_);
+    try {
+      serialized_.clear();
+      for (FieldRef const& ref : params_.fields()) serialized_.push_back(ref.describe(true));
+      return collect(serialized_, &serialized_collection_);
+    } catch (...) {
+      log_exception(Derived::kName);
+    }
+    return nullptr;
   }
 
  protected:
@@ -232,6 +258,7 @@ class PluginBase : public nvinfer1::IPluginV3,
 
 // The creator: advertises Params' fields, and builds a plugin once every field is
 // present with the right type and Params::check() passes (else logs why, returns null).
+// Its constructor allocates: getCreators() builds the creators inside a try block.
 template <class Plugin, class Params>
 class PluginCreatorBase : public nvinfer1::IPluginCreatorV3One {
  public:
@@ -242,32 +269,37 @@ class PluginCreatorBase : public nvinfer1::IPluginCreatorV3One {
 
   nvinfer1::IPluginV3* createPlugin(char const* /*name*/, nvinfer1::PluginFieldCollection const* fc,
                                     nvinfer1::TensorRTPhase /*phase*/) noexcept override {
-    if (fc == nullptr || (fc->nbFields > 0 && fc->fields == nullptr)) return nullptr;
-    Params params;
-    std::vector<FieldRef> const refs = params.fields();
-    std::vector<bool> seen(refs.size(), false);
-    for (int32_t i = 0; i < fc->nbFields; ++i) {
-      nvinfer1::PluginField const& f = fc->fields[i];
-      // Fields with other names (attributes the ONNX parser passes through) are not ours.
-      for (size_t k = 0; k < refs.size(); ++k) {
-        if (!field_is(f, refs[k].name)) continue;
-        if (!refs[k].read(f)) {
-          log_error(std::string(Plugin::kName) + ": field " + refs[k].name + " has the wrong type or length");
-          return nullptr;
+    try {
+      if (fc == nullptr || (fc->nbFields > 0 && fc->fields == nullptr)) return nullptr;
+      Params params;
+      std::vector<FieldRef> const refs = params.fields();
+      std::vector<bool> seen(refs.size(), false);
+      for (int32_t i = 0; i < fc->nbFields; ++i) {
+        nvinfer1::PluginField const& f = fc->fields[i];
+        // Fields with other names (attributes the ONNX parser passes through) are not ours.
+        for (size_t k = 0; k < refs.size(); ++k) {
+          if (!field_is(f, refs[k].name)) continue;
+          if (!refs[k].read(f)) {
+            log_error(std::string(Plugin::kName) + ": field " + refs[k].name + " has the wrong type or length");
+            return nullptr;
+          }
+          seen[k] = true;
         }
-        seen[k] = true;
       }
+      std::string problem;
+      for (size_t k = 0; k < refs.size(); ++k) {
+        if (!seen[k]) problem += (problem.empty() ? "needs field " : ", ") + std::string(refs[k].name);
+      }
+      if (problem.empty()) problem = params.check();
+      if (!problem.empty()) {
+        log_error(std::string(Plugin::kName) + ": " + problem);
+        return nullptr;
+      }
+      return new Plugin(std::move(params));
+    } catch (...) {
+      log_exception(Plugin::kName);
     }
-    std::string problem;
-    for (size_t k = 0; k < refs.size(); ++k) {
-      if (!seen[k]) problem += (problem.empty() ? "needs field " : ", ") + std::string(refs[k].name);
-    }
-    if (problem.empty()) problem = params.check();
-    if (!problem.empty()) {
-      log_error(std::string(Plugin::kName) + ": " + problem);
-      return nullptr;
-    }
-    return new (std::nothrow) Plugin(std::move(params));
+    return nullptr;
   }
 
   nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override {

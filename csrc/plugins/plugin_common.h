@@ -22,8 +22,16 @@ constexpr char const* kPluginVersion = "1";
 constexpr char const* kPluginNamespace = "";
 
 // Errors go to the logger TensorRT hands us through setLoggerFinder(); without one, to stderr.
-void log_error(std::string const& message) noexcept;
+void log_error(char const* message) noexcept;
+inline void log_error(std::string const& message) noexcept { log_error(message.c_str()); }
 void set_logger_finder(nvinfer1::ILoggerFinder* finder) noexcept;
+
+// Reports the exception being handled as "where: what()" through log_error, without
+// allocating; call it only inside a catch block. TensorRT calls the plugins through
+// noexcept methods, where an escaping exception (std::bad_alloc from a std::string or
+// std::vector) would end the process: those that can throw catch everything and
+// return their failure value instead, as TensorRT's own plugins do.
+void log_exception(char const* where) noexcept;
 
 // The kernels' element type for a TensorRT floating-point type (false if none).
 inline bool to_kernel_dtype(nvinfer1::DataType t, DType* out) {

@@ -4,6 +4,7 @@
 // static registration for programs that link this code and libnvinfer
 // (RETINANET_STATIC_REGISTRATION; it calls getPluginRegistry() from libnvinfer).
 #include <cstdio>
+#include <exception>
 #include <mutex>
 
 #include <NvInferRuntime.h>
@@ -23,21 +24,38 @@ nvinfer1::ILoggerFinder* logger_finder = nullptr;
 }  // namespace
 
 void set_logger_finder(nvinfer1::ILoggerFinder* finder) noexcept {
-  std::lock_guard<std::mutex> lock(logger_mutex);
-  logger_finder = finder;
+  try {
+    std::lock_guard<std::mutex> lock(logger_mutex);
+    logger_finder = finder;
+  } catch (...) {
+    log_exception("setLoggerFinder");
+  }
 }
 
-void log_error(std::string const& message) noexcept {
+void log_error(char const* message) noexcept {
   nvinfer1::ILogger* logger = nullptr;
-  {
+  try {
     std::lock_guard<std::mutex> lock(logger_mutex);
     if (logger_finder != nullptr) logger = logger_finder->findLogger();
+  } catch (...) {  // std::system_error from the mutex: report to stderr
   }
   if (logger != nullptr) {
-    logger->log(nvinfer1::ILogger::Severity::kERROR, message.c_str());
+    logger->log(nvinfer1::ILogger::Severity::kERROR, message);
   } else {
-    std::fprintf(stderr, "[retinanet plugins] %s\n", message.c_str());
+    std::fprintf(stderr, "[retinanet plugins] %s\n", message);
   }
+}
+
+void log_exception(char const* where) noexcept {
+  char message[512];
+  try {
+    throw;
+  } catch (std::exception const& e) {
+    std::snprintf(message, sizeof(message), "%s: %s", where, e.what());
+  } catch (...) {
+    std::snprintf(message, sizeof(message), "%s: unknown exception", where);
+  }
+  log_error(message);
 }
 
 }  // namespace plugins
@@ -52,11 +70,17 @@ __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterface* const*
 void setLoggerFinder(nvinfer1::ILoggerFinder* finder) { retinanet::plugins::set_logger_finder(finder); }
 
 nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-  static retinanet::plugins::DecodePluginCreator decode_creator;
-  static retinanet::plugins::NmsPluginCreator nms_creator;
-  static nvinfer1::IPluginCreatorInterface* const creators[] = {&decode_creator, &nms_creator};
-  nbCreators = 2;
-  return creators;
+  nbCreators = 0;
+  try {  // the creators' constructors allocate their field lists
+    static retinanet::plugins::DecodePluginCreator decode_creator;
+    static retinanet::plugins::NmsPluginCreator nms_creator;
+    static nvinfer1::IPluginCreatorInterface* const creators[] = {&decode_creator, &nms_creator};
+    nbCreators = 2;
+    return creators;
+  } catch (...) {
+    retinanet::plugins::log_exception("getCreators");
+  }
+  return nullptr;
 }
 
 }  // extern "C"
