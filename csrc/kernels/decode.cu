@@ -30,7 +30,7 @@ namespace {
 using detail::ceil_div;
 using detail::Pack;
 
-constexpr int kThreads = 256;        // grid passes and emit
+constexpr int kThreads = 256;         // grid passes and emit
 constexpr int kRefineThreads = 1024;  // one block per image
 constexpr int kDigitBits = 16;
 constexpr int kBins = 1 << kDigitBits;
@@ -39,7 +39,7 @@ constexpr int kCoarse = 1 << kCoarseBits;  // fine bins per coarse bin: kBins / 
 constexpr int kDigits = 64 / kDigitBits;
 constexpr uint32_t kBucketCapacity = 4096;
 constexpr int kFinished = 1 << 20;
-constexpr int kRankSplit = 4;  // threads that share one key's ranking
+constexpr int kRankSplit = 4;    // threads that share one key's ranking
 constexpr int kRankTile = 1024;  // keys per shared-memory tile when ranking
 // Pass 0 counts in shared memory first: most scores sit just above the
 // threshold, and global atomics on those few bins would serialise. The window
@@ -289,8 +289,8 @@ __global__ void __launch_bounds__(kThreads)
 // does the remaining passes itself (rare: only heavy score ties get here).
 template <typename T, int V>
 __global__ void __launch_bounds__(kRefineThreads)
-    refine_kernel(const T* __restrict__ scores, uint32_t per_image, float threshold, int top_n,
-                  DecodeState* states, uint32_t* coarse, uint32_t* hists, uint64_t* selected, uint64_t* bucket) {
+    refine_kernel(const T* __restrict__ scores, uint32_t per_image, float threshold, int top_n, DecodeState* states,
+                  uint32_t* coarse, uint32_t* hists, uint64_t* selected, uint64_t* bucket) {
   __shared__ uint32_t coarse_shared[kCoarse];
   const int b = blockIdx.x;
   const ImageBuffers im = image_buffers(b, top_n, states, coarse, hists, selected, bucket);
@@ -319,11 +319,10 @@ __global__ void __launch_bounds__(kRefineThreads)
 // kRankSplit threads rank one key, each against a share of the keys.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    emit_kernel(const T* __restrict__ deltas, const float* __restrict__ anchors, int num_anchors,
-                int num_classes, int height, int width, float stride, float box_clamp, int top_n,
-                const DecodeState* __restrict__ states, const uint64_t* __restrict__ selected,
-                const uint64_t* __restrict__ bucket, T* __restrict__ out_scores, T* __restrict__ out_boxes,
-                int32_t* __restrict__ out_classes) {
+    emit_kernel(const T* __restrict__ deltas, const float* __restrict__ anchors, int num_anchors, int num_classes,
+                int height, int width, float stride, float box_clamp, int top_n, const DecodeState* __restrict__ states,
+                const uint64_t* __restrict__ selected, const uint64_t* __restrict__ bucket, T* __restrict__ out_scores,
+                T* __restrict__ out_boxes, int32_t* __restrict__ out_classes) {
   constexpr int kPerBlock = kThreads / kRankSplit;
   __shared__ uint64_t tile[kRankTile];
   const int b = blockIdx.y;
@@ -438,32 +437,32 @@ cudaError_t launch(const DecodeArgs& a, const T* scores, const T* deltas, const 
   const dim3 grid(blocks, a.batch);
   for (int pass = 0; pass <= 1; ++pass) {
     if (vec)
-      select_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(scores, per_image, a.score_threshold, a.top_n, pass,
-                                                            states, coarse, hist, selected, bucket);
+      select_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(scores, per_image, a.score_threshold, a.top_n, pass, states,
+                                                            coarse, hist, selected, bucket);
     else
-      select_kernel<T, 1><<<grid, kThreads, 0, stream>>>(scores, per_image, a.score_threshold, a.top_n, pass,
-                                                         states, coarse, hist, selected, bucket);
+      select_kernel<T, 1><<<grid, kThreads, 0, stream>>>(scores, per_image, a.score_threshold, a.top_n, pass, states,
+                                                         coarse, hist, selected, bucket);
   }
   if (vec)
     refine_kernel<T, kVec><<<a.batch, kRefineThreads, 0, stream>>>(scores, per_image, a.score_threshold, a.top_n,
                                                                    states, coarse, hist, selected, bucket);
   else
-    refine_kernel<T, 1><<<a.batch, kRefineThreads, 0, stream>>>(scores, per_image, a.score_threshold, a.top_n,
-                                                                states, coarse, hist, selected, bucket);
-  const dim3 emit_grid(ceil_div(static_cast<long long>(a.top_n) + kBucketCapacity, kThreads / kRankSplit),
-                       a.batch);
-  emit_kernel<T><<<emit_grid, kThreads, 0, stream>>>(deltas, anchors, a.num_anchors, a.num_classes, a.height,
-                                                     a.width, static_cast<float>(a.stride), a.box_clamp, a.top_n,
-                                                     states, selected, bucket, out_scores, out_boxes, out_classes);
+    refine_kernel<T, 1><<<a.batch, kRefineThreads, 0, stream>>>(scores, per_image, a.score_threshold, a.top_n, states,
+                                                                coarse, hist, selected, bucket);
+  const dim3 emit_grid(ceil_div(static_cast<long long>(a.top_n) + kBucketCapacity, kThreads / kRankSplit), a.batch);
+  emit_kernel<T><<<emit_grid, kThreads, 0, stream>>>(deltas, anchors, a.num_anchors, a.num_classes, a.height, a.width,
+                                                     static_cast<float>(a.stride), a.box_clamp, a.top_n, states,
+                                                     selected, bucket, out_scores, out_boxes, out_classes);
   return cudaGetLastError();
 }
 
 bool valid(const DecodeArgs& a) {
-  if (a.batch < 0 || a.batch > 65535 || a.num_anchors <= 0 || a.num_classes <= 0 || a.height < 0 ||
-      a.width < 0 || a.top_n < 0 || a.stride <= 0)
+  if (a.batch < 0 || a.batch > 65535 || a.num_anchors <= 0 || a.num_classes <= 0 || a.height < 0 || a.width < 0 ||
+      a.top_n < 0 || a.stride <= 0)
     return false;
   const size_t per_image = static_cast<size_t>(a.num_anchors) * a.num_classes * a.height * a.width;
-  return per_image < (size_t(1) << 31) && static_cast<size_t>(a.num_anchors) * 4 * a.height * a.width < (size_t(1) << 31);
+  return per_image < (size_t(1) << 31) &&
+         static_cast<size_t>(a.num_anchors) * 4 * a.height * a.width < (size_t(1) << 31);
 }
 
 }  // namespace

@@ -39,7 +39,7 @@ size_t decode_workspace_size(const DecodeArgs& args);
 // All pointers are device pointers; workspace is at least decode_workspace_size().
 // Returns cudaErrorInvalidValue for bad arguments, else the launch status.
 cudaError_t decode(const DecodeArgs& args, DType dtype, const void* cls_scores, const void* box_deltas,
-                   const float* anchors, void* out_scores, void* out_boxes, int32_t* out_classes,
-                   void* workspace, size_t workspace_size, cudaStream_t stream);
+                   const float* anchors, void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace,
+                   size_t workspace_size, cudaStream_t stream);
 
 }  // namespace retinanet

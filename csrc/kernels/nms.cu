@@ -146,8 +146,8 @@ __global__ void __launch_bounds__(kRankThreads)
 // Larger n: keys for CUB (float bits of the candidates, 0 for the others).
 template <typename T>
 __global__ void __launch_bounds__(kPrepareThreads)
-    prepare_kernel(const T* __restrict__ scores, int n, int batch, uint32_t* __restrict__ keys,
-                   int* __restrict__ order, int* __restrict__ counts, int* __restrict__ offsets) {
+    prepare_kernel(const T* __restrict__ scores, int n, int batch, uint32_t* __restrict__ keys, int* __restrict__ order,
+                   int* __restrict__ counts, int* __restrict__ offsets) {
   const int b = blockIdx.y;
   const int i = blockIdx.x * kPrepareThreads + threadIdx.x;
   bool valid = false;
@@ -249,8 +249,8 @@ __device__ __forceinline__ void write_detection(const T* scores, const T* boxes,
 // One warp per image; `removed` (one bit per sorted candidate) is shared by the lanes.
 template <typename T>
 __global__ void __launch_bounds__(32)
-    scan_kernel(const T* __restrict__ scores, const T* __restrict__ boxes, const int32_t* __restrict__ classes,
-                int n, int nw, int detections, const int* __restrict__ counts, const int* __restrict__ order,
+    scan_kernel(const T* __restrict__ scores, const T* __restrict__ boxes, const int32_t* __restrict__ classes, int n,
+                int nw, int detections, const int* __restrict__ counts, const int* __restrict__ order,
                 const unsigned long long* __restrict__ mask, unsigned long long* removed_global, bool shared_removed,
                 int* __restrict__ keep_lists, T* __restrict__ out_scores, T* __restrict__ out_boxes,
                 int32_t* __restrict__ out_classes) {
@@ -323,8 +323,7 @@ __global__ void __launch_bounds__(32)
   }
   __syncwarp();
   for (int k = lane; k < kept; k += 32)
-    write_detection(scores, boxes, classes, base + order[base + keep[k]], out_scores, out_boxes, out_classes,
-                    out + k);
+    write_detection(scores, boxes, classes, base + order[base + keep[k]], out_scores, out_boxes, out_classes, out + k);
   for (int k = kept + lane; k < detections; k += 32) {
     out_scores[out + k] = detail::from_float<T>(0.f);
 #pragma unroll
@@ -352,8 +351,8 @@ cudaError_t launch(const NmsArgs& a, const T* scores, const T* boxes, const int3
       if ((err = cudaMemsetAsync(counts, 0, a.batch * sizeof(int), stream)) != cudaSuccess) return err;
     } else {
       const dim3 grid(ceil_div(n, kRankThreads / kRankSplit), a.batch);
-      rank_sort_kernel<T><<<grid, kRankThreads, 0, stream>>>(scores, boxes, classes, n, counts, order, sorted_boxes,
-                                                             sorted_classes);
+      rank_sort_kernel<T>
+          <<<grid, kRankThreads, 0, stream>>>(scores, boxes, classes, n, counts, order, sorted_boxes, sorted_classes);
     }
   } else {
     auto* offsets = reinterpret_cast<int*>(ws + l.offsets);
@@ -365,21 +364,20 @@ cudaError_t launch(const NmsArgs& a, const T* scores, const T* boxes, const int3
     prepare_kernel<T><<<grid, kPrepareThreads, 0, stream>>>(scores, n, a.batch, keys_in, order_in, counts, offsets);
     size_t temp = l.sort_temp_bytes;
     // Bit 31 is 0 for every key (positive floats), so 31 bits are sorted.
-    err = cub::DeviceSegmentedRadixSort::SortPairsDescending(ws + l.sort_temp, temp, keys_in, keys_out, order_in,
-                                                             order, n * a.batch, a.batch, offsets, offsets + 1, 0,
-                                                             31, stream);
+    err = cub::DeviceSegmentedRadixSort::SortPairsDescending(ws + l.sort_temp, temp, keys_in, keys_out, order_in, order,
+                                                             n * a.batch, a.batch, offsets, offsets + 1, 0, 31, stream);
     if (err != cudaSuccess) return err;
-    gather_kernel<T><<<grid, kPrepareThreads, 0, stream>>>(boxes, classes, n, counts, order, sorted_boxes,
-                                                           sorted_classes);
+    gather_kernel<T>
+        <<<grid, kPrepareThreads, 0, stream>>>(boxes, classes, n, counts, order, sorted_boxes, sorted_classes);
   }
   if (n > 0)
     mask_kernel<<<dim3(nw * (nw + 1) / 2, a.batch), kBlock, 0, stream>>>(sorted_boxes, sorted_classes, n, nw,
                                                                          a.iou_threshold, counts, mask);
   const size_t removed_bytes = static_cast<size_t>(nw) * sizeof(unsigned long long);
   const bool in_shared = removed_bytes <= kMaxSharedRemoved;
-  scan_kernel<T><<<a.batch, 32, in_shared ? removed_bytes : 0, stream>>>(
-      scores, boxes, classes, n, nw, a.detections, counts, order, mask, removed, in_shared, keep, out_scores,
-      out_boxes, out_classes);
+  scan_kernel<T><<<a.batch, 32, in_shared ? removed_bytes : 0, stream>>>(scores, boxes, classes, n, nw, a.detections,
+                                                                         counts, order, mask, removed, in_shared, keep,
+                                                                         out_scores, out_boxes, out_classes);
   return cudaGetLastError();
 }
 

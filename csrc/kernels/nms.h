@@ -29,8 +29,8 @@ size_t nms_workspace_size(const NmsArgs& args);
 // scores [B, N] and boxes [B, N, 4] (x1, y1, x2, y2) of `dtype`, classes [B, N] int32.
 // out_scores [B, D] and out_boxes [B, D, 4] of `dtype`, out_classes [B, D] int32.
 // Unused slots: score 0, box 0, class -1.
-cudaError_t nms(const NmsArgs& args, DType dtype, const void* scores, const void* boxes,
-                const int32_t* classes, void* out_scores, void* out_boxes, int32_t* out_classes,
-                void* workspace, size_t workspace_size, cudaStream_t stream);
+cudaError_t nms(const NmsArgs& args, DType dtype, const void* scores, const void* boxes, const int32_t* classes,
+                void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace, size_t workspace_size,
+                cudaStream_t stream);
 
 }  // namespace retinanet

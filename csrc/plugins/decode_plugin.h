@@ -52,8 +52,8 @@ class DecodePlugin : public PluginBase<DecodePlugin, DecodeParams> {
 
   bool make_args(nvinfer1::Dims const* inputs, DecodeArgs* args) const;
   static size_t workspace_size(DecodeArgs const& args) { return decode_workspace_size(args); }
-  cudaError_t run(DecodeArgs const& args, DType dtype, void const* const* inputs, void* const* outputs,
-                  void* workspace, cudaStream_t stream);
+  cudaError_t run(DecodeArgs const& args, DType dtype, void const* const* inputs, void* const* outputs, void* workspace,
+                  cudaStream_t stream);
   // Uploads the anchor table once per runtime instance, outside enqueue: enqueue stays copy-free.
   int32_t prepare();
   bool ready() const { return device_anchors_ != nullptr; }

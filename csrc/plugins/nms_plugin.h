@@ -45,8 +45,8 @@ class NmsPlugin : public PluginBase<NmsPlugin, NmsParams> {
 
   bool make_args(nvinfer1::Dims const* inputs, NmsArgs* args) const;
   static size_t workspace_size(NmsArgs const& args) { return nms_workspace_size(args); }
-  cudaError_t run(NmsArgs const& args, DType dtype, void const* const* inputs, void* const* outputs,
-                  void* workspace, cudaStream_t stream);
+  cudaError_t run(NmsArgs const& args, DType dtype, void const* const* inputs, void* const* outputs, void* workspace,
+                  cudaStream_t stream);
 };
 
 using NmsPluginCreator = PluginCreatorBase<NmsPlugin, NmsParams>;

@@ -114,8 +114,8 @@ class PluginBase : public nvinfer1::IPluginV3,
   // IPluginV3OneBuild
   int32_t getNbOutputs() const noexcept override { return kNbOutputs; }
 
-  int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
-                             nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override {
+  int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs, nvinfer1::DataType const* inputTypes,
+                             int32_t nbInputs) const noexcept override {
     if (!counts_match(nbInputs, nbOutputs) || !is_float_type(inputTypes[0])) return -1;
     outputTypes[0] = inputTypes[0];
     outputTypes[1] = inputTypes[0];

@@ -17,9 +17,7 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-bool kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
+bool kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 retinanet::DType to_dtype(at::ScalarType t) {
   switch (t) {
@@ -54,17 +52,17 @@ void check_decode_shapes(const at::Tensor& cls, const at::Tensor& box, const at:
               " score channels is not a multiple of ", a, " anchors");
   TORCH_CHECK(box.dim() == 4 && box.size(0) == cls.size(0) && box.size(1) == a * 4 && box.size(2) == cls.size(2) &&
                   box.size(3) == cls.size(3),
-              "retinanet::decode: box_deltas must be [B, A*4, H, W] = [", cls.size(0), ", ", a * 4, ", ",
-              cls.size(2), ", ", cls.size(3), "], got ", box.sizes());
+              "retinanet::decode: box_deltas must be [B, A*4, H, W] = [", cls.size(0), ", ", a * 4, ", ", cls.size(2),
+              ", ", cls.size(3), "], got ", box.sizes());
   TORCH_CHECK(at::isFloatingType(cls.scalar_type()) && at::isFloatingType(box.scalar_type()),
               "retinanet::decode: scores and deltas must be floating point");
 }
 
 void check_nms_shapes(const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& classes) {
   TORCH_CHECK(scores.dim() == 2, "retinanet::nms: scores must be [B, N], got ", scores.sizes());
-  TORCH_CHECK(boxes.dim() == 3 && boxes.size(0) == scores.size(0) && boxes.size(1) == scores.size(1) &&
-                  boxes.size(2) == 4,
-              "retinanet::nms: boxes must be [B, N, 4], got ", boxes.sizes());
+  TORCH_CHECK(
+      boxes.dim() == 3 && boxes.size(0) == scores.size(0) && boxes.size(1) == scores.size(1) && boxes.size(2) == 4,
+      "retinanet::nms: boxes must be [B, N, 4], got ", boxes.sizes());
   TORCH_CHECK(classes.sizes() == scores.sizes(), "retinanet::nms: classes must be [B, N], got ", classes.sizes());
   TORCH_CHECK(at::isFloatingType(scores.scalar_type()) && at::isFloatingType(boxes.scalar_type()),
               "retinanet::nms: scores and boxes must be floating point");
@@ -101,10 +99,10 @@ Outputs decode_cuda(const at::Tensor& cls_scores, const at::Tensor& box_deltas, 
   TORCH_CHECK(ws_bytes > 0 || args.batch == 0, "retinanet::decode: unsupported sizes ", scores.sizes(),
               " (at most 65535 images and 2^31 scores per image)");
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, scores.options().dtype(at::kByte));
-  const cudaError_t err = retinanet::decode(
-      args, to_dtype(dtype), scores.data_ptr(), deltas.data_ptr(), anchor_table.data_ptr<float>(),
-      out_scores.data_ptr(), out_boxes.data_ptr(), out_classes.data_ptr<int32_t>(), workspace.data_ptr(), ws_bytes,
-      c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err =
+      retinanet::decode(args, to_dtype(dtype), scores.data_ptr(), deltas.data_ptr(), anchor_table.data_ptr<float>(),
+                        out_scores.data_ptr(), out_boxes.data_ptr(), out_classes.data_ptr<int32_t>(),
+                        workspace.data_ptr(), ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "retinanet::decode: ", cudaGetErrorString(err));
   if (dtype != out_dtype) return {out_scores.to(out_dtype), out_boxes.to(out_dtype), out_classes};
   return {out_scores, out_boxes, out_classes};
@@ -113,9 +111,9 @@ Outputs decode_cuda(const at::Tensor& cls_scores, const at::Tensor& box_deltas, 
 Outputs nms_cuda(const at::Tensor& scores_in, const at::Tensor& boxes_in, const at::Tensor& classes_in,
                  double iou_threshold, int64_t detections) {
   check_nms_shapes(scores_in, boxes_in, classes_in);
-  TORCH_CHECK(scores_in.is_cuda() && boxes_in.device() == scores_in.device() &&
-                  classes_in.device() == scores_in.device(),
-              "retinanet::nms: scores, boxes and classes must be on one CUDA device");
+  TORCH_CHECK(
+      scores_in.is_cuda() && boxes_in.device() == scores_in.device() && classes_in.device() == scores_in.device(),
+      "retinanet::nms: scores, boxes and classes must be on one CUDA device");
   TORCH_CHECK(detections >= 0 && detections < (int64_t(1) << 31), "retinanet::nms: bad detections ", detections);
   c10::cuda::CUDAGuard guard(scores_in.device());
   const auto out_dtype = scores_in.scalar_type();
@@ -134,10 +132,10 @@ Outputs nms_cuda(const at::Tensor& scores_in, const at::Tensor& boxes_in, const 
   const size_t ws_bytes = retinanet::nms_workspace_size(args);
   TORCH_CHECK(ws_bytes > 0 || args.batch == 0, "retinanet::nms: unsupported sizes ", scores.sizes());
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, scores.options().dtype(at::kByte));
-  const cudaError_t err = retinanet::nms(args, to_dtype(dtype), scores.data_ptr(), boxes.data_ptr(),
-                                         classes.data_ptr<int32_t>(), out_scores.data_ptr(), out_boxes.data_ptr(),
-                                         out_classes.data_ptr<int32_t>(), workspace.data_ptr(), ws_bytes,
-                                         c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err =
+      retinanet::nms(args, to_dtype(dtype), scores.data_ptr(), boxes.data_ptr(), classes.data_ptr<int32_t>(),
+                     out_scores.data_ptr(), out_boxes.data_ptr(), out_classes.data_ptr<int32_t>(), workspace.data_ptr(),
+                     ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "retinanet::nms: ", cudaGetErrorString(err));
   if (dtype != out_dtype) return {out_scores.to(out_dtype), out_boxes.to(out_dtype), out_classes};
   return {out_scores, out_boxes, out_classes};
@@ -151,8 +149,8 @@ Outputs decode_meta(const at::Tensor& cls_scores, const at::Tensor& box_deltas, 
   return empty_outputs(cls_scores.sym_size(0), top_n, cls_scores.options());
 }
 
-Outputs nms_meta(const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& classes,
-                 double /*iou_threshold*/, int64_t detections) {
+Outputs nms_meta(const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& classes, double /*iou_threshold*/,
+                 int64_t detections) {
   TORCH_CHECK(scores.dim() == 2 && boxes.dim() == 3 && classes.dim() == 2,
               "retinanet::nms: expected [B, N], [B, N, 4] and [B, N]");
   return empty_outputs(scores.sym_size(0), detections, scores.options());
@@ -164,8 +162,9 @@ TORCH_LIBRARY(retinanet, m) {
   m.def(
       "decode(Tensor cls_scores, Tensor box_deltas, Tensor anchors, int stride, float score_threshold, "
       "int top_n, float box_clamp) -> (Tensor, Tensor, Tensor)");
-  m.def("nms(Tensor scores, Tensor boxes, Tensor classes, float iou_threshold, int detections) -> "
-        "(Tensor, Tensor, Tensor)");
+  m.def(
+      "nms(Tensor scores, Tensor boxes, Tensor classes, float iou_threshold, int detections) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(retinanet, CUDA, m) {

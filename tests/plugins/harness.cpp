@@ -150,9 +150,9 @@ void write_file(std::string const& path, std::vector<char> const& data) {
   if (!f) throw std::runtime_error("cannot write " + path);
 }
 
-#define CUDA_OK(call)                                                                         \
-  do {                                                                                        \
-    cudaError_t e_ = (call);                                                                  \
+#define CUDA_OK(call)                                                                                  \
+  do {                                                                                                 \
+    cudaError_t e_ = (call);                                                                           \
     if (e_ != cudaSuccess) throw std::runtime_error(std::string(#call ": ") + cudaGetErrorString(e_)); \
   } while (0)
 
@@ -211,10 +211,10 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
   std::unique_ptr<nvinfer1::IPluginV3> built(creator->createPlugin(plugin, &fc, nvinfer1::TensorRTPhase::kBUILD));
   check(built != nullptr, "createPlugin(kBUILD)");
   if (!built) return;
-  auto* core = static_cast<nvinfer1::IPluginV3OneCore*>(
-      built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kCORE));
-  auto* build = static_cast<nvinfer1::IPluginV3OneBuild*>(
-      built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kBUILD));
+  auto* core =
+      static_cast<nvinfer1::IPluginV3OneCore*>(built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kCORE));
+  auto* build =
+      static_cast<nvinfer1::IPluginV3OneBuild*>(built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kBUILD));
   auto* runtime = static_cast<nvinfer1::IPluginV3OneRuntime*>(
       built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
   check(std::strcmp(core->getPluginName(), plugin) == 0 && std::strcmp(core->getPluginVersion(), "1") == 0,
@@ -246,7 +246,8 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
   check(build->getOutputShapes(in_exprs.data(), nin, nullptr, 0, out_exprs.data(), nout, exprs) == 0,
         "getOutputShapes");
   for (int32_t i = 0; i < nout; ++i) {
-    bool ok = out_exprs[i].nbDims == static_cast<int32_t>(outs[i].shape.size()) && out_exprs[i].d[0] == in_exprs[0].d[0];
+    bool ok =
+        out_exprs[i].nbDims == static_cast<int32_t>(outs[i].shape.size()) && out_exprs[i].d[0] == in_exprs[0].d[0];
     for (size_t k = 1; ok && k < outs[i].shape.size(); ++k) {
       ok = out_exprs[i].d[k]->isConstant() && out_exprs[i].d[k]->getConstantValue() == outs[i].shape[k];
     }
@@ -259,8 +260,8 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
   for (auto const& t : ins) io.push_back(dyn(t.shape, t.type, 1));
   for (auto const& t : outs) io.push_back(dyn(t.shape, t.type, 1));
   for (int32_t pos = 0; pos < nin + nout; ++pos) {
-    check(build->supportsFormatCombination(pos, io.data(), nin, nout), "supportsFormatCombination pos " +
-                                                                           std::to_string(pos));
+    check(build->supportsFormatCombination(pos, io.data(), nin, nout),
+          "supportsFormatCombination pos " + std::to_string(pos));
   }
   for (DataType other : {DataType::kFLOAT, DataType::kHALF}) {
     auto alt = io;
@@ -268,7 +269,8 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
       if (alt[i].desc.type != DataType::kINT32) alt[i].desc.type = other;
     }
     bool all = true;
-    for (int32_t pos = 0; pos < nin + nout; ++pos) all = all && build->supportsFormatCombination(pos, alt.data(), nin, nout);
+    for (int32_t pos = 0; pos < nin + nout; ++pos)
+      all = all && build->supportsFormatCombination(pos, alt.data(), nin, nout);
     check(all, "supportsFormatCombination accepts FP32 and FP16 I/O");
   }
   {
@@ -404,12 +406,12 @@ int main(int argc, char** argv) {
             PluginField("nms_iou", &iou, PluginFieldType::kFLOAT32, 1),
             PluginField("detections", &detections, PluginFieldType::kINT32, 1),
         };
-        run_case(name, "RetinaNetNMS", fields, {"nms_iou", "detections"},
-                 {{{b, n}, t}, {{b, n, 4}, t}, {{b, n}, DataType::kINT32}},
-                 {{{b, detections}, t}, {{b, detections, 4}, t}, {{b, detections}, DataType::kINT32}},
-                 {read_file(prefix + ".scores.bin"), read_file(prefix + ".boxes.bin"),
-                  read_file(prefix + ".classes.bin")},
-                 out_dir + "/" + name);
+        run_case(
+            name, "RetinaNetNMS", fields, {"nms_iou", "detections"},
+            {{{b, n}, t}, {{b, n, 4}, t}, {{b, n}, DataType::kINT32}},
+            {{{b, detections}, t}, {{b, detections, 4}, t}, {{b, detections}, DataType::kINT32}},
+            {read_file(prefix + ".scores.bin"), read_file(prefix + ".boxes.bin"), read_file(prefix + ".classes.bin")},
+            out_dir + "/" + name);
       } else {
         throw std::runtime_error("unknown kind " + kind);
       }
