@@ -61,7 +61,8 @@ def torch_loader(root, coco, training, batch, workers):
     from torch.utils.data import DataLoader
 
     from retinanet.data import transforms as T
-    from retinanet.data.coco import Collate, DetectionDataset
+    from retinanet.data.batch import Collate
+    from retinanet.data.coco import DetectionDataset
 
     ds = DetectionDataset(
         root, coco, 800, 1333, training=training, jitter=(640, 1024) if training else None, augment=T.Augment()

@@ -1,4 +1,10 @@
-"""Command line: parse flags and call train / infer / export. No logic lives here."""
+"""Command line: flags, their checks and help, and the call of train / infer / export.
+
+Flags default to None and only the flags given are passed on, so the defaults
+live in one place each (config.ModelConfig, config.TrainConfig, the demo
+presets, infer.InferOptions, export.ExportOptions); the help text shows them
+from there.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ import os
 import sys
 
 from .errors import Interrupted, UserError
+
+# Never passed on to the commands' settings.
+_NOT_SETTINGS = ("command", "debug", "model", "output", "override", "dist_timeout")
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,58 +46,95 @@ positive_float = _number(float, 0, low_open=True)
 unit = _number(float, 0, 1)
 
 
-def _timeout_flag(parser) -> None:
-    from .distributed import DEFAULT_TIMEOUT_S
+def shown(value) -> str:
+    """A default as a user types it: lists space-separated, floats short."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(shown(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
-    parser.add_argument(
-        "--dist-timeout",
-        type=positive_float,
-        metavar="S",
-        help=f"multi-process runs: seconds a rank waits for the others before the job fails [{DEFAULT_TIMEOUT_S:g}]",
-    )
+
+def default(settings, name: str, demo: dict | None = None, unit: str = "") -> str:
+    """'[value]' or '[value; demo: value]' from the dataclass instance `settings`."""
+    text = shown(getattr(settings, name)) + unit
+    if demo is not None and name in demo:
+        text += f"; demo: {shown(demo[name])}"
+    return f"[{text}]"
+
+
+def dm(name: str) -> str:
+    """The default of a ModelConfig field, with the demo's where it differs."""
+    from .config import DEMO_MODEL, ModelConfig
+
+    return default(ModelConfig(), name, DEMO_MODEL)
+
+
+def dt(name: str) -> str:
+    """The default of a TrainConfig field, with the demo's where it differs."""
+    from .config import DEMO_TRAIN, TrainConfig
+
+    return default(TrainConfig(), name, DEMO_TRAIN)
 
 
 def build_parser() -> Parser:
-    from .model.backbones import names
-
     p = Parser(prog="retinanet", description="Fast single-stage object detection (RetinaNet)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _train_flags(sub.add_parser("train", help="train or resume a model"))
+    _infer_flags(sub.add_parser("infer", help="detect objects in images, optionally measure COCO mAP"))
+    _export_flags(sub.add_parser("export", help="export a checkpoint to ONNX (portable or TensorRT form)"))
+    return p
 
-    t = sub.add_parser("train", help="train or resume a model")
+
+def _train_flags(t: Parser) -> None:
+    from .config import DEMO_TRAIN, TrainConfig
+    from .model.backbones import names
+
+    c = TrainConfig()
     t.add_argument("model", help="checkpoint to write (resumed if it exists, unless --override)")
-    t.add_argument("--backbone", choices=names(), help="backbone [ResNet50FPN; demo: ResNet18FPN]")
-    t.add_argument("--images", default=".", help="training image folder [.]")
+    t.add_argument("--backbone", choices=names(), help=f"backbone {dm('backbone')}")
+    t.add_argument("--images", help="training image folder [.]")
     t.add_argument("--annotations", help="COCO JSON of the training set; none: the embedded demo data")
     t.add_argument("--val-images", help="validation image folder")
     t.add_argument("--val-annotations", help="COCO JSON of the validation set")
     t.add_argument("--classes", type=positive, help="class count [the annotations' category count]")
-    t.add_argument("--batch", type=positive, help="global batch [2 per GPU; demo: 8]")
-    t.add_argument("--resize", type=positive, help="shorter side at validation [800; demo: 128]")
-    t.add_argument("--max-size", type=positive, help="longer side cap [1333; demo: 128]")
+    t.add_argument(
+        "--batch", type=positive, help=f"global batch [{c.batch} per GPU; demo: {DEMO_TRAIN.get('batch', c.batch)}]"
+    )
+    t.add_argument("--resize", type=positive, help=f"shorter side at validation {dm('resize')}")
+    t.add_argument("--max-size", type=positive, help=f"longer side cap {dm('max_size')}")
     t.add_argument(
         "--jitter",
         type=positive,
         nargs=2,
         metavar=("MIN", "MAX"),
-        help="random shorter side in training [640 1024; demo: 96 128]",
+        help=f"random shorter side in training {dt('jitter')}",
     )
-    t.add_argument("--iters", type=positive, help="iterations [90000; demo: 600]")
-    t.add_argument("--milestones", type=positive, nargs="+", help="lr x gamma at these [60000 80000; demo: 450 550]")
-    t.add_argument("--schedule", type=positive_float, help="scale iters and milestones [1]")
-    t.add_argument("--lr", type=positive_float, help="learning rate [0.01; demo: 0.02]")
-    t.add_argument("--warmup", type=non_negative, help="linear warmup iterations [1000; demo: 50]")
-    t.add_argument("--gamma", type=positive_float, help="lr factor at each milestone [0.1]")
+    t.add_argument("--iters", type=positive, help=f"iterations {dt('iters')}")
+    t.add_argument("--milestones", type=positive, nargs="+", help=f"lr x gamma at these {dt('milestones')}")
+    t.add_argument("--schedule", type=positive_float, help=f"scale iters and milestones {dt('schedule')}")
+    t.add_argument("--lr", type=positive_float, help=f"learning rate {dt('lr')}")
+    t.add_argument("--warmup", type=non_negative, help=f"linear warmup iterations {dt('warmup')}")
+    t.add_argument("--gamma", type=positive_float, help=f"lr factor at each milestone {dt('gamma')}")
     t.add_argument(
-        "--regularization-l2", type=_number(float, 0), dest="weight_decay", help="weight decay on conv weights [1e-4]"
+        "--regularization-l2",
+        type=_number(float, 0),
+        dest="weight_decay",
+        help=f"weight decay on conv weights {dt('weight_decay')}",
     )
-    t.add_argument("--val-iters", type=positive, help="validate and checkpoint every N iterations [8000; demo: 300]")
+    t.add_argument("--val-iters", type=positive, help=f"validate and checkpoint every N iterations {dt('val_iters')}")
     t.add_argument(
         "--clip-grad",
         type=_number(float, 0),
         metavar="NORM",
-        help="clip the gradients' total L2 norm to NORM, 0 = off [35]",
+        help=f"clip the gradients' total L2 norm to NORM, 0 = off {dt('clip_grad')}",
     )
+    _train_run_flags(t)
+
+
+def _train_run_flags(t: Parser) -> None:
+    """Checkpoints, precision, starting weights, augmentation, anchors, loader."""
     t.add_argument("--logdir", help="TensorBoard log folder")
     t.add_argument("--override", action="store_true", help="start fresh even if MODEL exists")
     t.add_argument("--full-precision", action="store_true", default=None, help="disable mixed precision")
@@ -112,50 +158,64 @@ def build_parser() -> Parser:
     )
     for name in ("rotate", "brightness", "contrast", "hue", "saturation", "crop"):
         t.add_argument(f"--augment-{name}", action="store_true", default=None, help=f"random {name} augmentation")
-    t.add_argument("--anchor-ious", type=unit, nargs=2, metavar=("BG", "FG"), help="matching IoUs [0.4 0.5]")
-    t.add_argument("--anchor-ratios", type=positive_float, nargs="+", help="anchor h/w ratios [0.5 1 2]")
+    t.add_argument("--anchor-ious", type=unit, nargs=2, metavar=("BG", "FG"), help=f"matching IoUs {dm('anchor_ious')}")
+    t.add_argument("--anchor-ratios", type=positive_float, nargs="+", help=f"anchor h/w ratios {dm('anchor_ratios')}")
     t.add_argument(
         "--anchor-scales",
         type=positive_float,
         nargs="+",
         help="anchor sizes in strides [4*2^(0/3) 4*2^(1/3) 4*2^(2/3)]",
     )
-    t.add_argument("--seed", type=non_negative, help="random seed [0]")
-    t.add_argument("--workers", type=non_negative, help="data loader processes; with --with-dali its CPU threads [2]")
+    t.add_argument("--seed", type=non_negative, help=f"random seed {dt('seed')}")
+    t.add_argument(
+        "--workers", type=non_negative, help=f"data loader processes; with --with-dali its CPU threads {dt('workers')}"
+    )
     t.add_argument(
         "--with-dali",
         action="store_true",
         default=None,
         help="decode and augment with NVIDIA DALI (on the GPU; on the CPU without one)",
     )
-
     _timeout_flag(t)
-    i = sub.add_parser("infer", help="detect objects in images, optionally measure COCO mAP")
-    i.add_argument("model", help="checkpoint (.pth) or ONNX model (.onnx, run with ONNX Runtime)")
-    i.add_argument("--images", default=".", help="image folder [.]")
+
+
+def _infer_flags(i: Parser) -> None:
+    from .infer import InferOptions
+
+    o = InferOptions()
+    i.add_argument("model", help="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.plan/.engine)")
+    i.add_argument("--images", help=f"image folder {default(o, 'images')}")
     i.add_argument("--annotations", help="COCO JSON; when given, only its images are inferred and mAP is printed")
     i.add_argument("--output", default="detections.json", help="COCO results JSON [detections.json]")
-    i.add_argument("--batch", type=positive, help="batch size [2 per GPU]")
-    i.add_argument("--resize", type=positive, help="shorter side [the model's, 800]")
-    i.add_argument("--max-size", type=positive, help="longer side cap [the model's, 1333]")
-    i.add_argument("--full-precision", action="store_true", help="float32 on the GPU (default: fp16)")
+    i.add_argument("--batch", type=positive, help="images per batch, per process [2 per GPU]")
+    i.add_argument("--resize", type=positive, help="shorter side [the model's]")
+    i.add_argument("--max-size", type=positive, help="longer side cap [the model's]")
+    i.add_argument("--full-precision", action="store_true", default=None, help="float32 on the GPU (default: fp16)")
     i.add_argument(
         "--compile",
         action="store_true",
+        default=None,
         help="torch.compile the network (GPU: fastest; each new input size compiles once, ~30 s)",
     )
     i.add_argument(
-        "--workers", type=non_negative, default=2, help="data loader processes; with --with-dali its CPU threads [2]"
+        "--workers",
+        type=non_negative,
+        help=f"data loader processes; with --with-dali its CPU threads {default(o, 'workers')}",
     )
     i.add_argument(
         "--with-dali",
         action="store_true",
+        default=None,
         help="decode and resize with NVIDIA DALI (on the GPU; on the CPU without one)",
     )
     i.add_argument("--override", action="store_true", help="replace an existing --output file")
     _timeout_flag(i)
 
-    e = sub.add_parser("export", help="export a checkpoint to ONNX (portable or TensorRT form)")
+
+def _export_flags(e: Parser) -> None:
+    from .export.options import ExportOptions
+
+    o = ExportOptions()
     e.add_argument("model", help="checkpoint (.pth)")
     e.add_argument("output", help="OUTPUT.onnx: an ONNX model; any other name (e.g. engine.plan): a TensorRT engine")
     e.add_argument(
@@ -163,15 +223,18 @@ def build_parser() -> Parser:
         type=positive,
         nargs="+",
         metavar="N",
-        default=[1280],
-        help="input size: N (square) or H W, multiples of 128 [1280]",
+        help=f"input size: N (square) or H W, multiples of 128 {default(o, 'size')}",
     )
     e.add_argument("--full-precision", action="store_true", help="float32 model (default: float16)")
     e.add_argument(
         "--int8", action="store_true", help="INT8 Q/DQ model, scales from --calibration-images or --calibration-table"
     )
     e.add_argument("--calibration-images", metavar="DIR", help="images to calibrate INT8 activation ranges on")
-    e.add_argument("--calibration-batches", type=positive, default=2, help="calibration batches of 8 images [2]")
+    e.add_argument(
+        "--calibration-batches",
+        type=positive,
+        help=f"calibration batches of 8 images {default(o, 'calibration_batches')}",
+    )
     e.add_argument(
         "--calibration-table",
         metavar="FILE",
@@ -180,37 +243,51 @@ def build_parser() -> Parser:
     e.add_argument(
         "--plugin-form",
         action="store_true",
+        default=None,
         help="TensorRT form: decode and NMS as RetinaNetDecode/RetinaNetNMS plugin nodes "
         "(default: portable form with standard ONNX ops, runs in ONNX Runtime)",
     )
-    e.add_argument("--opset", type=positive, help="ONNX opset, 18 to 21 [19]")
+    e.add_argument("--opset", type=positive, help=f"ONNX opset, 18 to 21 {default(o, 'opset')}")
     e.add_argument(
         "--dynamic-batch-opts",
         type=positive,
         nargs=3,
         metavar=("MIN", "OPT", "MAX"),
-        default=[1, 8, 16],
-        help="TensorRT engines: batch sizes of the optimisation profile [1 8 16]",
+        dest="batch_opts",
+        help=f"TensorRT engines: batch sizes of the optimisation profile {default(o, 'batch_opts')}",
     )
     e.add_argument(
         "--workspace",
         type=positive,
-        default=4096,
         metavar="MiB",
-        help="TensorRT engines: builder workspace limit in MiB [4096]",
+        dest="workspace_mib",
+        help=f"TensorRT engines: builder workspace limit in MiB {default(o, 'workspace_mib')}",
     )
     e.add_argument("--override", action="store_true", help="replace an existing OUTPUT (and calibration table)")
-    e.add_argument("--verbose", action="store_true", help="show the exporter's progress and warnings")
-    return p
+    e.add_argument("--verbose", action="store_true", default=None, help="show the exporter's progress and warnings")
 
 
-def run_train(ns) -> None:
+def _timeout_flag(parser: Parser) -> None:
+    from .distributed import DEFAULT_TIMEOUT_S
+
+    parser.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        metavar="S",
+        help=f"multi-process runs: seconds a rank waits for the others before the job fails [{DEFAULT_TIMEOUT_S:g}]",
+    )
+
+
+def given(ns: argparse.Namespace) -> dict:
+    """The settings the user gave: flags left at None are not passed on."""
+    return {k: v for k, v in vars(ns).items() if v is not None and k not in _NOT_SETTINGS}
+
+
+def run_train(ns: argparse.Namespace) -> None:
     from . import train
 
-    given = {
-        k: v for k, v in vars(ns).items() if v is not None and k not in ("command", "debug", "model", "dist_timeout")
-    }
-    model_cfg, train_cfg, paths, pretrained = train.resolve_settings(given)
+    flags = given(ns)
+    model_cfg, train_cfg, paths, pretrained = train.resolve_settings(flags)
     train.launch(
         ns.model,
         model_cfg,
@@ -221,61 +298,36 @@ def run_train(ns) -> None:
         pretrained=pretrained,
         backbone_weights=ns.backbone_weights,
         logdir=ns.logdir,
-        explicit=frozenset(given),
+        explicit=frozenset(flags),
         timeout_s=ns.dist_timeout,
     )
 
 
-def run_infer(ns) -> None:
-    from . import distributed, files, infer, runtime
-    from .runtime.pytorch import default_batch
+def run_infer(ns: argparse.Namespace) -> None:
+    from . import infer
 
-    files.check_output(ns.output, ns.override, "--output file")  # before the model is even loaded
-    place = distributed.from_env()  # under torchrun: images sharded over the processes
-    device = None
-    if place is not None and place.world > 1:
-        device = distributed.device_for(place)
-        distributed.init(place, device, timeout_s=ns.dist_timeout)
-    try:
-        detector = runtime.load(ns.model, device=device, full_precision=ns.full_precision, compile=ns.compile)
-        infer.infer(
-            detector,
-            ns.images,
-            ns.annotations,
-            ns.output,
-            ns.batch or default_batch(),
-            ns.resize,
-            ns.max_size,
-            workers=ns.workers,
-            override=ns.override,
-            with_dali=ns.with_dali,
-        )
-    finally:
-        distributed.shutdown()
+    options = infer.InferOptions(**given(ns))
+    infer.launch(ns.model, ns.output, options, override=ns.override, timeout_s=ns.dist_timeout)
 
 
-def run_export(ns) -> None:
+def run_export(ns: argparse.Namespace) -> None:
     from . import export
 
-    if len(ns.size) > 2:
-        raise UserError(f"--size takes N or H W, got {len(ns.size)} values")
-    precision = "int8" if ns.int8 else "fp32" if ns.full_precision else "fp16"
-    options = export.ExportOptions(
-        size=tuple(ns.size),
-        precision=precision,
-        plugin_form=ns.plugin_form,
-        opset=ns.opset or export.DEFAULT_OPSET,
-        calibration_images=ns.calibration_images,
-        calibration_batches=ns.calibration_batches,
-        calibration_table=ns.calibration_table,
-        verbose=ns.verbose,
-        batch_opts=tuple(ns.dynamic_batch_opts),
-        workspace_mib=ns.workspace,
-    )
+    flags = given(ns)
+    int8, full = flags.pop("int8"), flags.pop("full_precision")
+    if int8 or full:
+        flags["precision"] = "int8" if int8 else "fp32"
+    if "size" in flags:
+        if len(flags["size"]) > 2:
+            raise UserError(f"--size takes N or H W, got {len(flags['size'])} values")
+        flags["size"] = tuple(flags["size"])
+    if "batch_opts" in flags:
+        flags["batch_opts"] = tuple(flags["batch_opts"])
+    options = export.ExportOptions(**flags)
     result = export.export(ns.model, ns.output, options, override=ns.override)
-    form = "TensorRT (plugin) form" if ns.plugin_form else "portable form"
-    h, w = ns.size if len(ns.size) == 2 else ns.size * 2
-    print(f"wrote {ns.output}: {form}, {precision}, input {h}x{w}, dynamic batch, {result['export_s']:.1f} s")
+    form = "TensorRT (plugin) form" if options.plugin_form else "portable form"
+    h, w = options.size if len(options.size) == 2 else options.size * 2
+    print(f"wrote {ns.output}: {form}, {options.precision}, input {h}x{w}, dynamic batch, {result['export_s']:.1f} s")
     if result["table"]:
         print(f"wrote calibration table {result['table']} (calibration {result['calibration_s']:.1f} s)")
 

@@ -27,10 +27,6 @@ class Place:
     world: int = 1
     local_rank: int = 0
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
 
 def from_env() -> Place | None:
     """The place torchrun (or any launcher setting its variables) gave us, if any."""
@@ -126,3 +122,8 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def default_batch() -> int:
+    """Images per batch when --batch is not given: 2 per visible GPU, 2 on the CPU."""
+    return 2 * max(1, torch.cuda.device_count())

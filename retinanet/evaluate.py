@@ -68,8 +68,3 @@ def format_stats(stats: list[float]) -> str:
     for (kind, iou, area, dets), v in zip(STAT_NAMES, stats):
         lines.append(f"{kind:<7} {iou:<10} {area:<7} {dets:>7}  {v:6.3f}")
     return "\n".join(lines)
-
-
-def load_detections(path: str) -> list[dict]:
-    with open(path) as f:
-        return json.load(f)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import distributed, evaluate
-from .data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
+from . import distributed, evaluate, runtime
+from .data.batch import Collate
+from .data.coco import CocoAnnotations, DetectionDataset
 from .errors import UserError
 from .files import atomic_write, check_output
+from .images import mean_pixel
 from .runtime import Detector
 
 
@@ -128,6 +131,51 @@ def sharded_records(
     return distributed.gather_lists(records)
 
 
+@dataclass
+class InferOptions:
+    """The settings of `retinanet infer`: the one place their defaults are defined."""
+
+    images: str = "."
+    annotations: str | None = None  # COCO JSON: only its images are inferred, and mAP is printed
+    batch: int | None = None  # images per batch, per process; None: distributed.default_batch()
+    resize: int | None = None  # None: the model's
+    max_size: int | None = None  # None: the model's
+    workers: int = 2
+    with_dali: bool = False
+    full_precision: bool = False
+    compile: bool = False
+
+
+def launch(
+    model_path: str, output: str, options: InferOptions, override: bool = False, timeout_s: float | None = None
+) -> list[float] | None:
+    """infer() in this process, or in the process group torchrun set up (images sharded over it)."""
+    check_output(output, override, "--output file")  # before the model is even loaded
+    place = distributed.from_env()
+    device = None
+    if place is not None and place.world > 1:
+        device = distributed.device_for(place)
+        distributed.init(place, device, timeout_s=timeout_s)
+    try:
+        detector = runtime.load(
+            model_path, device=device, full_precision=options.full_precision, compile=options.compile
+        )
+        return infer(
+            detector,
+            options.images,
+            options.annotations,
+            output,
+            options.batch or distributed.default_batch(),
+            options.resize,
+            options.max_size,
+            workers=options.workers,
+            override=override,
+            with_dali=options.with_dali,
+        )
+    finally:
+        distributed.shutdown()
+
+
 def infer(
     detector: Detector,
     images: str,
@@ -136,7 +184,7 @@ def infer(
     batch: int,
     resize: int | None,
     max_size: int | None,
-    workers: int = 2,
+    workers: int,
     override: bool = False,
     quiet: bool = False,
     with_dali: bool = False,

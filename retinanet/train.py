@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, Sampler
 from . import checkpoint, distributed, evaluate
 from .config import LABEL_PAD, ModelConfig, TrainConfig
 from .data import transforms as T
-from .data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
+from .data.batch import Collate
+from .data.coco import CocoAnnotations, DetectionDataset
 from .errors import Interrupted, UserError
+from .images import mean_pixel
 from .infer import sharded_records
 from .model import RetinaNet
 from .runtime import Detector
@@ -144,9 +146,7 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
         model_kw = {**source, **{k: model_kw[k] for k in MODEL_FLAGS if k in given}}
         pretrained = False
     if "batch" not in train_kw:
-        from .runtime.pytorch import default_batch
-
-        train_kw["batch"] = default_batch()
+        train_kw["batch"] = distributed.default_batch()
     if "classes" not in model_kw:
         model_kw["classes"] = CocoAnnotations(paths.annotations).classes
     return ModelConfig(**model_kw), TrainConfig(**train_kw), paths, pretrained

@@ -20,7 +20,9 @@ from conftest import assert_user_error, run_cli
 from retinanet.config import LABEL_CROWD, LABEL_PAD
 from retinanet.data import dali as D  # our module: an error in it is a failure, never a skip
 from retinanet.data import transforms as T
-from retinanet.data.coco import CocoAnnotations, Collate, DetectionDataset, mean_pixel
+from retinanet.data.batch import Collate
+from retinanet.data.coco import CocoAnnotations, DetectionDataset
+from retinanet.images import mean_pixel
 
 try:
     import nvidia.dali  # noqa: F401

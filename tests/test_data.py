@@ -7,7 +7,8 @@ import torch
 
 from retinanet.config import LABEL_CROWD, LABEL_PAD
 from retinanet.data import transforms as T
-from retinanet.data.coco import CocoAnnotations, Collate, DetectionDataset
+from retinanet.data.batch import Collate
+from retinanet.data.coco import CocoAnnotations, DetectionDataset
 from retinanet.errors import UserError
 
 

@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from retinanet.data import coco as C
+from retinanet import images as C
 from retinanet.data import transforms as T
-from retinanet.data.coco import CocoAnnotations, Collate, CorruptImage, DetectionDataset, read_image
+from retinanet.data.batch import Collate, Sample
+from retinanet.data.coco import CocoAnnotations, DetectionDataset
 from retinanet.errors import UserError
+from retinanet.images import CorruptImage, read_image
 
 FILL = (124, 116, 104)  # the mean pixel of the default normalisation
 
@@ -207,7 +209,7 @@ def test_pytorch_loader_applies_the_exif_orientation(rotated):
     ds = DetectionDataset(str(root), ann, 40, 1000)
     for i, (orientation, ((h, w), (x, y, bw, bh))) in enumerate(ORIENTED.items()):
         sample = ds[i]
-        assert isinstance(sample, C.Sample), sample
+        assert isinstance(sample, Sample), sample
         assert sample.size == (h, w) and tuple(sample.image.shape) == (3, h, w)
         assert sample.targets.tolist() == [[x, y, x + bw, y + bh, 0]]
         block = torch.zeros(h, w, dtype=torch.bool)

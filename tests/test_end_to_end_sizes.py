@@ -18,7 +18,7 @@ import retinanet
 from retinanet import checkpoint
 from retinanet.config import ModelConfig
 from retinanet.data import transforms as T
-from retinanet.data.coco import mean_pixel
+from retinanet.images import mean_pixel
 from retinanet.model import RetinaNet
 
 RESIZE, MAX_SIZE = 96, 160
@@ -151,7 +151,7 @@ def test_infer_cli_equals_python_api_in_original_pixels(tmp_path, model_path, im
 
 
 def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, model_path, images):
-    from retinanet.runtime.onnxruntime import pad_to
+    from retinanet.formats.input import pad_to
 
     folder, paths = images
     run_cli("export", model_path, "m.onnx", "--size", *map(str, EXPORT_SIZE), "--full-precision", cwd=tmp_path, env=CPU)

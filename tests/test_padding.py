@@ -29,6 +29,7 @@ import retinanet
 from retinanet import checkpoint
 from retinanet.config import ModelConfig
 from retinanet.data import transforms as T
+from retinanet.formats import onnx as onnx_format
 from retinanet.model import RetinaNet, backbones
 from retinanet.model.heads import classification_head, valid_cells, valid_mask
 
@@ -338,8 +339,6 @@ def test_onnx_exports_of_two_sizes_give_pytorch_detections(exports):
 def test_groupnorm_export_declares_image_sizes_and_batchnorm_keeps_one_input(exports):
     import onnx
 
-    from retinanet.export import onnx as export_onnx_module
-
     for key, inputs in [
         ("gn256", ["images", "image_sizes"]),
         ("gn_plugin8", ["images", "image_sizes"]),
@@ -347,7 +346,7 @@ def test_groupnorm_export_declares_image_sizes_and_batchnorm_keeps_one_input(exp
     ]:
         proto = onnx.load(exports[key])
         assert [i.name for i in proto.graph.input] == inputs, key
-        assert export_onnx_module.read_metadata(proto)["retinanet.inputs"] == inputs
+        assert onnx_format.read_metadata(proto)["retinanet.inputs"] == inputs
         if len(inputs) == 2:
             sizes = proto.graph.input[1].type.tensor_type
             assert sizes.elem_type == onnx.TensorProto.INT32

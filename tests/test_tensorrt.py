@@ -10,6 +10,8 @@ from conftest import TINY_SIZE
 
 from retinanet.errors import UserError
 from retinanet.export import tensorrt as trt_export
+from retinanet.formats import onnx as onnx_format
+from retinanet.formats import tensorrt as trt_files
 from retinanet.runtime import tensorrt as trt_runtime
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -17,7 +19,6 @@ needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (
 
 
 def test_batch_opts_validation():
-    assert trt_export.check_batch_opts(None) == (1, 8, 16)
     assert trt_export.check_batch_opts([2, 2, 4]) == (2, 2, 4)
     for bad in ([0, 1, 2], [4, 2, 8], [1, 8, 4], [1, 2]):
         with pytest.raises(UserError, match="dynamic-batch-opts"):
@@ -51,7 +52,7 @@ def test_engine_metadata_errors_are_one_line_naming_the_file(tmp_path):
     from retinanet import load
 
     plan = tmp_path / "m.plan"
-    json_path = trt_export.metadata_path(str(plan))
+    json_path = trt_files.metadata_path(str(plan))
     with pytest.raises(UserError, match=f"^{plan}: metadata {json_path} missing"):
         load(str(plan))
     trt_export.write_engine(str(plan), b"plan bytes", _engine_meta())
@@ -74,7 +75,7 @@ def test_engine_metadata_errors_are_one_line_naming_the_file(tmp_path):
 
 
 def test_metadata_names_its_plan():
-    meta = {**_engine_meta(), "plan_sha256": trt_export.plan_digest(b"plan A")}
+    meta = {**_engine_meta(), "plan_sha256": trt_files.plan_digest(b"plan A")}
     trt_runtime.check_plan("m.plan", meta, b"plan A")
     with pytest.raises(UserError, match=r"m.plan.json: engine metadata is for another plan"):
         trt_runtime.check_plan("m.plan", meta, b"plan B")
@@ -95,13 +96,13 @@ def test_build_mismatch_and_batch_errors():
 def test_plugin_library_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("RETINANET_PLUGINS", str(tmp_path / "nope.so"))
     with pytest.raises(UserError, match="plugin library not found"):
-        trt_export.plugin_library_path()
+        trt_files.plugin_library_path()
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed")
 def test_tensorrt_missing_message(tmp_path):
     with pytest.raises(UserError, match="pip install tensorrt"):
-        trt_export.import_tensorrt()
+        trt_files.import_tensorrt()
     from retinanet.runtime import load
 
     plan = str(tmp_path / "m.plan")
@@ -110,13 +111,26 @@ def test_tensorrt_missing_message(tmp_path):
         load(plan)
 
 
-def test_cli_engine_flags(tmp_path):
-    from retinanet.cli import build_parser
+def test_cli_passes_only_given_flags_and_the_options_fill_in(monkeypatch):
+    import retinanet.export
+    from retinanet.cli import main
+    from retinanet.export import ExportOptions
 
-    ns = build_parser().parse_args(
-        ["export", "m.pth", "e.plan", "--dynamic-batch-opts", "2", "4", "8", "--workspace", "512"]
-    )
-    assert ns.dynamic_batch_opts == [2, 4, 8] and ns.workspace == 512
+    seen = []
+
+    def fake_export(model, output, options, override=False):
+        seen.append(options)
+        return {"export_s": 0.0, "table": None}
+
+    monkeypatch.setattr(retinanet.export, "export", fake_export)
+    assert main(["export", "m.pth", "e.plan", "--dynamic-batch-opts", "2", "4", "8", "--workspace", "512"]) == 0
+    assert main(["export", "m.pth", "e.plan", "--size", "640", "768", "--int8", "--calibration-table", "t"]) == 0
+    assert main(["export", "m.pth", "e.onnx"]) == 0
+    assert seen == [
+        ExportOptions(batch_opts=(2, 4, 8), workspace_mib=512),
+        ExportOptions(size=(640, 768), precision="int8", calibration_table="t"),
+        ExportOptions(),
+    ]
 
 
 def test_network_flags_are_strongly_typed_on_10_and_default_on_11():
@@ -149,7 +163,7 @@ def fake_build(monkeypatch):
     monkeypatch.setattr(trt_export, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_export, "load_plugins", lambda trt, path=None: "libretinanet_plugins.so")
 
-    def build_plan(trt, onnx_path, input_size, batch_opts, workspace_mib, cache_blob, verbose=False, log=print):
+    def build_plan(trt, onnx_path, input_size, batch_opts, workspace_mib, cache_blob, verbose=False):
         calls.append({"onnx": onnx_path, "input_size": input_size, "batch_opts": batch_opts, "cache": cache_blob})
         return b"PLAN %d" % len(calls), b"CACHE %d" % len(calls)
 
@@ -183,12 +197,12 @@ def test_engine_export_writes_its_files_beside_the_plan(tiny, tmp_path, fake_bui
     assert fake_build == [
         {"onnx": str(tmp_path / "e.onnx"), "input_size": TINY_SIZE, "batch_opts": (1, 2, 4), "cache": b""}
     ]
-    onnx_meta = export_onnx.read_metadata(onnx.load(str(tmp_path / "e.onnx")))
+    onnx_meta = onnx_format.read_metadata(onnx.load(str(tmp_path / "e.onnx")))
     assert onnx_meta["retinanet.form"] == "tensorrt" and onnx_meta["retinanet.precision"] == "int8"
     digest = export_onnx.model_hash(checkpoint.load(tiny["pth"]))
     assert quantize.read_table(result["table"], digest, TINY_SIZE)["images"] == 8
     assert plan.read_bytes() == b"PLAN 1" and (tmp_path / "e.plan.timing_cache").read_bytes() == b"CACHE 1"
-    meta = trt_export.read_metadata(str(plan))
+    meta = trt_files.read_metadata(str(plan))
     assert meta == {
         "config": tiny["model"].config.to_dict(),
         "category_ids": [1, 3, 7],
@@ -198,30 +212,33 @@ def test_engine_export_writes_its_files_beside_the_plan(tiny, tmp_path, fake_bui
         "tensorrt_version": "10.16.0",
         "gpu": "unknown",
         "batch_opts": [1, 2, 4],
-        "plan_sha256": trt_export.plan_digest(b"PLAN 1"),
+        "plan_sha256": trt_files.plan_digest(b"PLAN 1"),
     }
     trt_runtime.check_plan(str(plan), meta, plan.read_bytes())
     assert trt_runtime.settings(str(plan), meta) == (tiny["model"].config, TINY_SIZE, [1, 3, 7], (1, 2, 4))
 
     # A rebuild starts from the timing cache and replaces plan and metadata together.
     trt_export.build_engine(
-        str(tmp_path / "e.onnx"), str(plan), onnx_meta, (1, 2, 4), timing_cache=trt_export.timing_cache_path(str(plan))
+        str(tmp_path / "e.onnx"),
+        str(plan),
+        onnx_meta,
+        (1, 2, 4),
+        4096,
+        timing_cache=trt_files.timing_cache_path(str(plan)),
     )
     assert fake_build[1]["cache"] == b"CACHE 1"
     assert plan.read_bytes() == b"PLAN 2" and (tmp_path / "e.plan.timing_cache").read_bytes() == b"CACHE 2"
-    assert trt_export.read_metadata(str(plan))["plan_sha256"] == trt_export.plan_digest(b"PLAN 2")
+    assert trt_files.read_metadata(str(plan))["plan_sha256"] == trt_files.plan_digest(b"PLAN 2")
     assert len(os.listdir(tmp_path)) == 5  # no temp files left
 
 
 def test_engine_write_failures_never_leave_a_plan_without_its_metadata(tiny, tmp_path, fake_build, monkeypatch):
     import onnx
 
-    from retinanet.export import onnx as export_onnx
-
-    onnx_meta = export_onnx.read_metadata(onnx.load(tiny["plugin"]))
+    onnx_meta = onnx_format.read_metadata(onnx.load(tiny["plugin"]))
     plan = str(tmp_path / "e.plan")
     trt_export.write_engine(plan, b"old plan", _engine_meta())
-    old_meta = open(trt_export.metadata_path(plan)).read()
+    old_meta = open(trt_files.metadata_path(plan)).read()
 
     def full_disk(fd):
         raise OSError(28, "No space left on device")
@@ -229,8 +246,8 @@ def test_engine_write_failures_never_leave_a_plan_without_its_metadata(tiny, tmp
     with monkeypatch.context() as m:  # the plan cannot be written: the old pair stays, whole
         m.setattr("retinanet.files.os.fsync", full_disk)
         with pytest.raises(OSError, match="No space"):
-            trt_export.build_engine(tiny["plugin"], plan, onnx_meta)
-    assert open(plan, "rb").read() == b"old plan" and open(trt_export.metadata_path(plan)).read() == old_meta
+            trt_export.build_engine(tiny["plugin"], plan, onnx_meta, (1, 8, 16), 4096)
+    assert open(plan, "rb").read() == b"old plan" and open(trt_files.metadata_path(plan)).read() == old_meta
     assert sorted(os.listdir(tmp_path)) == ["e.plan", "e.plan.json"]
 
     def no_metadata(path, values):
@@ -239,5 +256,5 @@ def test_engine_write_failures_never_leave_a_plan_without_its_metadata(tiny, tmp
     with monkeypatch.context() as m:  # the plan is written, its metadata is not: neither stays
         m.setattr(trt_export, "write_metadata", no_metadata)
         with pytest.raises(OSError, match="No space"):
-            trt_export.build_engine(tiny["plugin"], plan, onnx_meta)
+            trt_export.build_engine(tiny["plugin"], plan, onnx_meta, (1, 8, 16), 4096)
     assert os.listdir(tmp_path) == []

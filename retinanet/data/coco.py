@@ -1,4 +1,4 @@
-"""COCO-format annotations (validated), the dataset and the batch collate."""
+"""COCO-format annotations (validated) and the detection dataset."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..config import LABEL_CROWD, LABEL_PAD, ModelConfig
+from ..config import LABEL_CROWD
 from ..errors import UserError
+from ..images import CorruptImage, list_images, read_image
 from . import transforms as T
+from .batch import Sample
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Boxes may poke out of the image by rounding in the annotation tool, not more.
 EDGE_TOLERANCE = 1.0
 
@@ -196,97 +197,6 @@ def check_decoded_size(rec: ImageRecord, height: int, width: int, path: str) -> 
     return None
 
 
-@dataclass
-class Sample:
-    image: Tensor  # uint8 [3, h, w], resized
-    targets: Tensor  # [M, 5] x1 y1 x2 y2 label, resized coordinates
-    image_id: int
-    scale: tuple[float, float]  # resized / original, per axis (x, y)
-    size: tuple[int, int]  # original (height, width)
-
-
-class CorruptImage(Exception):
-    pass
-
-
-# PIL warns above Image.MAX_IMAGE_PIXELS (89 MP by default) and refuses twice
-# that, a guard against decompression bombs. Aerial and satellite images of
-# 100 MP and more are legitimate inputs, so the guard is raised to 16384 x 16384
-# (0.8 GB decoded per image, per loader worker) and enforced at that value.
-MAX_IMAGE_PIXELS = 16384 * 16384
-EXIF_ORIENTATION = 0x0112  # the tag's number
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def read_image(path: str, background: tuple[int, int, int] | None = None) -> Tensor:
-    """Decode a file to uint8 RGB [3, H, W] as image viewers show it; CorruptImage
-    if it cannot be read.
-
-    - The EXIF orientation is applied: annotation tools draw boxes on the
-      displayed image, and the DALI pipelines decode the same way.
-    - 16-bit greyscale is scaled to 8 bits (round(v / 257), what DALI's
-      decoder gives) instead of PIL's conversion, which saturates at 255.
-    - Transparent pixels are composited onto `background` (default: the mean
-      pixel of the default normalisation), the colour the model's padding has,
-      which it reads as "nothing there".
-    """
-    from PIL import Image, ImageOps
-
-    if not os.path.isfile(path):
-        raise CorruptImage(f"{path}: image file not found")
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between the limit and twice it: refuse there too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                ImageOps.exif_transpose(im, in_place=True)
-                rgb = _to_rgb(im, background or DEFAULT_BACKGROUND)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CorruptImage(
-            f"{path}: image has more than {MAX_IMAGE_PIXELS} pixels, the limit against "
-            "decompression bombs; downscale or tile it"
-        ) from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad or truncated files
-        raise CorruptImage(f"{path}: cannot decode image ({str(e).splitlines()[0]})") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-
-
-def exif_orientation(path: str) -> int:
-    """The EXIF orientation of an image file: 1 (upright) when it has none.
-
-    For decoders that ignore it (nvJPEG): a file with another value must go
-    through read_image to be decoded as displayed."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return int(im.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - unreadable: read_image will name the problem
-        return 1
-
-
-def _to_rgb(im, background: tuple[int, int, int]):
-    """HxWx3 uint8 array of an opened PIL image (see read_image)."""
-    import numpy as np
-
-    if im.mode in _SIXTEEN_BIT_MODES:
-        grey = np.asarray(im)
-        if grey.dtype.kind == "i":  # mode I: 32-bit signed, 16-bit values
-            grey = grey.clip(0, 65535)
-        grey = ((grey.astype(np.uint32) + 128) // 257).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    if im.has_transparency_data:
-        rgba = np.asarray(im.convert("RGBA")).astype(np.uint16)  # 255 * 255 + 127 fits
-        alpha = rgba[..., 3:]
-        fill = np.asarray(background, dtype=np.uint16)
-        return ((rgba[..., :3] * alpha + fill * (255 - alpha) + 127) // 255).astype(np.uint8)
-    return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy needs one
-
-
 class DetectionDataset(Dataset):
     """Images (with their annotations when given), resized and augmented.
 
@@ -327,11 +237,7 @@ class DetectionDataset(Dataset):
         if annotations is not None:
             self.records = annotations.images
         else:
-            if not os.path.isdir(images_dir):
-                raise UserError(f"{images_dir}: image folder not found")
-            files = sorted(p for p in os.listdir(images_dir) if p.lower().endswith(IMAGE_SUFFIXES))
-            if not files:
-                raise UserError(f"{images_dir}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+            files = list_images(images_dir)
             self.records = [ImageRecord(i + 1, f) for i, f in enumerate(files)]
 
     def __len__(self) -> int:
@@ -374,78 +280,3 @@ class DetectionDataset(Dataset):
 
     def rng(self, index: int) -> random.Random:
         return random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
-
-
-@dataclass
-class Batch:
-    images: Tensor  # uint8 [B, 3, H, W], padded to the multiple with the mean pixel
-    targets: Tensor  # [B, M, 5], rows padded with label LABEL_PAD
-    image_ids: list[int]
-    scales: Tensor  # [B, 2]
-    sizes: list[tuple[int, int]]
-    skipped: int = 0  # corrupt images dropped from this batch (training)
-    errors: list[str] = field(default_factory=list)  # unreadable images (inference)
-    # int32 [B, 2]: each image's (h, w) in `images` before padding, which
-    # GroupNorm-head models need to ignore the padding (model.RetinaNet).
-    valid: Tensor | None = None
-
-    def pin_memory(self):
-        self.images = self.images.pin_memory()
-        self.targets = self.targets.pin_memory()
-        if self.valid is not None:
-            self.valid = self.valid.pin_memory()
-        return self
-
-
-class Collate:
-    """Pads images to a common size (a multiple of `multiple`) and stacks targets."""
-
-    def __init__(self, multiple: int, fill: tuple[int, int, int]):
-        self.multiple = multiple
-        self.fill = torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1)
-
-    def __call__(self, samples: list[Sample | str | None]) -> Batch:
-        skipped = sum(s is None for s in samples)
-        errors = [s for s in samples if isinstance(s, str)]
-        samples = [s for s in samples if isinstance(s, Sample)]
-        if not samples:
-            return Batch(
-                torch.zeros(0, 3, self.multiple, self.multiple, dtype=torch.uint8),
-                torch.zeros(0, 0, 5),
-                [],
-                torch.zeros(0, 2),
-                [],
-                skipped,
-                errors,
-                torch.zeros(0, 2, dtype=torch.int32),
-            )
-        h = max(s.image.shape[1] for s in samples)
-        w = max(s.image.shape[2] for s in samples)
-        h = -(-h // self.multiple) * self.multiple
-        w = -(-w // self.multiple) * self.multiple
-        images = self.fill.expand(len(samples), 3, h, w).clone()
-        for i, s in enumerate(samples):
-            images[i, :, : s.image.shape[1], : s.image.shape[2]] = s.image
-        targets = stack_targets([s.targets for s in samples])
-        scales = torch.tensor([s.scale for s in samples], dtype=torch.float32)
-        valid = torch.tensor([tuple(s.image.shape[1:]) for s in samples], dtype=torch.int32)
-        return Batch(
-            images, targets, [s.image_id for s in samples], scales, [s.size for s in samples], skipped, errors, valid
-        )
-
-
-def stack_targets(targets: list[Tensor]) -> Tensor:
-    """[B, M, 5] from per-image [M_i, 5]; missing rows get label LABEL_PAD."""
-    out = torch.zeros(len(targets), max((t.shape[0] for t in targets), default=0), 5)
-    out[..., 4] = LABEL_PAD
-    for i, t in enumerate(targets):
-        out[i, : t.shape[0]] = t
-    return out
-
-
-def mean_pixel(mean: list[float]) -> tuple[int, int, int]:
-    """Padding value: the mean colour, which normalises to ~0 inside the model."""
-    return tuple(int(round(m * 255)) for m in mean)  # type: ignore[return-value]
-
-
-DEFAULT_BACKGROUND = mean_pixel(ModelConfig().mean)

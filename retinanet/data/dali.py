@@ -12,7 +12,7 @@ Division of labour, so both loaders give the same batches:
   and return crowd boxes unmarked).
 - Both decode the image as displayed: DALI's decoders and shape peeks apply
   the EXIF orientation (set explicitly below, not left to DALI's default) as
-  `coco.read_image` does, so boxes, sizes and crop windows all refer to the
+  `images.read_image` does, so boxes, sizes and crop windows all refer to the
   oriented image, and its size is checked against the annotations the same way.
 - The result is the PyTorch loader's `Batch`: uint8 pixels (the model
   normalises, as for every input), padded to the model's multiple with the
@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ..errors import UserError
 from . import transforms as T
-from .coco import Batch, CocoAnnotations, DetectionDataset, ImageRecord, check_decoded_size, stack_targets
+from .batch import Batch, stack_targets
+from .coco import CocoAnnotations, DetectionDataset, ImageRecord, check_decoded_size
 
 INSTALL_HINT = "--with-dali needs NVIDIA DALI: pip install 'retinanet[dali]' (nvidia-dali-cuda130)"
 

@@ -7,7 +7,11 @@ import os
 
 from ..errors import UserError
 from ..files import check_output
-from .onnx import DEFAULT_OPSET, ExportOptions, export_onnx  # noqa: F401
+from ..formats.tensorrt import metadata_path, timing_cache_path
+from .onnx import export_onnx
+from .options import ExportOptions
+
+__all__ = ["ExportOptions", "export", "export_onnx"]
 
 INSTALL_HINT = "pip install 'retinanet[onnx]'"
 
@@ -36,7 +40,7 @@ def calibrating(options: ExportOptions) -> bool:
 
 def check_outputs(output: str, options: ExportOptions, override: bool) -> None:
     """Every file the export will write may be written, before any work."""
-    from . import quantize, tensorrt
+    from . import quantize
 
     model = onnx_path(output)
     if model == output:
@@ -44,9 +48,9 @@ def check_outputs(output: str, options: ExportOptions, override: bool) -> None:
     else:
         check_output(output, override, "engine")
         check_output(model, override, "engine's ONNX (written beside the engine)")
-        check_output(tensorrt.metadata_path(output), override, "engine metadata")
+        check_output(metadata_path(output), override, "engine metadata")
         # A timing cache left by an earlier build is reused and updated, never refused.
-        check_output(tensorrt.timing_cache_path(output), True, "timing cache")
+        check_output(timing_cache_path(output), True, "timing cache")
     if calibrating(options):
         table = quantize.table_path(model)
         if os.path.exists(table) and not override:
@@ -72,8 +76,8 @@ def _export_engine(model_path: str, output: str, options: ExportOptions, log) ->
 
     import onnx
 
+    from ..formats.onnx import read_metadata
     from . import tensorrt
-    from .onnx import read_metadata
 
     tensorrt.check_batch_opts(options.batch_opts)
     tensorrt.import_tensorrt()  # fail before the ONNX export when TensorRT is missing
@@ -88,9 +92,8 @@ def _export_engine(model_path: str, output: str, options: ExportOptions, log) ->
             meta,
             options.batch_opts,
             options.workspace_mib,
-            timing_cache=tensorrt.timing_cache_path(output),
+            timing_cache=timing_cache_path(output),
             verbose=options.verbose,
-            log=log,
         )
     )
     result["onnx"] = model

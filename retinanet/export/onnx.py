@@ -39,7 +39,6 @@ import io
 import json
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -48,41 +47,27 @@ from .. import checkpoint
 from ..config import ModelConfig
 from ..errors import UserError
 from ..files import check_output, write_bytes
+from ..formats.onnx import (
+    FORMAT_VERSION,
+    IMAGE_SIZES,
+    IMAGES,
+    METADATA_CATEGORY_IDS,
+    METADATA_CONFIG,
+    METADATA_FORM,
+    METADATA_FORMAT_VERSION,
+    METADATA_INPUT_SIZE,
+    METADATA_INPUTS,
+    METADATA_MODEL_SHA256,
+    METADATA_PRECISION,
+)
+from ..images import list_images
 from ..model import RetinaNet
 from ..model.batchnorm import fold_batchnorm
+from .options import PRECISIONS, SUPPORTED_OPSETS, ExportOptions
 
-SUPPORTED_OPSETS = (18, 19, 20, 21)  # the dynamo exporter starts at 18
-DEFAULT_OPSET = 19
 PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_VERSION = "1"
-PRECISIONS = ("fp32", "fp16", "int8")
 EXAMPLE_BATCH = 2  # traced batch; the exported axis is dynamic
-
-# metadata_props keys (all values are JSON).
-METADATA_CONFIG = "retinanet.config"
-METADATA_CATEGORY_IDS = "retinanet.category_ids"
-METADATA_INPUT_SIZE = "retinanet.input_size"  # [H, W]
-METADATA_PRECISION = "retinanet.precision"  # "fp32" | "fp16" | "int8"
-METADATA_FORM = "retinanet.form"  # "portable" | "tensorrt"
-METADATA_MODEL_SHA256 = "retinanet.model_sha256"
-METADATA_FORMAT_VERSION = "retinanet.format_version"
-METADATA_INPUTS = "retinanet.inputs"  # ["images"] or ["images", "image_sizes"]
-IMAGES, IMAGE_SIZES = "images", "image_sizes"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ExportOptions:
-    size: tuple[int, int]  # H, W
-    precision: str = "fp16"
-    plugin_form: bool = False
-    opset: int = DEFAULT_OPSET
-    calibration_images: str | None = None
-    calibration_batches: int = 2
-    calibration_table: str | None = None
-    verbose: bool = False
-    batch_opts: tuple[int, int, int] = (1, 8, 16)  # TensorRT engines: optimisation profile MIN OPT MAX
-    workspace_mib: int = 4096  # TensorRT engines: builder workspace limit
 
 
 def model_hash(state: dict) -> str:
@@ -190,13 +175,13 @@ def export_network(model: RetinaNet, size: tuple[int, int], dtype: torch.dtype, 
 
 
 def _portable_tail(model: RetinaNet, net, opset: int, verbose: bool):
-    from .postprocess import NMS_TRANSLATION, PortablePostprocess
+    from .postprocess import NMS_TRANSLATION, ClippingPostprocess, PortablePostprocess
 
     shapes = _output_shapes(net)
     names = head_names(len(model.config.strides))
     example = tuple(torch.rand(EXAMPLE_BATCH, *shapes[n][1:]) for n in names)
     if IMAGE_SIZES in input_names(model.config):
-        tail = _clipping_tail(model)
+        tail = ClippingPostprocess(model.config, model.base_anchors())
         h, w = (n * model.config.strides[0] for n in shapes[names[0]][-2:])  # the input size
         example += (torch.tensor([[h, w]] * EXAMPLE_BATCH, dtype=torch.int32),)
         names = names + [IMAGE_SIZES]
@@ -205,28 +190,6 @@ def _portable_tail(model: RetinaNet, net, opset: int, verbose: bool):
     return _torch_export(
         tail, example, names, ["scores", "boxes", "classes"], opset, verbose, NMS_TRANSLATION, varargs=True
     )
-
-
-def _clipping_tail(model: RetinaNet) -> nn.Module:
-    """The portable tail of GroupNorm-head models: inputs heads..., image_sizes; the
-    candidates' boxes are clipped to each image's valid size before NMS, as
-    RetinaNet.postprocess does with sizes."""
-    from ..model.detector import clip_boxes
-    from .postprocess import PortablePostprocess, class_aware_nms, decode_level
-
-    class ClippingPostprocess(PortablePostprocess):
-        def forward(self, *inputs):
-            c = self.config
-            *heads, sizes = inputs
-            levels = len(c.strides)
-            parts = [
-                decode_level(s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n, c.box_clamp)
-                for i, (s, d, stride) in enumerate(zip(heads[:levels], heads[levels:], c.strides))
-            ]
-            scores, boxes, classes = (torch.cat(p, dim=1) for p in zip(*parts))
-            return class_aware_nms(scores, clip_boxes(boxes, sizes), classes, c.classes, c.nms_iou, c.detections)
-
-    return ClippingPostprocess(model.config, model.base_anchors())
 
 
 def _output_shapes(proto) -> dict[str, list]:
@@ -367,15 +330,6 @@ def _set_metadata(proto, values: dict) -> None:
         entry.value = json.dumps(values[key], sort_keys=True)
 
 
-def read_metadata(proto_or_map) -> dict:
-    """metadata_props (or ORT's custom_metadata_map) -> python values for the retinanet.* keys."""
-    if isinstance(proto_or_map, dict):
-        items = proto_or_map.items()
-    else:
-        items = ((p.key, p.value) for p in proto_or_map.metadata_props)
-    return {k: json.loads(v) for k, v in items if k.startswith("retinanet.")}
-
-
 def parse_size(size, config: ModelConfig) -> tuple[int, int]:
     h, w = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
     m = config.pad_multiple
@@ -386,6 +340,54 @@ def parse_size(size, config: ModelConfig) -> tuple[int, int]:
     return h, w
 
 
+def check_options(options: ExportOptions) -> None:
+    """The option combinations an export refuses, before any work."""
+    if options.opset not in SUPPORTED_OPSETS:
+        raise UserError(f"--opset {options.opset}: unsupported; choose one of {', '.join(map(str, SUPPORTED_OPSETS))}")
+    if options.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {options.precision!r}")
+    if options.precision != "int8":
+        if options.calibration_table or options.calibration_images:
+            raise UserError("--calibration-images/--calibration-table apply to --int8 only")
+        return
+    if options.calibration_table and options.calibration_images:
+        raise UserError(
+            "--calibration-table and --calibration-images exclude each other: the table replaces calibration"
+        )
+    if not options.calibration_table and not options.calibration_images:
+        raise UserError("--int8 needs --calibration-images DIR (or --calibration-table FILE from an earlier export)")
+    if options.calibration_images:
+        list_images(options.calibration_images, "calibration image folder")
+
+
+def _graph_with_tail(model: RetinaNet, net, options: ExportOptions):
+    """The network's graph with decode + NMS appended: plugin nodes, or standard ops (portable)."""
+    import onnx
+
+    if options.plugin_form:
+        nodes, outputs, infos = _plugin_tail(model.config, model.base_anchors(), net)
+        opset = onnx.helper.make_opsetid(PLUGIN_DOMAIN, 1)
+        proto = _append_tail(net, nodes, outputs, value_info=infos, opsets=[opset])
+    else:
+        proto = _merge_portable(net, _portable_tail(model, net, options.opset, options.verbose))
+    proto.graph.name = "retinanet"
+    proto.doc_string = ""
+    return proto
+
+
+def _metadata(config: ModelConfig, state: dict, size, options: ExportOptions, digest: str) -> dict:
+    return {
+        METADATA_CONFIG: config.to_dict(),
+        METADATA_CATEGORY_IDS: list(state["category_ids"]),
+        METADATA_INPUT_SIZE: list(size),
+        METADATA_PRECISION: options.precision,
+        METADATA_FORM: "tensorrt" if options.plugin_form else "portable",
+        METADATA_MODEL_SHA256: digest,
+        METADATA_FORMAT_VERSION: FORMAT_VERSION,
+        METADATA_INPUTS: input_names(config),
+    }
+
+
 def export_onnx(model_path: str, output: str, options: ExportOptions, log=print) -> dict:
     """Write the ONNX model (and, for INT8 from images, its calibration table). Returns timings and paths."""
     from . import calibrating, quantize, require_onnx_packages
@@ -393,35 +395,15 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
     require_onnx_packages(calibrating(options))
     import onnx
 
-    if options.opset not in SUPPORTED_OPSETS:
-        raise UserError(f"--opset {options.opset}: unsupported; choose one of {', '.join(map(str, SUPPORTED_OPSETS))}")
-    if options.precision not in PRECISIONS:
-        raise UserError(f"unknown precision {options.precision!r}")
+    check_options(options)
     check_output(output, True, "ONNX model")  # API callers replace; `export` asks for --override
     if calibrating(options):
         check_output(quantize.table_path(output), True, "calibration table")
     model, state = checkpoint.load_model(model_path)
-    config = model.config
-    size = parse_size(options.size, config)
+    size = parse_size(options.size, model.config)
     digest = model_hash(state)
     result = {"output": output, "table": None, "calibration_s": None}
-
-    table = None
-    if options.precision == "int8":
-        if options.calibration_table and options.calibration_images:
-            raise UserError(
-                "--calibration-table and --calibration-images exclude each other: the table replaces calibration"
-            )
-        if options.calibration_table:
-            table = quantize.read_table(options.calibration_table, digest, size)
-        elif not options.calibration_images:
-            raise UserError(
-                "--int8 needs --calibration-images DIR (or --calibration-table FILE from an earlier export)"
-            )
-        else:
-            quantize.check_image_folder(options.calibration_images)
-    elif options.calibration_table or options.calibration_images:
-        raise UserError("--calibration-images/--calibration-table apply to --int8 only")
+    table = quantize.read_table(options.calibration_table, digest, size) if options.calibration_table else None
 
     start = time.perf_counter()
     dtype = torch.float16 if options.precision == "fp16" else torch.float32
@@ -431,7 +413,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
             t0 = time.perf_counter()
             table = quantize.calibrate(
                 net,
-                config,
+                model.config,
                 size,
                 options.calibration_images,
                 options.calibration_batches,
@@ -441,27 +423,8 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
             result["calibration_s"] = time.perf_counter() - t0
             result["table"] = quantize.table_path(output)
         net = quantize.insert_qdq(net, table)
-    if options.plugin_form:
-        nodes, outputs, infos = _plugin_tail(config, model.base_anchors(), net)
-        opset = onnx.helper.make_opsetid(PLUGIN_DOMAIN, 1)
-        proto = _append_tail(net, nodes, outputs, value_info=infos, opsets=[opset])
-    else:
-        proto = _merge_portable(net, _portable_tail(model, net, options.opset, options.verbose))
-    proto.graph.name = "retinanet"
-    proto.doc_string = ""
-    _set_metadata(
-        proto,
-        {
-            METADATA_CONFIG: config.to_dict(),
-            METADATA_CATEGORY_IDS: list(state["category_ids"]),
-            METADATA_INPUT_SIZE: list(size),
-            METADATA_PRECISION: options.precision,
-            METADATA_FORM: "tensorrt" if options.plugin_form else "portable",
-            METADATA_MODEL_SHA256: digest,
-            METADATA_FORMAT_VERSION: FORMAT_VERSION,
-            METADATA_INPUTS: input_names(config),
-        },
-    )
+    proto = _graph_with_tail(model, net, options)
+    _set_metadata(proto, _metadata(model.config, state, size, options, digest))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:  # a bug here, not a user error: keep the details

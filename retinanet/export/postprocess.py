@@ -18,7 +18,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..ops import box as box_ops
+from ..model.detector import clip_boxes
+from ..ops.reference import candidate_boxes
 
 
 @torch.library.custom_op("retinanet_export::nms_keep", mutates_args=())
@@ -93,19 +94,7 @@ def decode_level(
     top, order = torch.topk(ranked, k, dim=1, largest=True, sorted=True)
     valid = top >= 0  # ranked is -1 exactly for the non-candidates
 
-    a = torch.div(order, num_classes * hw, rounding_mode="floor")
-    c = torch.div(order, hw, rounding_mode="floor") % num_classes
-    y = torch.div(order, width, rounding_mode="floor") % height
-    x = order % width
-
-    per_anchor = deltas.reshape(batch, num_anchors, 4, hw).permute(0, 1, 3, 2).reshape(batch, num_anchors * hw, 4)
-    d = torch.gather(per_anchor, 1, (a * hw + y * width + x).unsqueeze(-1).expand(-1, -1, 4))
-    cx = (x.float() + 0.5) * stride
-    cy = (y.float() + 0.5) * stride
-    anchor_boxes = anchors[a] + torch.stack([cx, cy, cx, cy], dim=-1)
-    boxes = box_ops.decode(d, anchor_boxes, box_clamp)
-    limits = torch.tensor([width * stride, height * stride] * 2, dtype=torch.float32)
-    boxes = torch.minimum(boxes.clamp(min=0), limits)
+    boxes, c = candidate_boxes(order, deltas, anchors, stride, num_classes, box_clamp)
 
     zero = torch.zeros((), dtype=torch.float32)
     return (
@@ -155,13 +144,29 @@ class PortablePostprocess(nn.Module):
         for i, base in enumerate(base_anchors):
             self.register_buffer(f"anchors_{i}", base.float().clone(), persistent=False)
 
-    def forward(self, *heads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def candidates(self, heads: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """Every level's decoded candidates, concatenated: scores [B, N], boxes [B, N, 4], classes [B, N]."""
         c = self.config
         levels = len(c.strides)
-        scores, deltas = heads[:levels], heads[levels:]
         parts = [
             decode_level(s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n, c.box_clamp)
-            for i, (s, d, stride) in enumerate(zip(scores, deltas, c.strides))
+            for i, (s, d, stride) in enumerate(zip(heads[:levels], heads[levels:], c.strides))
         ]
-        s, b, cl = (torch.cat(p, dim=1) for p in zip(*parts))
-        return class_aware_nms(s, b, cl, c.classes, c.nms_iou, c.detections)
+        scores, boxes, classes = (torch.cat(p, dim=1) for p in zip(*parts))
+        return scores, boxes, classes
+
+    def forward(self, *heads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.config
+        scores, boxes, classes = self.candidates(heads)
+        return class_aware_nms(scores, boxes, classes, c.classes, c.nms_iou, c.detections)
+
+
+class ClippingPostprocess(PortablePostprocess):
+    """The tail of GroupNorm-head models: inputs heads..., image_sizes; the candidates' boxes
+    are clipped to each image's valid size before NMS, as RetinaNet.postprocess does with sizes."""
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.config
+        *heads, sizes = inputs
+        scores, boxes, classes = self.candidates(tuple(heads))
+        return class_aware_nms(scores, clip_boxes(boxes, sizes), classes, c.classes, c.nms_iou, c.detections)

@@ -29,14 +29,14 @@ import os
 import random
 
 import numpy as np
-import torch
 
 from ..config import ModelConfig
 from ..data import transforms as T
-from ..data.coco import IMAGE_SUFFIXES, CorruptImage, mean_pixel, read_image
 from ..errors import UserError
 from ..files import write_text
-from ..runtime.onnxruntime import fit_config
+from ..formats.input import fit_config
+from ..formats.onnx import providers_for, session_options
+from ..images import CorruptImage, list_images, mean_pixel, pad_images, read_image
 
 TABLE_FORMAT = "retinanet-calibration"
 TABLE_VERSION = 1
@@ -54,18 +54,6 @@ def table_path(output: str) -> str:
     return base + ".calibration.json"
 
 
-def check_image_folder(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder}: calibration image folder not found")
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
-    except OSError as e:
-        raise UserError(f"{folder}: cannot read the calibration image folder ({e.strerror})") from None
-    if not names:
-        raise UserError(f"{folder}: no image files to calibrate on ({', '.join(IMAGE_SUFFIXES)})")
-    return names
-
-
 def conv_inputs(proto) -> list[str]:
     """Activation inputs of the Conv nodes, in graph order, each once."""
     seen, out = set(), []
@@ -77,7 +65,7 @@ def conv_inputs(proto) -> list[str]:
 
 
 def _calibration_batches(config: ModelConfig, size, folder: str, batches: int):
-    names = check_image_folder(folder)
+    names = list_images(folder, "calibration image folder")
     random.Random(SEED).shuffle(names)
     names = names[: batches * BATCH_SIZE]
     fitted = fit_config(config, size)
@@ -91,10 +79,7 @@ def _calibration_batches(config: ModelConfig, size, folder: str, batches: int):
                 raise UserError(f"{e} (calibration image)") from None
             img, _ = T.resize_image(img, fitted.resize, fitted.max_size)
             images.append(img[:, : size[0], : size[1]])
-        batch = torch.tensor(fill, dtype=torch.uint8).view(1, 3, 1, 1).repeat(len(images), 1, 1, 1)
-        batch = batch.expand(-1, -1, *size).clone()
-        for i, img in enumerate(images):
-            batch[i, :, : img.shape[1], : img.shape[2]] = img
+        batch = pad_images(images, size, fill)
         sizes = np.array([img.shape[1:] for img in images], dtype=np.int32)
         yield batch.float().numpy(), sizes
 
@@ -109,17 +94,13 @@ def _session_with_outputs(proto, names: list[str]):
     import onnx
     import onnxruntime as ort
 
-    from ..runtime.onnxruntime import providers_for
-
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     have = {o.name for o in probe.graph.output}
     for name in names:
         if name not in have:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=providers_for(None))
+    return ort.InferenceSession(probe.SerializeToString(), session_options(), providers=providers_for(None))
 
 
 def calibrate(net, config: ModelConfig, size, folder: str, batches: int, digest: str, log=None) -> dict:

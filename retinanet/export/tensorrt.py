@@ -8,24 +8,22 @@ STRONGLY_TYPED flag on 10.x. No precision builder flags, no calibrator.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+import sys
 
 from .. import files
 from ..errors import UserError
+from ..formats.tensorrt import (
+    import_tensorrt,
+    load_plugins,
+    metadata_path,
+    plan_digest,
+)
 
-DEFAULT_BATCH_OPTS = (1, 8, 16)
-PLUGIN_LIBRARY = "libretinanet_plugins.so"
-METADATA_SUFFIX = ".json"
-TIMING_CACHE_SUFFIX = ".timing_cache"
-METADATA_KEYS = ("config", "category_ids", "input_size", "tensorrt_version", "gpu", "batch_opts", "plan_sha256")
 
-
-def check_batch_opts(opts) -> tuple[int, int, int]:
+def check_batch_opts(opts: tuple[int, ...]) -> tuple[int, int, int]:
     """--dynamic-batch-opts MIN OPT MAX: 1 <= MIN <= OPT <= MAX."""
-    if opts is None:
-        return DEFAULT_BATCH_OPTS
     if len(opts) != 3:
         raise UserError(f"--dynamic-batch-opts needs three numbers MIN OPT MAX, got {len(opts)}")
     lo, opt, hi = (int(v) for v in opts)
@@ -43,18 +41,6 @@ def profile_shapes(input_size, batch_opts, names=("images",)) -> dict[str, dict[
     if unknown:
         raise UserError(f"model input {unknown[0]!r} is not one of {', '.join(per_image)}: not a retinanet export")
     return {n: {k: (b, *per_image[n]) for k, b in zip(("min", "opt", "max"), batch_opts)} for n in names}
-
-
-def metadata_path(plan_path: str) -> str:
-    return plan_path + METADATA_SUFFIX
-
-
-def timing_cache_path(plan_path: str) -> str:
-    return plan_path + TIMING_CACHE_SUFFIX
-
-
-def plan_digest(plan: bytes) -> str:
-    return hashlib.sha256(plan).hexdigest()
 
 
 def write_metadata(plan_path: str, values: dict) -> str:
@@ -78,62 +64,6 @@ def write_engine(plan_path: str, plan: bytes, values: dict) -> str:
         raise
 
 
-def read_metadata(plan_path: str) -> dict:
-    path = metadata_path(plan_path)
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise UserError(
-            f"{plan_path}: metadata {path} missing (it is written beside the engine by "
-            f"`retinanet export`; copy it with the plan)"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable engine metadata ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path}: engine metadata is not a JSON object")
-    missing = [k for k in METADATA_KEYS if k not in meta]
-    if missing:
-        raise UserError(
-            f"{path}: engine metadata lacks {', '.join(missing)} (written by another retinanet "
-            f"version?); rebuild the engine with `retinanet export`"
-        )
-    return meta
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise UserError(
-            "TensorRT is not installed: pip install tensorrt (or use an NGC container with TensorRT), "
-            "or export to .onnx"
-        ) from None
-    return trt
-
-
-def plugin_library_path() -> str:
-    """The plugin library: $RETINANET_PLUGINS, else the one installed inside the package."""
-    env = os.environ.get("RETINANET_PLUGINS")
-    path = env or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PLUGIN_LIBRARY)
-    if not os.path.isfile(path):
-        raise UserError(
-            f"{path}: TensorRT plugin library not found; reinstall retinanet with TensorRT headers "
-            f"available (TENSORRT_INCLUDE=...) or set RETINANET_PLUGINS to libretinanet_plugins.so"
-        )
-    return path
-
-
-def load_plugins(trt, path: str | None = None) -> str:
-    path = path or plugin_library_path()
-    try:
-        trt.get_plugin_registry().load_library(path)
-    except Exception as e:  # TensorRT raises plain RuntimeError/TypeError
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{path}: TensorRT cannot load the plugin library ({reason})") from None
-    return path
-
-
 def network_flags(trt) -> int:
     """0 on TensorRT 11 (always strongly typed); the STRONGLY_TYPED bit on 10.x."""
     major = int(trt.__version__.split(".")[0])
@@ -149,7 +79,7 @@ def gpu_name() -> str:
 
 
 def build_plan(
-    trt, onnx_path: str, input_size, batch_opts, workspace_mib: int, cache_blob: bytes, verbose: bool = False, log=print
+    trt, onnx_path: str, input_size, batch_opts, workspace_mib: int, cache_blob: bytes, verbose: bool = False
 ) -> tuple[bytes, bytes]:
     """The TensorRT calls: parse, one optimisation profile, build. Returns (plan, timing cache)."""
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
@@ -172,7 +102,7 @@ def build_plan(
     cache = config.create_timing_cache(cache_blob)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         # Timings from another GPU or TensorRT version would mislead the tactic choice.
-        log("timing cache is from another GPU or TensorRT version; starting a new one")
+        print("timing cache is from another GPU or TensorRT version; starting a new one", file=sys.stderr)
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
@@ -195,11 +125,10 @@ def build_engine(
     onnx_path: str,
     plan_path: str,
     onnx_metadata: dict,
-    batch_opts=None,
-    workspace_mib: int = 4096,
+    batch_opts: tuple[int, ...],
+    workspace_mib: int,
     timing_cache: str | None = None,
     verbose: bool = False,
-    log=print,
 ) -> dict:
     """Build and write the engine, its metadata and the timing cache. onnx_metadata: the ONNX
     export's retinanet.* values."""
@@ -212,7 +141,7 @@ def build_engine(
     trt = import_tensorrt()
     load_plugins(trt)
     plan, cache = build_plan(
-        trt, onnx_path, input_size, batch_opts, workspace_mib, _read_timing_cache(timing_cache), verbose, log
+        trt, onnx_path, input_size, batch_opts, workspace_mib, _read_timing_cache(timing_cache), verbose
     )
     write_engine(
         plan_path,

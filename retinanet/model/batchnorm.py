@@ -35,12 +35,8 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)  # BatchNorm2d's counter
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def scale_shift(self) -> tuple[Tensor, Tensor]:
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale, self.bias - self.running_mean * scale
-
     def forward(self, x: Tensor) -> Tensor:
-        scale, shift = self.scale_shift()
+        scale, shift = scale_shift(self)
         shape = (1, -1, 1, 1)
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
@@ -54,15 +50,14 @@ def freeze(module: nn.Module) -> None:
             freeze(child)
 
 
-def _bn_scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    if isinstance(bn, FrozenBatchNorm2d):
-        return bn.scale_shift()
+def scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """Inference BatchNorm (BatchNorm2d or frozen) as y = x * scale + shift, per channel."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     return scale, bn.bias - bn.running_mean * scale
 
 
 def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    scale, shift = _bn_scale_shift(bn)
+    scale, shift = scale_shift(bn)
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,

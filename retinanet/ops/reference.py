@@ -28,6 +28,34 @@ def _stable_desc_order(scores: Tensor) -> Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
 
 
+def candidate_boxes(
+    order: Tensor, box_deltas: Tensor, anchors: Tensor, stride: int, num_classes: int, box_clamp: float
+) -> tuple[Tensor, Tensor]:
+    """The boxes and classes of the candidates at flat head indices `order` [B, k]: the index
+    math of the head layout above, shared by decode() and the portable ONNX export.
+
+    box_deltas [B, A*4, H, W]. Returns boxes [B, k, 4] float32, decoded from their anchors
+    and clipped to the network input, and classes [B, k] (int64).
+    """
+    batch, _, height, width = box_deltas.shape
+    num_anchors = anchors.shape[0]
+    hw = height * width
+    # torch.div with floor (not //) so that the ONNX exporter sees plain integer division.
+    a = torch.div(order, num_classes * hw, rounding_mode="floor")
+    c = torch.div(order, hw, rounding_mode="floor") % num_classes
+    y = torch.div(order, width, rounding_mode="floor") % height
+    x = order % width
+    # Gather (a, :, cell) per candidate: flatten anchors and cells together.
+    deltas = box_deltas.reshape(batch, num_anchors, 4, hw).float().permute(0, 1, 3, 2)
+    d = deltas.reshape(batch, num_anchors * hw, 4).gather(1, (a * hw + y * width + x)[..., None].expand(-1, -1, 4))
+    cx = (x.float() + 0.5) * stride
+    cy = (y.float() + 0.5) * stride
+    anchor_boxes = anchors.to(device=order.device, dtype=torch.float32)[a] + torch.stack([cx, cy, cx, cy], dim=-1)
+    boxes = box_ops.decode(d, anchor_boxes, box_clamp)
+    limits = torch.tensor([width * stride, height * stride] * 2, device=order.device, dtype=torch.float32)
+    return torch.minimum(boxes.clamp(min=0), limits), c
+
+
 def decode(
     cls_scores: Tensor,
     box_deltas: Tensor,
@@ -57,25 +85,7 @@ def decode(
     top_scores = scores.gather(1, order)
     valid = candidates.gather(1, order)
 
-    hw = height * width
-    a = order // (num_classes * hw)
-    c = (order // hw) % num_classes
-    y = (order // width) % height
-    x = order % width
-
-    deltas = box_deltas.reshape(batch, num_anchors, 4, hw).float()
-    cell = y * width + x
-    # Gather (a, :, cell) per candidate: flatten anchors and cells together.
-    flat = deltas.permute(0, 1, 3, 2).reshape(batch, num_anchors * hw, 4)
-    d = flat.gather(1, (a * hw + cell)[..., None].expand(-1, -1, 4))
-
-    base = anchors.to(device=device, dtype=torch.float32)[a]  # [B, k, 4]
-    cx = (x.float() + 0.5) * stride
-    cy = (y.float() + 0.5) * stride
-    anchor_boxes = base + torch.stack([cx, cy, cx, cy], dim=-1)
-    boxes = box_ops.decode(d, anchor_boxes, box_clamp)
-    limits = torch.tensor([width * stride, height * stride] * 2, device=device, dtype=torch.float32)
-    boxes = torch.minimum(boxes.clamp(min=0), limits)
+    boxes, c = candidate_boxes(order, box_deltas, anchors, stride, num_classes, box_clamp)
 
     out_scores = torch.zeros(batch, top_n, device=device, dtype=torch.float32)
     out_boxes = torch.zeros(batch, top_n, 4, device=device, dtype=torch.float32)

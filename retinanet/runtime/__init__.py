@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -15,8 +16,8 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..data import transforms as T
-from ..data.coco import CorruptImage, exif_orientation, mean_pixel, read_image
 from ..errors import UserError
+from ..images import CorruptImage, exif_orientation, mean_pixel, pad_images, padded_size, read_image
 
 
 @dataclass
@@ -26,10 +27,23 @@ class Detections:
     category_ids: Tensor  # [N] original category ids
 
 
+class Backend(Protocol):
+    """What a Detector runs: one model file, opened for one device."""
+
+    config: ModelConfig  # the model's settings (resize/max_size fitted to an export's input)
+    category_ids: list[int]  # original category id of each class
+    device: torch.device  # where outputs come back; the loader pins batches when it is a GPU
+    preprocess_device: torch.device  # where images are decoded, resized and padded
+
+    def __call__(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Padded uint8 batch [B, 3, H, W] (and each image's valid (h, w)) -> scores, boxes, classes."""
+        ...
+
+
 class Detector:
     """Callable on one image or a list: paths, HxWx3 uint8 arrays or CHW tensors."""
 
-    def __init__(self, backend, config: ModelConfig, category_ids: list[int]):
+    def __init__(self, backend: Backend, config: ModelConfig, category_ids: list[int]):
         self.backend = backend
         self.config = config
         self.category_ids = torch.tensor(category_ids, dtype=torch.long)
@@ -68,7 +82,7 @@ class Detector:
         resize = resize or self.config.resize
         max_size = max_size or self.config.max_size
         # Backends that run on a GPU decode (JPEG), resize and pad there too.
-        device = getattr(self.backend, "preprocess_device", torch.device("cpu"))
+        device = self.backend.preprocess_device
         tensors, scales, sizes, valid = [], [], [], []
         for item in items:
             img = _as_chw_uint8(item, device)
@@ -78,13 +92,7 @@ class Detector:
             scales.append(scale)
             sizes.append((int(h), int(w)))
             valid.append(tuple(img.shape[-2:]))
-        m = self.config.pad_multiple
-        ph = -(-max(t.shape[1] for t in tensors) // m) * m
-        pw = -(-max(t.shape[2] for t in tensors) // m) * m
-        fill = torch.tensor(self.fill, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
-        batch = fill.repeat(len(tensors), 1, ph, pw)
-        for i, t in enumerate(tensors):
-            batch[i, :, : t.shape[1], : t.shape[2]] = t
+        batch = pad_images(tensors, padded_size(valid, self.config.pad_multiple), self.fill)
         valid = torch.tensor(valid, dtype=torch.int32)
         dets = self.to_original(*self.run(batch, valid), torch.tensor(scales), sizes)
         return dets[0] if single else dets

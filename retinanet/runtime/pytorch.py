@@ -16,11 +16,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_batch() -> int:
-    """2 per visible GPU, 2 on the CPU."""
-    return 2 * max(1, torch.cuda.device_count())
-
-
 class TorchBackend:
     """Runs a RetinaNet on a padded uint8 batch.
 

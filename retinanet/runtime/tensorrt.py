@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..data.coco import mean_pixel
 from ..errors import UserError
-from ..export.tensorrt import import_tensorrt, load_plugins, metadata_path, plan_digest, read_metadata
-from .onnxruntime import fit_config, pad_to, valid_sizes
+from ..formats.input import fit_config, pad_to, valid_sizes
+from ..formats.onnx import IMAGE_SIZES, IMAGES
+from ..formats.tensorrt import import_tensorrt, load_plugins, metadata_path, plan_digest, read_metadata
+from ..images import mean_pixel
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT32": torch.int32, "BF16": torch.bfloat16}
 
@@ -94,9 +95,9 @@ class TensorRTBackend:
     def __call__(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         check_batch(self.path, images.shape[0], self.batch_opts)
         batch = pad_to(images.to(self.device), self.input_size, self.fill)
-        feed = {"images": batch}
-        if "image_sizes" in self.inputs:  # GroupNorm-head models (export/onnx.py)
-            feed["image_sizes"] = valid_sizes(images, sizes).to(self.device)
+        feed = {IMAGES: batch}
+        if IMAGE_SIZES in self.inputs:  # GroupNorm-head models (export/onnx.py)
+            feed[IMAGE_SIZES] = valid_sizes(images, sizes, self.device)
         bound = []  # the inputs stay allocated, so the outputs below cannot take their memory
         for name, value in feed.items():
             x = value.to(self.dtypes[name]).contiguous()

@@ -1,0 +1,1 @@
+"""Model file formats that export/ writes and runtime/ reads: shared below both."""

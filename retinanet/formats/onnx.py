@@ -1,0 +1,109 @@
+"""The ONNX export's metadata (what export/onnx.py writes and runtime/ reads) and ONNX Runtime sessions.
+
+An export carries its settings in metadata_props as JSON values under
+retinanet.* keys: the ModelConfig, the category ids, the fixed input size,
+the form (portable or TensorRT) and the layout's format version.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+METADATA_CONFIG = "retinanet.config"
+METADATA_CATEGORY_IDS = "retinanet.category_ids"
+METADATA_INPUT_SIZE = "retinanet.input_size"  # [H, W]
+METADATA_PRECISION = "retinanet.precision"  # "fp32" | "fp16" | "int8"
+METADATA_FORM = "retinanet.form"  # "portable" | "tensorrt"
+METADATA_MODEL_SHA256 = "retinanet.model_sha256"
+METADATA_FORMAT_VERSION = "retinanet.format_version"
+METADATA_INPUTS = "retinanet.inputs"  # ["images"] or ["images", "image_sizes"]
+IMAGES, IMAGE_SIZES = "images", "image_sizes"
+FORMAT_VERSION = 1
+
+
+def read_metadata(proto_or_map) -> dict:
+    """metadata_props (or ORT's custom_metadata_map) -> python values for the retinanet.* keys."""
+    if isinstance(proto_or_map, dict):
+        items = proto_or_map.items()
+    else:
+        items = ((p.key, p.value) for p in proto_or_map.metadata_props)
+    return {k: json.loads(v) for k, v in items if k.startswith("retinanet.")}
+
+
+def providers_for(device) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    want = torch.device(device).type if device is not None else None
+    if want == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UserError(
+                "device cuda asked for, but this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if want is None and "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None):
+    """Quiet ONNX Runtime session options (warnings only), `threads` intra-op threads if given."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, tuple[int, int], list[int]]:
+    """config, input size and category ids from an export's metadata_props, checked: a model
+    whose metadata is broken, incomplete or of another format version is one line naming it."""
+    if not any(k.startswith("retinanet.") for k in props):
+        raise UserError(f"{path}: not a retinanet ONNX export (no retinanet.* metadata)")
+    values = {}
+    for key, text in props.items():
+        if key.startswith("retinanet."):
+            try:
+                values[key] = json.loads(text)
+            except ValueError as e:
+                raise UserError(f"{path}: metadata {key} is not valid JSON ({e}); re-export the model") from None
+    version = values.get(METADATA_FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        got = "missing" if version is None else f"{version!r}"
+        raise UserError(
+            f"{path}: metadata format version {got}, this retinanet reads version {FORMAT_VERSION}: "
+            f"re-export the model with this retinanet"
+        )
+    missing = [k for k in (METADATA_CONFIG, METADATA_CATEGORY_IDS, METADATA_INPUT_SIZE) if k not in values]
+    if missing:
+        raise UserError(f"{path}: not a complete retinanet ONNX export (metadata {', '.join(missing)} missing)")
+    if values.get(METADATA_FORM, "portable") != "portable":
+        raise UserError(f"{path}: this is the TensorRT (plugin) form; ONNX Runtime runs the portable form")
+    key = METADATA_CONFIG
+    try:
+        config = ModelConfig.from_dict(values[METADATA_CONFIG])
+        key = METADATA_INPUT_SIZE
+        h, w = (_count(v) for v in values[METADATA_INPUT_SIZE])
+        key = METADATA_CATEGORY_IDS
+        category_ids = [_count(v, 0) for v in values[METADATA_CATEGORY_IDS]]
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad metadata {key} ({str(e).splitlines()[0][:120]})") from None
+    if len(category_ids) != config.classes:
+        raise UserError(
+            f"{path}: metadata {METADATA_CATEGORY_IDS} lists {len(category_ids)} ids "
+            f"for a model of {config.classes} classes"
+        )
+    return config, (h, w), category_ids
+
+
+def _count(value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{value!r} is not an integer >= {low}")
+    return value
