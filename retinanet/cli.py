@@ -14,6 +14,7 @@ import sys
 
 from .errors import Interrupted, UserError
 
+OUTPUT = "detections.json"  # infer --output
 # Never passed on to the commands' settings.
 _NOT_SETTINGS = ("command", "debug", "model", "output", "override", "dist_timeout")
 
@@ -88,19 +89,19 @@ def build_parser() -> Parser:
 
 
 def _train_flags(t: Parser) -> None:
-    from .config import DEMO_TRAIN, TrainConfig
+    from .config import BATCH_PER_GPU, DEMO_TRAIN
     from .model.backbones import names
+    from .train import DataPaths
 
-    c = TrainConfig()
     t.add_argument("model", help="checkpoint to write (resumed if it exists, unless --override)")
     t.add_argument("--backbone", choices=names(), help=f"backbone {dm('backbone')}")
-    t.add_argument("--images", help="training image folder [.]")
+    t.add_argument("--images", help=f"training image folder {default(DataPaths(), 'images')}")
     t.add_argument("--annotations", help="COCO JSON of the training set; none: the embedded demo data")
     t.add_argument("--val-images", help="validation image folder")
     t.add_argument("--val-annotations", help="COCO JSON of the validation set")
     t.add_argument("--classes", type=positive, help="class count [the annotations' category count]")
     t.add_argument(
-        "--batch", type=positive, help=f"global batch [{c.batch} per GPU; demo: {DEMO_TRAIN.get('batch', c.batch)}]"
+        "--batch", type=positive, help=f"global batch [{BATCH_PER_GPU} per GPU; demo: {DEMO_TRAIN['batch']}]"
     )
     t.add_argument("--resize", type=positive, help=f"shorter side at validation {dm('resize')}")
     t.add_argument("--max-size", type=positive, help=f"longer side cap {dm('max_size')}")
@@ -164,7 +165,7 @@ def _train_run_flags(t: Parser) -> None:
         "--anchor-scales",
         type=positive_float,
         nargs="+",
-        help="anchor sizes in strides [4*2^(0/3) 4*2^(1/3) 4*2^(2/3)]",
+        help=f"anchor sizes in strides {dm('anchor_scales')}",
     )
     t.add_argument("--seed", type=non_negative, help=f"random seed {dt('seed')}")
     t.add_argument(
@@ -180,14 +181,15 @@ def _train_run_flags(t: Parser) -> None:
 
 
 def _infer_flags(i: Parser) -> None:
+    from .config import BATCH_PER_GPU
     from .infer import InferOptions
 
     o = InferOptions()
     i.add_argument("model", help="checkpoint (.pth), ONNX model (.onnx) or TensorRT engine (.plan/.engine)")
     i.add_argument("--images", help=f"image folder {default(o, 'images')}")
     i.add_argument("--annotations", help="COCO JSON; when given, only its images are inferred and mAP is printed")
-    i.add_argument("--output", default="detections.json", help="COCO results JSON [detections.json]")
-    i.add_argument("--batch", type=positive, help="images per batch, per process [2 per GPU]")
+    i.add_argument("--output", default=OUTPUT, help=f"COCO results JSON [{OUTPUT}]")
+    i.add_argument("--batch", type=positive, help=f"images per batch, per process [{BATCH_PER_GPU} per GPU]")
     i.add_argument("--resize", type=positive, help="shorter side [the model's]")
     i.add_argument("--max-size", type=positive, help="longer side cap [the model's]")
     i.add_argument("--full-precision", action="store_true", default=None, help="float32 on the GPU (default: fp16)")

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 FORMAT_VERSION = 1
+# Images per GPU in a batch when --batch is not given (training and inference).
+BATCH_PER_GPU = 2
 
 
 def _default_scales() -> list[float]:
@@ -84,7 +86,7 @@ LABEL_CROWD = -2  # crowd box: an ignored region, never a match
 class TrainConfig:
     """Optimisation and data settings of a training run (saved in checkpoints)."""
 
-    batch: int = 2  # global batch: 2 per GPU by default (the CLI multiplies)
+    batch: int = BATCH_PER_GPU  # global batch; the CLI's default is BATCH_PER_GPU x the GPUs
     iters: int = 90000
     milestones: list[int] = field(default_factory=lambda: [60000, 80000])
     schedule: float = 1.0  # scales iters and milestones

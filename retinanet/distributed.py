@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import BATCH_PER_GPU
 from .errors import UserError
 
 
@@ -125,5 +126,5 @@ def free_port() -> int:
 
 
 def default_batch() -> int:
-    """Images per batch when --batch is not given: 2 per visible GPU, 2 on the CPU."""
-    return 2 * max(1, torch.cuda.device_count())
+    """Images per batch when --batch is not given: BATCH_PER_GPU per visible GPU, as many on the CPU."""
+    return BATCH_PER_GPU * max(1, torch.cuda.device_count())

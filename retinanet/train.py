@@ -34,8 +34,8 @@ from .runtime.pytorch import TorchBackend
 
 @dataclass
 class DataPaths:
-    images: str
-    annotations: str
+    images: str = "."
+    annotations: str | None = None  # None: the embedded demo data (its paths fill this in)
     val_images: str | None = None
     val_annotations: str | None = None
 
@@ -126,7 +126,7 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
         if ("val_annotations" in given) != ("val_images" in given):
             raise UserError("--val-images and --val-annotations go together")
         paths = DataPaths(
-            given.get("images", "."), given["annotations"], given.get("val_images"), given.get("val_annotations")
+            **{k: given[k] for k in ("images", "annotations", "val_images", "val_annotations") if k in given}
         )
         pretrained = not given.get("no_pretrained", False)
         model_kw.setdefault("freeze_bn", pretrained or "backbone_weights" in given)

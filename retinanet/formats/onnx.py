@@ -29,9 +29,9 @@ FORMAT_VERSION = 1
 def read_metadata(proto_or_map) -> dict:
     """metadata_props (or ORT's custom_metadata_map) -> python values for the retinanet.* keys."""
     if isinstance(proto_or_map, dict):
-        items = proto_or_map.items()
+        items = list(proto_or_map.items())
     else:
-        items = ((p.key, p.value) for p in proto_or_map.metadata_props)
+        items = [(p.key, p.value) for p in proto_or_map.metadata_props]
     return {k: json.loads(v) for k, v in items if k.startswith("retinanet.")}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -50,21 +52,22 @@ def freeze(module: nn.Module) -> None:
             freeze(child)
 
 
-def scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
+def scale_shift(bn: nn.BatchNorm2d | FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
     """Inference BatchNorm (BatchNorm2d or frozen) as y = x * scale + shift, per channel."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+    weight, bias, mean, var = (cast(Tensor, t) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    scale = weight * torch.rsqrt(var + bn.eps)
+    return scale, bias - mean * scale
 
 
-def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | FrozenBatchNorm2d) -> nn.Conv2d:
     scale, shift = scale_shift(bn)
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
+        conv.kernel_size,  # type: ignore[arg-type]  # a Conv2d's are 2-tuples
+        conv.stride,  # type: ignore[arg-type]
+        conv.padding,  # type: ignore[arg-type]
+        conv.dilation,  # type: ignore[arg-type]
         conv.groups,
         bias=True,
         padding_mode=conv.padding_mode,
@@ -72,11 +75,8 @@ def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-        fused.bias.copy_(bias * scale + shift)
+        cast(Tensor, fused.bias).copy_(bias * scale + shift)
     return fused.to(conv.weight.device)
-
-
-BN_TYPES = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
 @torch.no_grad()
@@ -92,15 +92,16 @@ def fold_batchnorm(module: nn.Module) -> int:
     if isinstance(module, nn.Sequential):
         items = list(module)
         for i in range(len(items) - 1):
-            if isinstance(items[i], nn.Conv2d) and isinstance(items[i + 1], BN_TYPES):
-                module[i] = _fold(items[i], items[i + 1])
+            conv, bn = items[i], items[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                module[i] = _fold(conv, bn)
                 module[i + 1] = nn.Identity()
                 count += 1
     for name, child in list(module.named_children()):
-        if name.startswith("bn") and isinstance(child, BN_TYPES):
-            conv = getattr(module, "conv" + name[2:], None)
-            if isinstance(conv, nn.Conv2d):
-                setattr(module, "conv" + name[2:], _fold(conv, child))
+        if name.startswith("bn") and isinstance(child, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            partner = getattr(module, "conv" + name[2:], None)
+            if isinstance(partner, nn.Conv2d):
+                setattr(module, "conv" + name[2:], _fold(partner, child))
                 setattr(module, name, nn.Identity())
                 count += 1
     return count

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -66,9 +68,10 @@ class RetinaNet(nn.Module):
 
     def forward(self, images: Tensor, sizes: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """Raw head outputs per level: class logits [B, A*C, h, w], box deltas [B, A*4, h, w]."""
-        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        mean, std = cast(Tensor, self.pixel_mean), cast(Tensor, self.pixel_std)
+        x = (images.to(mean.dtype) - mean) / std
         features = self.fpn(self.backbone(x))
-        masks = self.valid_masks(sizes, [tuple(f.shape[-2:]) for f in features], features[0].dtype)
+        masks = self.valid_masks(sizes, [_hw(f) for f in features], features[0].dtype)
         return (
             [self.cls_head(f, m) for f, m in zip(features, masks)],
             [self.box_head(f, m) for f, m in zip(features, masks)],
@@ -81,7 +84,8 @@ class RetinaNet(nn.Module):
         return [valid_mask(sizes, stride, h, w, dtype) for stride, (h, w) in zip(self.config.strides, shapes)]
 
     def loss(self, images: Tensor, targets: Tensor, sizes: Tensor | None = None) -> dict[str, Tensor]:
-        return self.loss_from_heads(*self(images, sizes), targets)
+        cls_heads, box_heads = self(images, sizes)
+        return self.loss_from_heads(cls_heads, box_heads, targets)
 
     def loss_from_heads(
         self, cls_heads: list[Tensor], box_heads: list[Tensor], targets: Tensor, count_foreground=None
@@ -89,7 +93,7 @@ class RetinaNet(nn.Module):
         """Focal + smooth L1 of head outputs against targets [B, M, 5] in input pixels.
 
         count_foreground: see model.loss.detection_loss (data-parallel normalisation)."""
-        shapes = tuple(tuple(c.shape[-2:]) for c in cls_heads)
+        shapes = tuple(_hw(c) for c in cls_heads)
         key = (shapes, targets.device)
         if key not in self._anchor_cache:  # input sizes repeat, anchors with them
             self._anchor_cache[key] = all_anchors(self.config, list(shapes), device=targets.device)
@@ -98,7 +102,7 @@ class RetinaNet(nn.Module):
     def scores(self, cls_heads: list[Tensor], sizes: Tensor | None = None) -> list[Tensor]:
         """Sigmoid per level; 0 on cells outside the valid region (they would not
         exist without padding) where sizes are given and matter (valid_masks)."""
-        masks = self.valid_masks(sizes, [tuple(c.shape[-2:]) for c in cls_heads], cls_heads[0].dtype)
+        masks = self.valid_masks(sizes, [_hw(c) for c in cls_heads], cls_heads[0].dtype)
         return [torch.sigmoid(c) if m is None else torch.sigmoid(c) * m for c, m in zip(cls_heads, masks)]
 
     def postprocess(
@@ -120,4 +124,11 @@ class RetinaNet(nn.Module):
     @torch.no_grad()
     def detect(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Detections in input-pixel coordinates, fixed size and padded (score 0)."""
-        return self.postprocess(*self(images, sizes), sizes)
+        cls_heads, box_heads = self(images, sizes)
+        return self.postprocess(cls_heads, box_heads, sizes)
+
+
+def _hw(t: Tensor) -> tuple[int, int]:
+    """The (height, width) of a [..., H, W] tensor."""
+    h, w = t.shape[-2:]  # no int(): symbolic sizes stay symbolic under torch.compile/export
+    return h, w

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 class FPN(nn.Module):
-    def __init__(self, in_channels: tuple[int, int, int], channels: int = 256):
+    def __init__(self, in_channels: tuple[int, int, int], channels: int):
         super().__init__()
         c3, c4, c5 = in_channels
         self.lateral3 = nn.Conv2d(c3, channels, 1)
@@ -21,7 +21,7 @@ class FPN(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.zeros_(m.bias)
+                nn.init.zeros_(m.bias)  # type: ignore[arg-type]  # every conv here has a bias
 
     def forward(self, feats):
         c3, c4, c5 = feats

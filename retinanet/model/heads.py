@@ -69,9 +69,9 @@ class MaskedGroupNorm(nn.GroupNorm):
 class Head(nn.Module):
     """4 x (3x3 conv + ReLU), then a 3x3 conv to `outputs` channels."""
 
-    def __init__(self, outputs: int, channels: int = 256, depth: int = 4, bias_init: float = 0.0, norm: bool = False):
+    def __init__(self, outputs: int, channels: int, depth: int, bias_init: float = 0.0, norm: bool = False):
         super().__init__()
-        layers = []
+        layers: list[nn.Module] = []
         for _ in range(depth):
             layers.append(nn.Conv2d(channels, channels, 3, padding=1))
             if norm:
@@ -82,8 +82,8 @@ class Head(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
-        nn.init.constant_(self.out.bias, bias_init)
+                nn.init.zeros_(m.bias)  # type: ignore[arg-type]  # every conv here has a bias
+        nn.init.constant_(self.out.bias, bias_init)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """mask [B, 1, H, W] (valid_mask, in x's dtype): on its cells the output
@@ -99,12 +99,12 @@ class Head(nn.Module):
 
 
 def classification_head(
-    num_anchors: int, classes: int, prior: float, channels: int = 256, depth: int = 4, norm: bool = False
+    num_anchors: int, classes: int, prior: float, channels: int, depth: int, norm: bool = False
 ) -> Head:
     # Start every anchor at score ~prior so the background flood does not
     # swamp the focal loss in the first iterations.
     return Head(num_anchors * classes, channels, depth, bias_init=-math.log((1 - prior) / prior), norm=norm)
 
 
-def box_head(num_anchors: int, channels: int = 256, depth: int = 4, norm: bool = False) -> Head:
+def box_head(num_anchors: int, channels: int, depth: int, norm: bool = False) -> Head:
     return Head(num_anchors * 4, channels, depth, norm=norm)

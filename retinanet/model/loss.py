@@ -84,7 +84,8 @@ def detection_loss(
     cls_logits = flatten_heads(cls_heads, config.classes).float()
     deltas = flatten_heads(box_heads, 4).float()
     with torch.no_grad():
-        labels, matched = match(anchors, targets, tuple(config.anchor_ious))
+        bg, fg = config.anchor_ious
+        labels, matched = match(anchors, targets, (bg, fg))
         foreground = labels >= 0
         num_fg = foreground.sum().float()
         if count_foreground is not None:

@@ -12,7 +12,7 @@ from torch import Tensor
 from . import reference
 
 try:  # The compiled extension registers torch.ops.retinanet.decode / .nms.
-    from retinanet import _C  # noqa: F401
+    from retinanet import _C  # type: ignore[attr-defined]  # noqa: F401
 
     HAVE_EXTENSION = True
 except ImportError:  # pure-Python install, or torch without CUDA
