@@ -1,8 +1,11 @@
-"""The one definition of model and inference settings.
+"""The one definition of the model's and of training's settings, with their defaults.
 
-A :class:`ModelConfig` is saved in every checkpoint (as a plain dict) and read
-back by training, inference, the torch ops, the ONNX export and the TensorRT
-plugin fields. No other module defines a default for any of these values.
+A :class:`ModelConfig` is saved in every checkpoint and export (as a plain dict)
+and read back by training, inference, the ONNX export and the TensorRT plugin
+fields; a :class:`TrainConfig` is saved in checkpoints for resuming. The CLI's
+flags default to None and show these values in their help; the demo presets
+below replace some of them for the embedded demo data. Inference and export
+settings live beside their commands (infer.InferOptions, export.ExportOptions).
 """
 
 from __future__ import annotations
