@@ -20,6 +20,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """PyTorch on one thread in this process while the test runs: for tests that train
+    the tiny model here. It gains little from a second thread, and two OpenMP threads
+    stall whenever another process holds a core (measured: a step 0.5 s on one thread,
+    1.7 to 2.8 s on two, with a compiler running beside)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """The embedded demo dataset, generated once per test session."""
@@ -35,7 +47,7 @@ def demo_root(tmp_path_factory):
 DEMO_ITERS = 300
 
 
-def demo_subset(demo_root, folder, count, split="train"):
+def demo_subset(demo_root, folder, count, split="train", images="images", annotations="ann.json"):
     """The first `count` demo images of `split` and their annotations, copied into
     `folder`: (image folder, annotation file)."""
     import json
@@ -45,11 +57,25 @@ def demo_subset(demo_root, folder, count, split="train"):
     doc["images"] = doc["images"][:count]
     keep = {im["id"] for im in doc["images"]}
     doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
-    (folder / "images").mkdir()
+    (folder / images).mkdir()
     for im in doc["images"]:
-        shutil.copy(demo_root / split / im["file_name"], folder / "images" / im["file_name"])
-    (folder / "ann.json").write_text(json.dumps(doc))
-    return folder / "images", folder / "ann.json"
+        shutil.copy(demo_root / split / im["file_name"], folder / images / im["file_name"])
+    (folder / annotations).write_text(json.dumps(doc))
+    return folder / images, folder / annotations
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_env(tmp_path_factory, demo_root):
+    """The environment of CLI runs whose embedded demo is the first 8 train and 4 val
+    images: the demo presets unchanged, seconds a run. One thread, as in one_thread."""
+    from retinanet.data import demo
+
+    cache = tmp_path_factory.mktemp("tinycache")
+    root = cache / f"demo-v{demo.VERSION}"
+    root.mkdir()
+    demo_subset(demo_root, root, 8, "train", images="train", annotations="train.json")
+    demo_subset(demo_root, root, 4, "val", images="val", annotations="val.json")
+    return {"RETINANET_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
 
 
 def assert_user_error(proc, *words):
@@ -95,38 +121,86 @@ def trained(tmp_path_factory, demo_root):
     return work, proc.stdout, env
 
 
-# A tiny random-weight model and its ONNX exports, shared by the export, TensorRT and
-# plugin-form tests (built once per session: the exports take about a minute on 2 cores).
-TINY_SIZE = (128, 256)  # H, W of the exports: not square, so a swapped axis shows
+@pytest.fixture(scope="session")
+def demo_val(trained, demo_root):
+    """`retinanet infer demo.pth` on the demo val set with its annotations, once per
+    session (the PyTorch loader, as the user runs it): (stdout, detections file val.json
+    in the trained work folder). The inference, ONNX export and DALI tests compare to it."""
+    work, _, env = trained
+    val = ["--images", str(demo_root / "val"), "--annotations", str(demo_root / "val.json")]
+    proc = run_cli("infer", "demo.pth", *val, "--output", "val.json", cwd=work, env=env)
+    return proc.stdout, work / "val.json"
 
 
-def tiny_model(classes=3, busy=True):
+# The tiny model of the tests: ResNet18FPN 32 channels wide, 128 px, BatchNorm heads,
+# BatchNorm statistics trained (as from scratch). Random weights: built in a fraction
+# of a second, a training step on 96 px images about 0.5 s on one core.
+TINY = dict(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False)
+TINY_IDS = [1, 3, 7]  # non-contiguous category ids, as the demo's
+# Classification output convs (weight std, bias) that make a random model detect
+# plenty: many candidates above the score threshold, so NMS, `detections` and
+# the mapping back to the image have work to do. BUSY spreads the scores widely.
+BUSY = (3.0, -2.0)
+
+
+def tiny_config(**changes):
+    """The tiny model's ModelConfig with `changes`."""
     from retinanet.config import ModelConfig
+
+    return ModelConfig(**{**TINY, **changes})
+
+
+def tiny_model(busy=None, **changes):
+    """A random-weight tiny model (seed 0) in eval mode; busy: (weight std, bias) of
+    the classification output conv, the box output conv set to std 0.1 (boxes away
+    from their anchors)."""
     from retinanet.model import RetinaNet
 
-    cfg = ModelConfig(
-        backbone="ResNet18FPN", classes=classes, channels=32, resize=128, max_size=256, freeze_bn=False, top_n=300
-    )
     torch.manual_seed(0)
-    model = RetinaNet(cfg).eval()
-    if busy:  # many candidates above threshold, wide boxes: NMS has work to do
-        torch.nn.init.normal_(model.cls_head.out.weight, std=0.3)
-        torch.nn.init.constant_(model.cls_head.out.bias, -1.5)
+    model = RetinaNet(tiny_config(**changes)).eval()
+    if busy:
+        torch.nn.init.normal_(model.cls_head.out.weight, std=busy[0])
+        torch.nn.init.constant_(model.cls_head.out.bias, busy[1])
         torch.nn.init.normal_(model.box_head.out.weight, std=0.1)
     return model
+
+
+def save_model(model, path, ids=None):
+    """`model` as a checkpoint (category ids TINY_IDS, or the first ones of it); returns the path."""
+    from retinanet import checkpoint
+
+    ids = ids or TINY_IDS[: model.config.classes]
+    checkpoint.save(str(path), checkpoint.model_state(model.config, model, ids))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_pth(tmp_path_factory):
+    """A BUSY tiny checkpoint, tiny.pth: read it, never write to it (copy it first)."""
+    return save_model(tiny_model(BUSY), tmp_path_factory.mktemp("tiny_pth") / "tiny.pth")
+
+
+# The tiny model of the export, TensorRT and plugin-form tests, and its ONNX exports
+# (built once per session: the exports take about a minute on 2 cores).
+TINY_SIZE = (128, 256)  # H, W of the exports: not square, so a swapped axis shows
+EXPORT = dict(max_size=256, top_n=300)
+EXPORT_BUSY = (0.3, -1.5)
+
+
+def export_model(busy=EXPORT_BUSY, **changes):
+    """The exports' tiny model: 128 x 256 images, 300 candidates per level; busy as tiny_model's."""
+    return tiny_model(busy, **EXPORT, **changes)
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, demo_root):
     """A busy tiny checkpoint and its exports: portable FP32, plugin FP16, plugin INT8 (images, then table)."""
-    from retinanet import checkpoint
     from retinanet.export import ExportOptions, export_onnx
 
     work = tmp_path_factory.mktemp("tiny")
     images = demo_root / "val"
-    model = tiny_model()
-    path = str(work / "tiny.pth")
-    checkpoint.save(path, checkpoint.model_state(model.config, model, [1, 3, 7]))
+    model = export_model()
+    path = save_model(model, work / "tiny.pth")
     out = {"work": work, "pth": path, "model": model, "images": str(images)}
     out["fp32"] = export_onnx(path, str(work / "fp32.onnx"), ExportOptions(TINY_SIZE, "fp32"))["output"]
     out["plugin"] = export_onnx(path, str(work / "plugin.onnx"), ExportOptions(TINY_SIZE, "fp16", plugin_form=True))[

@@ -2,30 +2,11 @@
 flag, exit status 2, no traceback (`--debug` shows it) and no file written."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import torch
-from conftest import assert_user_error
+from conftest import assert_user_error, run_cli, save_model, tiny_model
 from PIL import Image
-
-from retinanet import checkpoint
-from retinanet.config import ModelConfig
-
-
-def cli(*args, cwd, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "retinanet", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
 
 
 def good_doc():
@@ -53,11 +34,7 @@ def write_text(name, text):
 
 
 def tiny_checkpoint(tmp_path):
-    from retinanet.model import RetinaNet
-
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=2, channels=32, resize=128, max_size=128, freeze_bn=False)
-    torch.manual_seed(0)
-    checkpoint.save(str(tmp_path / "tiny.pth"), checkpoint.model_state(cfg, RetinaNet(cfg), [2, 9]))
+    save_model(tiny_model(classes=2), tmp_path / "tiny.pth", ids=[2, 9])  # good_doc's categories
     (tmp_path / "ann.json").write_text(json.dumps({**good_doc(), "images": [{"id": 5, "file_name": "gone.jpg"}]}))
     (tmp_path / "exists.json").write_text("[]")
 
@@ -212,13 +189,13 @@ def test_bad_input_is_one_line_naming_it(tmp_path, name):
     setup, args, env, words = CASES[name]
     setup(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    proc = cli(*args, cwd=tmp_path, env=env)
+    proc = run_cli(*args, cwd=tmp_path, env=env, check=False)
     assert_user_error(proc, *words)
     # Refused before any work: no model, detections or export, not even a temp file.
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
-    proc = cli("--debug", "train", *TRAIN[1:], cwd=tmp_path)
+    proc = run_cli("--debug", "train", *TRAIN[1:], cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "ann.json" in proc.stderr

@@ -1,31 +1,11 @@
 """CLI behaviour without training: bad input gives one line, exit 2, no traceback."""
 
 import json
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
-from conftest import assert_user_error
-
-from retinanet import checkpoint
-from retinanet.config import ModelConfig
-from retinanet.model import RetinaNet
-
-
-def cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "retinanet", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False)
-    torch.manual_seed(0)
-    path = tmp_path / "tiny.pth"
-    checkpoint.save(str(path), checkpoint.model_state(cfg, RetinaNet(cfg), [1, 3, 7]))
-    return path
+from conftest import assert_user_error, run_cli
 
 
 @pytest.mark.parametrize(
@@ -42,22 +22,23 @@ def tiny_checkpoint(tmp_path):
     ],
 )
 def test_bad_flags_and_files(tmp_path, args, words):
-    assert_user_error(cli(*args, cwd=tmp_path), *words)
+    assert_user_error(run_cli(*args, cwd=tmp_path, check=False), *words)
 
 
 def test_corrupt_checkpoint(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"garbage")
-    assert_user_error(cli("infer", "bad.pth", cwd=tmp_path), "bad.pth", "not a readable checkpoint")
+    assert_user_error(run_cli("infer", "bad.pth", cwd=tmp_path, check=False), "bad.pth", "not a readable checkpoint")
 
 
-def test_checkpoint_of_other_class_count_is_refused_on_resume(tmp_path, tiny_checkpoint, demo_root):
+def test_checkpoint_of_other_class_count_is_refused_on_resume(tmp_path, tiny_pth, demo_root):
+    shutil.copy(tiny_pth, tmp_path / "tiny.pth")  # the model to resume: a copy, should it be written
     doc = json.loads((demo_root / "train.json").read_text())
     doc["categories"] = doc["categories"][:2]
     doc["annotations"] = [a for a in doc["annotations"] if a["category_id"] in (1, 3)]
     (tmp_path / "two.json").write_text(json.dumps(doc))
-    proc = cli(
+    proc = run_cli(
         "train",
-        str(tiny_checkpoint),
+        "tiny.pth",
         "--annotations",
         "two.json",
         "--images",
@@ -66,11 +47,12 @@ def test_checkpoint_of_other_class_count_is_refused_on_resume(tmp_path, tiny_che
         "ResNet18FPN",
         "--no-pretrained",
         cwd=tmp_path,
+        check=False,
     )
     assert_user_error(proc, "tiny.pth")
 
 
-def test_missing_image_in_inference_names_file_and_record(tmp_path, tiny_checkpoint):
+def test_missing_image_in_inference_names_file_and_record(tmp_path, tiny_pth):
     doc = {
         "images": [{"id": 4, "file_name": "gone.jpg"}],
         "annotations": [],
@@ -78,12 +60,12 @@ def test_missing_image_in_inference_names_file_and_record(tmp_path, tiny_checkpo
     }
     (tmp_path / "a.json").write_text(json.dumps(doc))
     # Default --workers 2: the error is raised in a loader worker process.
-    proc = cli("infer", str(tiny_checkpoint), "--images", str(tmp_path), "--annotations", "a.json", cwd=tmp_path)
+    proc = run_cli("infer", tiny_pth, "--images", str(tmp_path), "--annotations", "a.json", cwd=tmp_path, check=False)
     assert_user_error(proc, "gone.jpg", "not found", "image id 4")
     (tmp_path / "gone.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    proc = cli(
+    proc = run_cli(
         "infer",
-        str(tiny_checkpoint),
+        tiny_pth,
         "--images",
         str(tmp_path),
         "--annotations",
@@ -91,6 +73,7 @@ def test_missing_image_in_inference_names_file_and_record(tmp_path, tiny_checkpo
         "--output",
         "b.json",
         cwd=tmp_path,
+        check=False,
     )
     assert_user_error(proc, "gone.jpg", "cannot decode", "image id 4")
 
@@ -145,28 +128,13 @@ def test_backbone_weights_file_is_loaded(tmp_path):
         torch.testing.assert_close(a, b)
 
 
-@pytest.fixture
-def busy_checkpoint(tmp_path):
-    """A tiny model with plenty of detections (BatchNorm heads, set weights)."""
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False)
-    torch.manual_seed(0)
-    model = RetinaNet(cfg)
-    with torch.no_grad():
-        torch.nn.init.normal_(model.cls_head.out.weight, std=3.0)
-        torch.nn.init.constant_(model.cls_head.out.bias, -2.0)
-        torch.nn.init.normal_(model.box_head.out.weight, std=0.1)
-    path = tmp_path / "busy.pth"
-    checkpoint.save(str(path), checkpoint.model_state(cfg, model, [1, 3, 7]))
-    return path
-
-
-def test_python_api_on_paths_arrays_and_tensors(busy_checkpoint, demo_root):
+def test_python_api_on_paths_arrays_and_tensors(tiny_pth, demo_root):
     import numpy as np
     from PIL import Image
 
     import retinanet
 
-    det = retinanet.load(str(busy_checkpoint), device="cpu")
+    det = retinanet.load(tiny_pth, device="cpu")
     path = demo_root / "val" / "val_00000.jpg"
     array = np.array(Image.open(path).convert("RGB"))
     tensor = torch.from_numpy(array).permute(2, 0, 1)
@@ -180,7 +148,7 @@ def test_python_api_on_paths_arrays_and_tensors(busy_checkpoint, demo_root):
     assert torch.equal(single.boxes, det([array])[0].boxes) and len(single.scores) >= 10
 
 
-def test_python_api_resizes_pads_and_maps_back_as_worked_by_hand(busy_checkpoint, demo_root):
+def test_python_api_resizes_pads_and_maps_back_as_worked_by_hand(tiny_pth, demo_root):
     """A 100 x 128 image with resize 96, max size 160: scale min(96/100, 160/128) = 0.96,
     so 96 x 123 (122.88 rounded); padded to 128 x 128 with the mean colour; boxes
     back by 123/128 in x and 96/100 in y, clipped to 128 x 100."""
@@ -190,7 +158,7 @@ def test_python_api_resizes_pads_and_maps_back_as_worked_by_hand(busy_checkpoint
 
     import retinanet
 
-    det = retinanet.load(str(busy_checkpoint), device="cpu")
+    det = retinanet.load(tiny_pth, device="cpu")
     array = np.array(Image.open(demo_root / "val" / "val_00003.jpg").convert("RGB"))[:100]
     got = det(array, resize=96, max_size=160)
     batch = torch.tensor([124, 116, 104], dtype=torch.uint8).view(1, 3, 1, 1).repeat(1, 1, 128, 128)

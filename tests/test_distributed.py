@@ -1,5 +1,6 @@
 """Exact resume, crash-safe checkpoints, DDP (gloo, torchrun) equivalence,
-sharded inference and TensorBoard scalars, on a tiny copy of the demo data."""
+sharded inference and TensorBoard scalars, on a tiny copy of the demo data
+(conftest.tiny_demo_env: 8 train and 4 val images)."""
 
 import json
 import os
@@ -13,30 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, save_model, tiny_model
 
 from retinanet import checkpoint
-
-TRAIN_IMAGES, VAL_IMAGES = 8, 4
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory, demo_root):
-    """RETINANET_CACHE pointing at a 'demo' of 8 train and 4 val images: the demo presets, seconds per run."""
-    from retinanet.data import demo
-
-    cache = tmp_path_factory.mktemp("tinycache")
-    root = cache / f"demo-v{demo.VERSION}"
-    for split, count in (("train", TRAIN_IMAGES), ("val", VAL_IMAGES)):
-        doc = json.loads((demo_root / f"{split}.json").read_text())
-        doc["images"] = doc["images"][:count]
-        keep = {im["id"] for im in doc["images"]}
-        doc["annotations"] = [a for a in doc["annotations"] if a["image_id"] in keep]
-        (root / split).mkdir(parents=True)
-        for im in doc["images"]:
-            shutil.copy(demo_root / split / im["file_name"], root / split / im["file_name"])
-        (root / f"{split}.json").write_text(json.dumps(doc))
-    return {"RETINANET_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
 
 
 def weights(path):
@@ -46,11 +26,11 @@ def weights(path):
 COMMON = ["--batch", "2", "--seed", "3", "--val-iters", "1000", "--augment-rotate", "--augment-brightness"]
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_env):
-    run_cli("train", "straight.pth", "--iters", "6", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_env)
-    run_cli("train", "resumed.pth", "--iters", "3", "--workers", "2", *COMMON, cwd=tmp_path, env=tiny_env)
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_demo_env):
+    run_cli("train", "straight.pth", "--iters", "6", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_demo_env)
+    run_cli("train", "resumed.pth", "--iters", "3", "--workers", "2", *COMMON, cwd=tmp_path, env=tiny_demo_env)
     # The second half runs with other loader workers; augmentation draws depend on (seed, epoch, index) only.
-    proc = run_cli("train", "resumed.pth", "--iters", "6", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_env)
+    proc = run_cli("train", "resumed.pth", "--iters", "6", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_demo_env)
     assert "resuming resumed.pth at iteration 3" in proc.stdout
     state = checkpoint.load(str(tmp_path / "resumed.pth"))
     assert state["iteration"] == 6 and state["data_state"]["epoch"] == 1  # 8 images / batch 2: epoch 0 is 4 iters
@@ -75,14 +55,14 @@ while True:
 """
 
 
-def test_sigkill_while_writing_leaves_a_loadable_resumable_checkpoint(tmp_path, tiny_env):
-    run_cli("train", "m.pth", "--iters", "1", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_env)
+def test_sigkill_while_writing_leaves_a_loadable_resumable_checkpoint(tmp_path, tiny_demo_env):
+    run_cli("train", "m.pth", "--iters", "1", "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_demo_env)
     path = str(tmp_path / "m.pth")
     rng = random.Random(0)
     last = 1
     for _ in range(6):
         writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, path], env={**os.environ, **tiny_env}, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", WRITER, path], env={**os.environ, **tiny_demo_env}, stdout=subprocess.PIPE, text=True
         )
         assert writer.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 1.0))  # somewhere inside some write
@@ -94,7 +74,9 @@ def test_sigkill_while_writing_leaves_a_loadable_resumable_checkpoint(tmp_path, 
         last = state["iteration"]
     assert last > 1  # some writes completed between the kills
     # Leftover temp files of killed writes never shadow the checkpoint; resume from it.
-    proc = run_cli("train", "m.pth", "--iters", str(last + 1), "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_env)
+    proc = run_cli(
+        "train", "m.pth", "--iters", str(last + 1), "--workers", "0", *COMMON, cwd=tmp_path, env=tiny_demo_env
+    )
     assert f"resuming m.pth at iteration {last}" in proc.stdout
     assert checkpoint.load(path)["iteration"] == last + 1
 
@@ -117,7 +99,7 @@ def random_backbone(tmp_path):
     return str(tmp_path / "r18.pth")
 
 
-def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_path, tiny_env):
+def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_path, tiny_demo_env):
     flags = [
         "--iters",
         "3",
@@ -135,7 +117,7 @@ def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_pa
         "--backbone-weights",
         random_backbone(tmp_path),
     ]
-    run_cli("train", "one.pth", *flags, "--logdir", "tb1", cwd=tmp_path, env=tiny_env)
+    run_cli("train", "one.pth", *flags, "--logdir", "tb1", cwd=tmp_path, env=tiny_demo_env)
     proc = subprocess.run(
         [
             sys.executable,
@@ -154,7 +136,7 @@ def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_pa
             "tb2",
         ],
         cwd=tmp_path,
-        env={**os.environ, **tiny_env},
+        env={**os.environ, **tiny_demo_env},
         capture_output=True,
         text=True,
         timeout=600,
@@ -187,7 +169,7 @@ def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_pa
                 *flags,
             ],
             cwd=tmp_path,
-            env={**os.environ, **tiny_env},
+            env={**os.environ, **tiny_demo_env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -217,24 +199,10 @@ def _port():
     return free_port()
 
 
-def test_sharded_inference_returns_every_image_once(tmp_path, tiny_env):
-    from retinanet.config import ModelConfig
-    from retinanet.model import RetinaNet
-
-    cfg = ModelConfig(
-        backbone="ResNet18FPN",
-        classes=3,
-        channels=32,
-        resize=128,
-        max_size=128,
-        freeze_bn=False,
-        score_threshold=0.0,
-        top_n=5,
-        detections=5,
-    )
-    torch.manual_seed(0)
-    checkpoint.save(str(tmp_path / "t.pth"), checkpoint.model_state(cfg, RetinaNet(cfg), [1, 3, 7]))
-    root = os.path.join(tiny_env["RETINANET_CACHE"], "demo-v2")
+def test_sharded_inference_returns_every_image_once(tmp_path, tiny_demo_env):
+    # Every candidate is kept and each image has exactly 5 detections: a lost or doubled image shows.
+    save_model(tiny_model(score_threshold=0.0, top_n=5, detections=5), tmp_path / "t.pth")
+    root = os.path.join(tiny_demo_env["RETINANET_CACHE"], "demo-v2")
     args = [
         "infer",
         "t.pth",
@@ -247,7 +215,7 @@ def test_sharded_inference_returns_every_image_once(tmp_path, tiny_env):
         "--workers",
         "0",
     ]
-    run_cli(*args, "--output", "one.json", cwd=tmp_path, env=tiny_env)
+    run_cli(*args, "--output", "one.json", cwd=tmp_path, env=tiny_demo_env)
     proc = subprocess.run(
         [
             sys.executable,
@@ -264,7 +232,7 @@ def test_sharded_inference_returns_every_image_once(tmp_path, tiny_env):
             "two.json",
         ],
         cwd=tmp_path,
-        env={**os.environ, **tiny_env},
+        env={**os.environ, **tiny_demo_env},
         capture_output=True,
         text=True,
         timeout=300,
@@ -287,11 +255,13 @@ def test_sharded_inference_returns_every_image_once(tmp_path, tiny_env):
         assert r1["score"] == pytest.approx(r2["score"], abs=1e-4)
 
 
-def test_corrupt_jpeg_in_training_is_skipped_warned_and_counted(tmp_path, tiny_env):
+def test_corrupt_jpeg_in_training_is_skipped_warned_and_counted(tmp_path, tiny_demo_env):
     from retinanet.data import demo
 
     cache = tmp_path / "cache"
-    shutil.copytree(os.path.join(tiny_env["RETINANET_CACHE"], f"demo-v{demo.VERSION}"), cache / f"demo-v{demo.VERSION}")
+    shutil.copytree(
+        os.path.join(tiny_demo_env["RETINANET_CACHE"], f"demo-v{demo.VERSION}"), cache / f"demo-v{demo.VERSION}"
+    )
     victim = cache / f"demo-v{demo.VERSION}" / "train" / "train_00002.jpg"
     victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
     proc = run_cli(
@@ -306,7 +276,7 @@ def test_corrupt_jpeg_in_training_is_skipped_warned_and_counted(tmp_path, tiny_e
         "--val-iters",
         "1000",
         cwd=tmp_path,
-        env={**tiny_env, "RETINANET_CACHE": str(cache)},
+        env={**tiny_demo_env, "RETINANET_CACHE": str(cache)},
     )
     assert "train_00002.jpg" in proc.stderr and "skipping" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -367,8 +337,8 @@ def test_the_process_group_timeout_is_the_one_given():
     assert 2 <= waited <= 30, out
 
 
-def test_a_data_error_on_one_rank_ends_the_job_with_one_line(tmp_path, tiny_env):
-    root = Path(tiny_env["RETINANET_CACHE"]) / "demo-v2"
+def test_a_data_error_on_one_rank_ends_the_job_with_one_line(tmp_path, tiny_demo_env):
+    root = Path(tiny_demo_env["RETINANET_CACHE"]) / "demo-v2"
     doc = json.loads((root / "train.json").read_text())
     for im in doc["images"]:  # sizes unknown until decoded: the check runs in the loader of one rank
         im.pop("width", None)
@@ -412,7 +382,7 @@ def test_a_data_error_on_one_rank_ends_the_job_with_one_line(tmp_path, tiny_env)
             "96",
         ],
         cwd=tmp_path,
-        env={**os.environ, **tiny_env},
+        env={**os.environ, **tiny_demo_env},
         capture_output=True,
         text=True,
         timeout=300,

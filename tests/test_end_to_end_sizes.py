@@ -4,7 +4,7 @@ Non-square images go through `--resize 96 --max-size 160`: scaled up and down,
 the shorter side or the cap binding, batches padded to their largest image,
 detections mapped back to each image's own pixels; an ONNX export is larger
 than any of them. A tiny random-weight model with BatchNorm heads keeps this
-fast; its heads are set so that it detects plenty.
+fast; its heads are set so that it detects plenty (conftest.tiny_pth).
 """
 
 import json
@@ -15,11 +15,8 @@ from conftest import run_cli
 from test_gpu_backend import Recording, assert_same_detections, rows_of
 
 import retinanet
-from retinanet import checkpoint
-from retinanet.config import ModelConfig
 from retinanet.data import transforms as T
 from retinanet.images import mean_pixel
-from retinanet.model import RetinaNet
 
 RESIZE, MAX_SIZE = 96, 160
 # (h, w) of the images, and by hand their size after the resize: the shorter
@@ -44,22 +41,6 @@ def images(tmp_path_factory, demo_root):
             im.convert("RGB").resize((w, h), Image.BICUBIC).save(folder / f"img_{i}.jpg", quality=95)
         paths.append(str(folder / f"img_{i}.jpg"))
     return folder, paths
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    cfg = ModelConfig(
-        backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False, head_norm=False
-    )
-    torch.manual_seed(0)
-    model = RetinaNet(cfg).eval()
-    with torch.no_grad():  # many candidates with spread-out scores, boxes away from their anchors
-        torch.nn.init.normal_(model.cls_head.out.weight, std=3.0)
-        torch.nn.init.constant_(model.cls_head.out.bias, -2.0)
-        torch.nn.init.normal_(model.box_head.out.weight, std=0.1)
-    path = tmp_path_factory.mktemp("model") / "tiny.pth"
-    checkpoint.save(str(path), checkpoint.model_state(cfg, model, [1, 3, 7]))
-    return str(path)
 
 
 def as_records(detections, image_ids):
@@ -117,14 +98,14 @@ def assert_mapped_back(detections, raw, fill):
         assert (boxes[i][keep][:, 2] > rw).any() or (boxes[i][keep][:, 3] > rh).any()
 
 
-def test_infer_cli_equals_python_api_in_original_pixels(tmp_path, model_path, images):
+def test_infer_cli_equals_python_api_in_original_pixels(tmp_path, tiny_pth, images):
     folder, paths = images
-    det = retinanet.load(model_path, device="cpu")
+    det = retinanet.load(tiny_pth, device="cpu")
     ids = list(range(1, len(paths) + 1))  # the CLI numbers an annotation-less folder's files in name order
     for batch in (1, len(paths)):  # each image padded to its own 128 multiple; all to 256 x 256 together
         run_cli(
             "infer",
-            model_path,
+            tiny_pth,
             "--images",
             str(folder),
             "--resize",
@@ -150,13 +131,13 @@ def test_infer_cli_equals_python_api_in_original_pixels(tmp_path, model_path, im
         assert_same_records(written, as_records(api, ids), ids)
 
 
-def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, model_path, images):
+def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, tiny_pth, images):
     from retinanet.formats.input import pad_to
 
     folder, paths = images
-    run_cli("export", model_path, "m.onnx", "--size", *map(str, EXPORT_SIZE), "--full-precision", cwd=tmp_path, env=CPU)
+    run_cli("export", tiny_pth, "m.onnx", "--size", *map(str, EXPORT_SIZE), "--full-precision", cwd=tmp_path, env=CPU)
     ort_det = retinanet.load(str(tmp_path / "m.onnx"), device="cpu")
-    torch_det = retinanet.load(model_path, device="cpu")
+    torch_det = retinanet.load(tiny_pth, device="cpu")
     ort_det.backend = ort_raw = Recording(ort_det.backend)
     torch_det.backend = torch_raw = Recording(torch_det.backend)
     got = ort_det(paths, resize=RESIZE, max_size=MAX_SIZE)
