@@ -61,11 +61,12 @@ class PoolBackbone(backbones.Backbone):
 backbones.register(POOL)(lambda pretrained=False, weights_file=None, freeze_bn=True: PoolBackbone())
 
 
-def gn_model(backbone: str = POOL, head_norm: bool = True, seed: int = 0) -> RetinaNet:
+def gn_model(backbone: str = POOL, head_norm: bool = True, seed: int = 0, head_depth: int = 4) -> RetinaNet:
     cfg = ModelConfig(
         backbone=backbone,
         classes=3,
         channels=64,
+        head_depth=head_depth,
         head_norm=head_norm,
         resize=128,
         max_size=256,
@@ -295,6 +296,15 @@ def test_conv_backbone_border_effect_is_what_remains():
 # --- ONNX exports ---------------------------------------------------------------------------------
 
 
+# Towers of one conv layer in the exported models, for two thirds of the export
+# time of four: every op of a tower (conv, GroupNorm over the valid cells, ReLU,
+# zero outside them) is still in the graph and the output convs read the zeroed
+# border. Measured: SMALL padded to 256x256 and to 384x512 scores 0.23 apart
+# without its size at one layer as at four, 2e-7 with it. The tests above check
+# the four-layer towers in PyTorch.
+EXPORT_DEPTH = 1
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """PoolBackbone checkpoints (GroupNorm and BatchNorm heads) and their exports."""
@@ -305,7 +315,8 @@ def exports(tmp_path_factory):
     images.mkdir()
     for i, (h, w) in enumerate([(90, 140), (300, 100), (128, 128)]):
         Image.fromarray(random_image(h, w, 10 + i)).save(images / f"{i}.png")
-    gn, bn = save(gn_model(), work / "gn.pth"), save(gn_model(head_norm=False), work / "bn.pth")
+    gn = save(gn_model(head_depth=EXPORT_DEPTH), work / "gn.pth")
+    bn = save(gn_model(head_norm=False, head_depth=EXPORT_DEPTH), work / "bn.pth")
     out = {"gn": gn, "bn": bn}
     for key, path, size, options in [
         ("gn256", gn, (256, 256), {}),
