@@ -25,10 +25,6 @@ pytestmark = pytest.mark.slow
 MAP_THRESHOLD = 0.45  # measured 0.637 (conftest.DEMO_ITERS); room for seed and platform noise
 
 
-def cli(*args, cwd, env=None, check=True):
-    return run_cli(*args, cwd=cwd, env=env, check=check)
-
-
 @pytest.fixture(scope="session")
 def demo_env(demo_root):
     return {"RETINANET_CACHE": str(demo_root.parent)} if demo_root.name.startswith("demo-v") else {}
@@ -52,24 +48,13 @@ def test_demo_training_reduces_loss_and_reaches_map(trained):
     assert state["category_ids"] == [1, 3, 7]
 
 
-def test_infer_json_loads_in_pycocotools_and_printed_map_matches(trained, demo_root):
+def test_infer_json_loads_in_pycocotools_and_printed_map_matches(trained, demo_val, demo_root):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     work, _, env = trained
-    out = cli(
-        "infer",
-        "demo.pth",
-        "--images",
-        str(demo_root / "val"),
-        "--annotations",
-        str(demo_root / "val.json"),
-        "--output",
-        "val.json",
-        cwd=work,
-        env=env,
-    )
-    records = json.loads((work / "val.json").read_text())
+    stdout, written = demo_val  # `retinanet infer demo.pth ... --annotations val.json --output val.json` in work
+    records = json.loads(written.read_text())
     assert records and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in records)
     assert {r["category_id"] for r in records} <= {1, 3, 7}
     gt = COCO(str(demo_root / "val.json"))
@@ -77,14 +62,14 @@ def test_infer_json_loads_in_pycocotools_and_printed_map_matches(trained, demo_r
     assert {a["image_id"] for a in gt.dataset["annotations"]} <= {r["image_id"] for r in records}
     # The printed mAP is COCOeval's on the written file, computed here without retinanet.evaluate.
     with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt, gt.loadRes(str(work / "val.json")), "bbox")  # loadRes raises on a malformed file
+        ev = COCOeval(gt, gt.loadRes(str(written)), "bbox")  # loadRes raises on a malformed file
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     assert ev.stats[0] > MAP_THRESHOLD
-    assert abs(final_map(out.stdout) - ev.stats[0]) < 5e-4  # printed with 3 decimals
+    assert abs(final_map(stdout) - ev.stats[0]) < 5e-4  # printed with 3 decimals
     # Refuses to overwrite without --override.
-    again = cli(
+    again = run_cli(
         "infer", "demo.pth", "--images", str(demo_root / "val"), "--output", "val.json", cwd=work, env=env, check=False
     )
     assert again.returncode == 2 and "val.json" in again.stderr and "--override" in again.stderr
@@ -97,7 +82,7 @@ def test_infer_without_annotations_covers_every_image(trained, demo_root, tmp_pa
     for name in sorted(os.listdir(demo_root / "val"))[:5]:
         (folder / name).write_bytes((demo_root / "val" / name).read_bytes())
     # On the CPU also where there is a GPU, as the API below: its decoding and fp16 would round otherwise.
-    cli(
+    run_cli(
         "infer",
         str(work / "demo.pth"),
         "--images",
@@ -126,7 +111,7 @@ def test_fine_tune_to_other_class_count_loads_all_but_last_conv(trained, demo_ro
     doc["categories"] = [c for c in doc["categories"] if c["id"] != 7]
     doc["annotations"] = [a for a in doc["annotations"] if a["category_id"] != 7]
     (tmp_path / "two.json").write_text(json.dumps(doc))
-    proc = cli(
+    proc = run_cli(
         "train",
         "ft.pth",
         "--fine-tune",
