@@ -360,7 +360,7 @@ def test_with_dali_infer_map_equals_pytorch_loader_and_train_runs(
         "dali.json",
         "--with-dali",
         cwd=tmp_path,
-        env=env,
+        env={**env, "OMP_NUM_THREADS": "1"},  # DALI's threads work beside the model's: as in one_thread
     )
     assert abs(final_map(plain_stdout) - final_map(dali.stdout)) < 0.005
     if not torch.cuda.is_available():
