@@ -118,30 +118,7 @@ def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_pa
         random_backbone(tmp_path),
     ]
     run_cli("train", "one.pth", *flags, "--logdir", "tb1", cwd=tmp_path, env=tiny_demo_env)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(_port()),
-            "-m",
-            "retinanet",
-            "train",
-            "two.pth",
-            *flags,
-            "--logdir",
-            "tb2",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, **tiny_demo_env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = torchrun("train", "two.pth", *flags, "--logdir", "tb2", cwd=tmp_path, env=tiny_demo_env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("saved two.pth") == 1  # only rank 0 logs
     # Two "nodes" on localhost: one launcher each, one rendezvous (the multi-node path).
@@ -193,6 +170,20 @@ def test_two_process_gloo_matches_one_process_and_tensorboard_has_scalars(tmp_pa
         torch.testing.assert_close(c[k], b[k], rtol=1e-5, atol=1e-6)  # the same two ranks, however launched
 
 
+def torchrun(*args: str, cwd, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """`retinanet ARGS` in two processes on this machine under torchrun; env is added to os.environ."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port())]
+    return subprocess.run(
+        [*command, "-m", "retinanet", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _port():
     from retinanet.distributed import free_port
 
@@ -216,28 +207,7 @@ def test_sharded_inference_returns_every_image_once(tmp_path, tiny_demo_env):
         "0",
     ]
     run_cli(*args, "--output", "one.json", cwd=tmp_path, env=tiny_demo_env)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(_port()),
-            "-m",
-            "retinanet",
-            *args,
-            "--output",
-            "two.json",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, **tiny_demo_env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = torchrun(*args, "--output", "two.json", cwd=tmp_path, env=tiny_demo_env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
@@ -347,46 +317,32 @@ def test_a_data_error_on_one_rank_ends_the_job_with_one_line(tmp_path, tiny_demo
     bad = next(a for a in doc["annotations"] if a["image_id"] == victim["id"])
     bad["bbox"] = [10, 10, 5000, 20]
     (tmp_path / "bad.json").write_text(json.dumps(doc))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(_port()),
-            "-m",
-            "retinanet",
-            "train",
-            "m.pth",
-            "--annotations",
-            "bad.json",
-            "--images",
-            str(root / "train"),
-            "--batch",
-            "2",
-            "--iters",
-            "8",
-            "--workers",
-            "0",
-            "--no-pretrained",
-            "--backbone",
-            "ResNet18FPN",
-            "--resize",
-            "96",
-            "--max-size",
-            "96",
-            "--jitter",
-            "96",
-            "96",
-        ],
+    proc = torchrun(
+        "train",
+        "m.pth",
+        "--annotations",
+        "bad.json",
+        "--images",
+        str(root / "train"),
+        "--batch",
+        "2",
+        "--iters",
+        "8",
+        "--workers",
+        "0",
+        "--no-pretrained",
+        "--backbone",
+        "ResNet18FPN",
+        "--resize",
+        "96",
+        "--max-size",
+        "96",
+        "--jitter",
+        "96",
+        "96",
         cwd=tmp_path,
-        env={**os.environ, **tiny_demo_env},
-        capture_output=True,
-        text=True,
+        env=tiny_demo_env,
         timeout=300,
-        check=False,
     )
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("retinanet: error:")]
