@@ -140,6 +140,9 @@ def pad_images(images: Sequence[Tensor] | Tensor, size: tuple[int, int], fill: S
     first = images[0]
     colour = torch.tensor(list(fill), dtype=first.dtype).to(first.device, non_blocking=True).view(1, 3, 1, 1)
     out = colour.expand(len(images), 3, h, w).clone()
+    if isinstance(images, Tensor):  # a batch tensor: one copy, not one per image
+        out[:, :, : images.shape[-2], : images.shape[-1]] = images
+        return out
     for i, img in enumerate(images):
         out[i, :, : img.shape[-2], : img.shape[-1]] = img
     return out
