@@ -42,7 +42,6 @@ class CorruptImage(Exception):
 # 100 MP and more are legitimate inputs, so the guard is raised to 16384 x 16384
 # (0.8 GB decoded per image, per loader worker) and enforced at that value.
 MAX_IMAGE_PIXELS = 16384 * 16384
-EXIF_ORIENTATION = 0x0112  # the tag's number
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -78,23 +77,6 @@ def read_image(path: str, background: tuple[int, int, int] | None = None) -> Ten
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad or truncated files
         raise CorruptImage(f"{path}: cannot decode image ({str(e).splitlines()[0]})") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-
-
-def exif_orientation(path: str) -> int:
-    """The EXIF orientation of an image file: 1 (upright) when it has none.
-
-    For decoders that ignore it (nvJPEG): a file with another value must go
-    through read_image to be decoded as displayed."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return int(im.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # noqa: BLE001 - unreadable: read_image will name the problem
-        return 1
 
 
 def _to_rgb(im, background: tuple[int, int, int]):

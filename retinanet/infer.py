@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -13,40 +14,73 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed, evaluate, runtime
 from .data.batch import Collate
 from .data.coco import CocoAnnotations, DetectionDataset
+from .data.gpu import GpuBatches
 from .errors import UserError
 from .files import atomic_write, check_output
 from .images import mean_pixel
 from .runtime import Detector
 
 
-def detection_records(detector: Detector, loader, log=None) -> list[dict]:
-    """Run the detector over a loader of Batches; COCO result records in original pixels."""
-    records = []
+def detection_records(detector: Detector, loader, log=None, timing: dict | None = None) -> list[dict]:
+    """Run the detector over a loader of Batches; COCO result records in original pixels.
+
+    One batch deep: batch k's detections are copied back and turned into
+    records while the device runs batch k + 1. `timing` (when given) receives
+    the time the first batch was done, the seconds of the whole loop, and the image count."""
+    records: list[dict] = []
     done, start = 0, time.perf_counter()
+    pending = None
     for batch in loader:
         if batch.errors:
             raise UserError(batch.errors[0])
         if not batch.image_ids:
             continue
-        dets = detector.to_original(*detector.run(batch.images, batch.valid), batch.scales, batch.sizes)
-        for image_id, d in zip(batch.image_ids, dets):
-            xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2]], dim=1)
-            for box, score, cat in zip(xywh.tolist(), d.scores.tolist(), d.category_ids.tolist()):
-                records.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": cat,
-                        "bbox": [round(v, 2) for v in box],
-                        "score": round(score, 5),
-                    }
-                )
+        outputs = [t.to("cpu", non_blocking=True) for t in detector.run(batch.images, batch.valid)]
+        event = torch.cuda.Event() if outputs[0].is_pinned() else None
+        if event is not None:
+            event.record()
+        if pending is not None:
+            records += batch_records(detector, *pending)
+        pending = (batch, outputs, event)
+        if timing is not None and "first_batch_at" not in timing:
+            if event is not None:
+                event.synchronize()
+            timing["first_batch_at"] = time.time()
         done += len(batch.image_ids)
         if log is not None:
             rate = done / max(time.perf_counter() - start, 1e-9)
             log(f"\rinfer {done}/{len(loader.dataset)} images, {rate:.1f} img/s")
+    if pending is not None:
+        records += batch_records(detector, *pending)
+    if timing is not None:
+        timing["total_s"], timing["images"] = time.perf_counter() - start, done
     if log is not None and done:
         log("\n")
     return records
+
+
+def batch_records(detector: Detector, batch, outputs, event) -> list[dict]:
+    """COCO result records of one batch's outputs (scores, boxes, classes), once they arrived."""
+    if event is not None:
+        event.synchronize()
+    records = []
+    dets = detector.to_original(*outputs, batch.scales, batch.sizes)
+    for image_id, d in zip(batch.image_ids, dets):
+        xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2]], dim=1)
+        for box, score, cat in zip(xywh.tolist(), d.scores.tolist(), d.category_ids.tolist()):
+            records.append(
+                {"image_id": image_id, "category_id": cat, "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
+            )
+    return records
+
+
+def choose_loader(preprocess_device: torch.device, with_dali: bool) -> str:
+    """Which loader feeds the detector: "dali" when asked, "gpu" (nvJPEG decoding, resizing and
+    padding on the GPU) for backends that take their images on a GPU, else "cpu" (PyTorch's
+    DataLoader: worker processes decode and resize)."""
+    if with_dali:
+        return "dali"
+    return "gpu" if preprocess_device.type == "cuda" else "cpu"
 
 
 def make_loader(
@@ -61,10 +95,12 @@ def make_loader(
     world: int = 1,
     with_dali: bool = False,
 ):
-    """Every image on exactly one rank: with PyTorch's loader rank r of `world`
-    reads images r, r + world, ...; with DALI a contiguous shard."""
+    """Every image on exactly one rank: rank r of `world` reads images r, r + world, ...;
+    with DALI a contiguous shard."""
     dataset = DetectionDataset(images, annotations, resize, max_size)
-    if with_dali:
+    kind = choose_loader(detector.device, with_dali)
+    fill = mean_pixel(detector.config.mean)
+    if kind == "dali":
         from .data import dali
 
         return dali.inference_loader(
@@ -74,21 +110,24 @@ def make_loader(
             resize,
             max_size,
             detector.config.pad_multiple,
-            mean_pixel(detector.config.mean),
+            fill,
             detector.device,
             max(workers, 1),
             rank,
             world,
         )
+    if kind == "gpu":
+        records = dataset.records[rank::world]
+        multiple = detector.config.pad_multiple
+        return GpuBatches(images, records, batch, resize, max_size, multiple, fill, detector.device, workers)
     if world > 1:
         dataset = Subset(dataset, range(rank, len(dataset), world))
-    collate = Collate(detector.config.pad_multiple, mean_pixel(detector.config.mean))
     return DataLoader(
         dataset,
         batch_size=batch,
         shuffle=False,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=Collate(detector.config.pad_multiple, fill),
         pin_memory=detector.device.type == "cuda",
     )
 
@@ -103,6 +142,7 @@ def sharded_records(
     workers: int,
     log=None,
     with_dali: bool = False,
+    timing: dict | None = None,
 ) -> list[dict]:
     """Detections of every image, each inferred on exactly one rank, gathered on all ranks."""
     loader = make_loader(
@@ -118,17 +158,42 @@ def sharded_records(
         with_dali,
     )
     if distributed.world_size() == 1:
-        return detection_records(detector, loader, log)
+        return detection_records(detector, loader, log, timing)
     # A bad image on one rank must not leave the others waiting in the gather:
     # every rank reaches it, and all raise the first error.
     try:
-        records, error = detection_records(detector, loader, log), []
+        records, error = detection_records(detector, loader, log, timing), []
     except UserError as e:
         records, error = [], [str(e)]
     errors = distributed.gather_lists(error)
     if errors:
         raise UserError(errors[0])
     return distributed.gather_lists(records)
+
+
+def process_start() -> float | None:
+    """When this process started, as time.time() (Linux), None where unknown: the start-up a user
+    waits for includes the interpreter and imports, before any of our code runs."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def speed_line(timing: dict, started: float | None) -> str:
+    """The closing line of an inference: images per second, and when the first batch was done."""
+    total, first = timing.get("total_s"), timing.get("first_batch_at")
+    if not total or first is None:
+        return "infer: no images inferred"
+    images = timing.get("images", 0)
+    line = f"infer: {images} images in {total:.2f} s ({images / total:.1f} img/s)"
+    if started is not None:
+        line += f"; first batch done {first - started:.2f} s after the process started"
+    return line
 
 
 @dataclass
@@ -211,6 +276,7 @@ def infer(
     quiet = quiet or not main
     # A live counter on a terminal; in a log file only the final count.
     log = None if quiet or not sys.stderr.isatty() else (lambda s: print(s, end="", file=sys.stderr, flush=True))
+    timing: dict = {}
     records = sharded_records(
         detector,
         images,
@@ -221,13 +287,15 @@ def infer(
         workers,
         log,
         with_dali,
+        timing,
     )
     if not main:
         return None
     with atomic_write(output, "w") as f:
-        json.dump(records, f)
+        f.write(json.dumps(records))  # dumps: the C encoder; dump() encodes in Python, chunk by chunk
     if not quiet:
         print(f"wrote {len(records)} detections to {output}")
+        print(speed_line(timing, process_start()), file=sys.stderr)
     if coco is None:
         return None
     stats = evaluate.coco_stats(annotations, records, [r.id for r in coco.images])

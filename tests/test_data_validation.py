@@ -197,13 +197,6 @@ def rotated(tmp_path_factory):
     return root, CocoAnnotations(path)
 
 
-def test_exif_orientation_is_read(tmp_path):
-    exif_jpeg(tmp_path / "o6.jpg", 6)
-    save_png(tmp_path, "plain.png", 4, 4)
-    (tmp_path / "not-an-image.jpg").write_text("text")  # upright: read_image names the problem
-    assert [C.exif_orientation(str(tmp_path / n)) for n in ("o6.jpg", "plain.png", "not-an-image.jpg")] == [6, 1, 1]
-
-
 def test_pytorch_loader_applies_the_exif_orientation(rotated):
     root, ann = rotated
     ds = DetectionDataset(str(root), ann, 40, 1000)

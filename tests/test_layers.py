@@ -16,6 +16,7 @@ LAYERS = {
     "config": 0,
     "files": 1,
     "images": 1,
+    "jpeg": 1,
     "ops": 2,
     "model": 3,
     "checkpoint": 4,

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..data import transforms as T
+from ..data.gpu import decode_file
 from ..errors import UserError
-from ..images import CorruptImage, exif_orientation, mean_pixel, pad_images, padded_size, read_image
+from ..images import CorruptImage, mean_pixel, pad_images, padded_size
 
 
 @dataclass
@@ -99,17 +100,10 @@ class Detector:
 
 
 def _as_chw_uint8(item, device: torch.device) -> Tensor:
-    """One image as uint8 [3, H, W] on `device`; JPEG files decode on the GPU there."""
+    """One image as uint8 [3, H, W] on `device`; JPEG files nvJPEG takes decode on the GPU there."""
     if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        # nvJPEG ignores EXIF orientation: such files decode through read_image, as displayed.
-        if device.type == "cuda" and path.lower().endswith((".jpg", ".jpeg")) and exif_orientation(path) == 1:
-            try:
-                return _decode_jpeg_cuda(path, device)
-            except (RuntimeError, OSError):
-                pass  # e.g. a CMYK or progressive JPEG nvJPEG refuses: PIL below reports real damage
         try:
-            return read_image(path).to(device)
+            return decode_file(os.fspath(item), device)
         except CorruptImage as e:
             raise UserError(str(e)) from None
     if isinstance(item, np.ndarray):
@@ -125,16 +119,6 @@ def _as_chw_uint8(item, device: torch.device) -> Tensor:
             item = (item.clamp(0, 1) * 255).round()
         return item.to(device=device, dtype=torch.uint8)
     raise UserError(f"cannot read an image from {type(item).__name__}")
-
-
-def _decode_jpeg_cuda(path: str, device: torch.device) -> Tensor:
-    import warnings
-
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of torchcodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(read_file(path), mode=ImageReadMode.RGB, device=device)
 
 
 def load(path: str, device=None, full_precision: bool = False, compile: bool = False) -> Detector:
