@@ -163,8 +163,20 @@ def test_gpu_batches_equal_the_dataloader_batches(mixed, tiny_detector):
     coco = CocoAnnotations(str(mixed / "ann.json"), category_ids=None)
     fill = tiny_detector.fill
     cpu = list(I.make_loader(tiny_detector, str(mixed), coco, 4, 100, 160, workers=0))
-    gpu = list(GpuBatches(str(mixed), coco.images, 4, 100, 160, 32, fill, torch.device("cpu"), workers=3))
-    assert len(cpu) == len(gpu) == 3
+    gpu = list(
+        GpuBatches(
+            str(mixed),
+            coco.images,
+            4,
+            100,
+            160,
+            tiny_detector.config.pad_multiple,
+            fill,
+            torch.device("cpu"),
+            workers=3,
+        )
+    )
+    assert len(cpu) == len(gpu) == 7  # 100 images: six batches of 16 and a short one
     for a, b in zip(cpu, gpu):
         n = len(a.image_ids)
         assert b.images.shape[0] == 4 and b.valid.shape == (4, 2)
@@ -258,3 +270,94 @@ def test_only_complete_files_go_to_the_gpu():
     assert jpeg.for_gpu(data[:-2]) is None  # cut off: the CPU decoder reports it
     assert jpeg.for_gpu(data[: len(data) // 2]) is None
     assert jpeg.for_gpu(samples()["progressive"][0]) is None
+
+
+# --------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+def test_gpu_loader_on_cuda_matches_the_cpu_loader(demo_root):
+    """nvJPEG + GPU resize against libjpeg-turbo + CPU resize: pixels within the decoding bounds
+    of test_gpu_backend.py, padding exact, and the same network's detections matched."""
+    from test_gpu_backend import (
+        GPU_DECODE_MAX_DIFF,
+        GPU_DECODE_MEAN_DIFF,
+        assert_same_detections,
+        busy_model,
+        rows_of,
+    )
+
+    from retinanet.config import ModelConfig
+    from retinanet.runtime.pytorch import TorchBackend
+
+    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=160, max_size=160)
+    backend = TorchBackend(busy_model(cfg, weight_std=100.0), [1, 3, 7], "cuda", full_precision=True)
+    detector = runtime.Detector(backend, cfg, [1, 3, 7])
+    coco = CocoAnnotations(str(demo_root / "val.json"), category_ids=None)
+    cpu = list(
+        I.make_loader(
+            runtime.Detector(TorchBackend(busy_model(cfg), [1, 3, 7], "cpu"), cfg, [1, 3, 7]),
+            str(demo_root / "val"),
+            coco,
+            16,
+            160,
+            160,
+            workers=0,
+        )
+    )
+    gpu = list(
+        GpuBatches(
+            str(demo_root / "val"), coco.images, 16, 160, 160, cfg.pad_multiple, detector.fill, backend.device, 4
+        )
+    )
+    diffs = []
+    for a, b in zip(cpu, gpu):
+        n = len(a.image_ids)
+        assert b.images.device.type == "cuda" and b.images.shape[0] == 16
+        assert a.image_ids == b.image_ids and a.sizes == b.sizes and torch.equal(a.scales, b.scales)
+        assert torch.equal(a.valid, b.valid[:n].cpu()) and a.images.shape[1:] == b.images.shape[1:]
+        diff = (a.images.int() - b.images[:n].cpu().int()).abs()
+        diffs.append(diff.float().mean(dim=(1, 2, 3)))
+        assert diff.max() <= GPU_DECODE_MAX_DIFF, diff.amax(dim=(1, 2, 3))
+        got, want = backend(b.images, b.valid), backend(a.images.cuda(), a.valid.cuda())
+        assert_same_detections(
+            rows_of(tuple(t[:n].cpu() for t in got)),
+            rows_of(tuple(t.cpu() for t in want)),
+            cfg.detections,
+            score_tol=0.05,
+            box_tol=0.5,
+            min_matched=0.7,
+        )
+    means = torch.cat(diffs)
+    print(
+        f"GPU vs CPU loader, {len(means)} demo images at 160 px: mean |diff| per image "
+        f"max {means.max():.3f}, median {means.median():.3f} grey levels"
+    )
+    assert (means <= GPU_DECODE_MEAN_DIFF).all(), means
+    assert len(cpu) == len(gpu) == 7  # 100 images: six batches of 16 and a short one
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_demo_map_is_the_same_through_either_loader(trained, demo_root, tmp_path, monkeypatch):
+    """The trained demo model on its val set: mAP through the GPU loader equals the CPU loader's
+    within 0.005, and most detections match."""
+    work, _, _ = trained
+    detector = runtime.load(str(work / "demo.pth"))
+    val, ann = str(demo_root / "val"), str(demo_root / "val.json")
+    stats = {}
+    for kind in ("gpu", "cpu"):
+        monkeypatch.setattr(I, "choose_loader", lambda device, with_dali, kind=kind: kind)
+        stats[kind] = I.infer(detector, val, ann, str(tmp_path / f"{kind}.json"), 16, None, None, 4, quiet=True)
+    gpu, cpu = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("gpu", "cpu"))
+    key = lambda r: (r["image_id"], r["category_id"], tuple(round(v) for v in r["bbox"]))  # noqa: E731
+    shared = len({key(r) for r in gpu} & {key(r) for r in cpu})
+    print(
+        f"demo val mAP: GPU loader {stats['gpu'][0]:.4f}, CPU loader {stats['cpu'][0]:.4f}; "
+        f"{len(gpu)} vs {len(cpu)} detections, {shared} equal to the pixel"
+    )
+    assert abs(stats["gpu"][0] - stats["cpu"][0]) <= 0.005
+    assert abs(stats["gpu"][1] - stats["cpu"][1]) <= 0.005
+    assert shared >= 0.8 * len(cpu)
