@@ -361,3 +361,21 @@ def test_demo_map_is_the_same_through_either_loader(trained, demo_root, tmp_path
     assert abs(stats["gpu"][0] - stats["cpu"][0]) <= 0.005
     assert abs(stats["gpu"][1] - stats["cpu"][1]) <= 0.005
     assert shared >= 0.8 * len(cpu)
+
+
+def test_stopping_early_ends_the_threads(mixed, tiny_detector):
+    """A consumer that stops after one batch (an error in the loop, say) leaves no thread behind."""
+    import threading
+
+    coco = CocoAnnotations(str(mixed / "ann.json"), category_ids=None)
+    loader = GpuBatches(str(mixed), coco.images, 1, 100, 160, 32, tiny_detector.fill, torch.device("cpu"), 2)
+    before = threading.active_count()
+    batches = iter(loader)
+    next(batches)
+    batches.close()
+    import time
+
+    deadline = time.time() + 10
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before

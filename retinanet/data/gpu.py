@@ -13,7 +13,10 @@ images, so that CUDA graphs and compiled networks see one input shape.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +32,7 @@ from .batch import Batch
 from .coco import ImageRecord, check_decoded_size
 
 PREFETCH_BATCHES = 4  # batches being read ahead by the reader threads
+READY_BATCHES = 2  # batches decoded and padded ahead of the network (GPU memory: 2 x 16 x 3 x 800 x 1344 B)
 
 
 @dataclass
@@ -130,6 +134,51 @@ class GpuBatches:
         return -(-len(self.records) // self.batch)
 
     def __iter__(self):
+        # A preparing thread decodes, resizes and pads ahead on its own stream, so
+        # that this thread only launches the network and turns detections into records.
+        ready: queue.Queue = queue.Queue(maxsize=READY_BATCHES)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._prepare, args=(ready, stop), name="retinanet-prepare", daemon=True)
+        worker.start()
+        current = torch.cuda.current_stream(self.device) if self.stream is not None else None
+        try:
+            while True:
+                got = ready.get()
+                if got is None:
+                    return
+                if isinstance(got, BaseException):
+                    raise got
+                batch, event = got
+                if current is not None and not batch.errors:
+                    current.wait_event(event)
+                    for t in (batch.images, batch.valid):
+                        t.record_stream(current)  # made on the side stream, used on this one
+                yield batch
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a put() waiting on a full queue
+                with contextlib.suppress(queue.Empty):
+                    ready.get(timeout=0.05)
+
+    def _prepare(self, ready: queue.Queue, stop: threading.Event) -> None:
+        """The preparing thread: Batches and their ready-events into `ready`, then None (or the exception)."""
+        on_gpu = self.stream is not None
+        try:
+            with torch.cuda.stream(self.stream) if on_gpu else contextlib.nullcontext():
+                for items in self.item_batches():
+                    batch = self._assemble(items)
+                    event = torch.cuda.Event() if on_gpu else None
+                    if event is not None:
+                        event.record()
+                    ready.put((batch, event))
+                    if stop.is_set():
+                        return
+            ready.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which raises it
+            ready.put(e)
+
+    def item_batches(self):
+        """Lists of read Items, one per batch, read ahead by the reader threads."""
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="retinanet-read")
         pending: deque[Future] = deque()
         todo = iter(self.records)
@@ -141,22 +190,9 @@ class GpuBatches:
                         break
                     pending.append(pool.submit(read_item, self.folder, record))
                 n = min(self.batch, len(self.records) - start)
-                yield self.assemble([pending.popleft().result() for _ in range(n)])
+                yield [pending.popleft().result() for _ in range(n)]
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-
-    def assemble(self, items: list[Item]) -> Batch:
-        if self.stream is None:
-            return self._assemble(items)
-        with torch.cuda.stream(self.stream):
-            batch = self._assemble(items)
-        if batch.errors:
-            return batch
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(self.stream)
-        for t in (batch.images, batch.valid):
-            t.record_stream(current)  # allocated on the side stream, used on the current one
-        return batch
 
     def _assemble(self, items: list[Item]) -> Batch:
         jpegs = [it for it in items if it.data is not None]
