@@ -94,7 +94,9 @@ class TorchBackend:
                     self._detect(static_in, static_sizes)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the GPU loader's preparing thread keeps allocating and
+            # launching on its own stream while this thread captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self._detect(static_in, static_sizes)
             entry = self._graphs[key] = (graph, static_in, static_sizes, static_out)
         graph, static_in, static_sizes, static_out = entry
