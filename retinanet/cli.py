@@ -202,7 +202,8 @@ def _infer_flags(i: Parser) -> None:
     i.add_argument(
         "--workers",
         type=non_negative,
-        help=f"data loader processes; with --with-dali its CPU threads {default(o, 'workers')}",
+        help=f"file-reading threads on the GPU, loader processes on the CPU; DALI's CPU threads with --with-dali "
+        f"{default(o, 'workers')}",
     )
     i.add_argument(
         "--with-dali",
