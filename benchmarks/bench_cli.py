@@ -79,6 +79,22 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float | None, str]:
     return wall, float(match.group(1)) if match else None, proc.stderr
 
 
+def import_times(env: dict, work: Path) -> dict[str, float]:
+    """Seconds to import torch and torchvision in a fresh process: twice as the environment
+    is, then twice with a writable bytecode cache (PYTHONPYCACHEPREFIX). Where site-packages is
+    read-only, every process compiles their Python sources again; a user's install has its
+    bytecode cached, so from then on every process here runs with the cache, as a user's would."""
+    cmd = [sys.executable, "-c", "import torch, torchvision"]
+    out = {}
+    for name, extra in (("as installed", {}), ("bytecode cached", {"PYTHONPYCACHEPREFIX": str(work / "pycache")})):
+        for attempt in ("first", "second"):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env={**env, **extra}, check=True)
+            out[f"{name}, {attempt}"] = time.perf_counter() - t0
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    return out
+
+
 def torchvision_loop(images: str, output: str, batch: int) -> None:
     """The peer: what a user writes with torchvision alone. Run as its own process."""
     import torch
@@ -162,6 +178,7 @@ def run(a) -> None:
     print(f"bench_cli: {a.images} JPEGs 640x480 and a ResNet50FPN checkpoint in {time.perf_counter() - t0:.1f} s")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")  # cold for the first compiled run
+    imports = import_times(env, work)
     infer = [sys.executable, "-m", "retinanet", "infer", str(model), "--images", str(images), "--batch", str(a.batch)]
     infer += ["--workers", str(a.workers), "--override"]
     rows = {}
@@ -182,6 +199,7 @@ def run(a) -> None:
     )
     eager_ceiling, compiled_ceiling = network_ceiling(a.batch)
     report(a, rows, phases.stdout, eager_ceiling, compiled_ceiling, rows["retinanet infer"][0][2])
+    print("import torch, torchvision in a fresh process: " + ", ".join(f"{k} {v:.2f} s" for k, v in imports.items()))
 
 
 def report(a, rows, phases: str, eager_ceiling: float, compiled_ceiling: float, log: str) -> None:
