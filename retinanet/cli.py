@@ -141,6 +141,12 @@ def _train_run_flags(t: Parser) -> None:
     t.add_argument("--full-precision", action="store_true", default=None, help="disable mixed precision")
     t.add_argument("--amp-dtype", choices=["fp16", "bf16"], help="mixed precision type [bf16 where supported]")
     t.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the network (GPU: faster steps; the first steps compile, a new input size may recompile)",
+    )
+    t.add_argument(
         "--fine-tune",
         metavar="MODEL.pth",
         help="start from this checkpoint's weights, except the last classification conv",
@@ -226,7 +232,7 @@ def _export_flags(e: Parser) -> None:
         type=positive,
         nargs="+",
         metavar="N",
-        help=f"input size: N (square) or H W, multiples of 128 {default(o, 'size')}",
+        help=f"input size: N (square) or H W, multiples of the model's pad multiple (32) {default(o, 'size')}",
     )
     e.add_argument("--full-precision", action="store_true", help="float32 model (default: float16)")
     e.add_argument(
@@ -303,6 +309,7 @@ def run_train(ns: argparse.Namespace) -> None:
         logdir=ns.logdir,
         explicit=frozenset(flags),
         timeout_s=ns.dist_timeout,
+        compile=bool(ns.compile),
     )
 
 

@@ -150,7 +150,7 @@ def test_python_api_on_paths_arrays_and_tensors(tiny_pth, demo_root):
 
 def test_python_api_resizes_pads_and_maps_back_as_worked_by_hand(tiny_pth, demo_root):
     """A 100 x 128 image with resize 96, max size 160: scale min(96/100, 160/128) = 0.96,
-    so 96 x 123 (122.88 rounded); padded to 128 x 128 with the mean colour; boxes
+    so 96 x 123 (122.88 rounded); padded to 96 x 128 (multiples of 32) with the mean colour; boxes
     back by 123/128 in x and 96/100 in y, clipped to 128 x 100."""
     import numpy as np
     from PIL import Image
@@ -161,7 +161,7 @@ def test_python_api_resizes_pads_and_maps_back_as_worked_by_hand(tiny_pth, demo_
     det = retinanet.load(tiny_pth, device="cpu")
     array = np.array(Image.open(demo_root / "val" / "val_00003.jpg").convert("RGB"))[:100]
     got = det(array, resize=96, max_size=160)
-    batch = torch.tensor([124, 116, 104], dtype=torch.uint8).view(1, 3, 1, 1).repeat(1, 1, 128, 128)
+    batch = torch.tensor([124, 116, 104], dtype=torch.uint8).view(1, 3, 1, 1).repeat(1, 1, 96, 128)
     batch[0, :, :96, :123] = F.resize(torch.from_numpy(array).permute(2, 0, 1), [96, 123], antialias=True)
     scores, boxes, classes = (t[0] for t in det.run(batch))
     keep = scores > 0

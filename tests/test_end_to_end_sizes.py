@@ -23,7 +23,8 @@ RESIZE, MAX_SIZE = 96, 160
 # side to 96 unless the longer would pass 160, aspect kept, rounded.
 SIZES = [(100, 170), (150, 90), (77, 203), (128, 128)]
 RESIZED = [(94, 160), (160, 96), (61, 160), (96, 96)]  # 0.941 (cap), 1.067 (both), 0.788 (cap), 0.75
-EXPORT_SIZE = (256, 384)
+# Multiples of 32 but not of 128, as the batch's 160 x 160: P6 and P7 have partial cells.
+EXPORT_SIZE = (192, 224)
 # The CLI on the CPU, as the API here, also where there is a GPU (whose
 # decoding, resizing and fp16 would round otherwise).
 CPU = {"CUDA_VISIBLE_DEVICES": ""}
@@ -82,7 +83,7 @@ def assert_mapped_back(detections, raw, fill):
     by the hand-worked factors of RESIZED and clipped to each image; the batch holds
     each resized image top-left, the rest the mean colour."""
     (batch,), (scores, boxes, classes) = raw.batches, raw.outputs[0]
-    assert batch.shape[-2:] == (256, 256)  # the largest resized sides, 160 and 160, up to a multiple of 128
+    assert batch.shape[-2:] == (160, 160)  # the largest resized sides, 160 and 160, are multiples of 32
     fill = torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1)
     for i, ((h, w), (rh, rw), d) in enumerate(zip(SIZES, RESIZED, detections)):
         pad = batch[i].clone()
@@ -102,7 +103,7 @@ def test_infer_cli_equals_python_api_in_original_pixels(tmp_path, tiny_pth, imag
     folder, paths = images
     det = retinanet.load(tiny_pth, device="cpu")
     ids = list(range(1, len(paths) + 1))  # the CLI numbers an annotation-less folder's files in name order
-    for batch in (1, len(paths)):  # each image padded to its own 128 multiple; all to 256 x 256 together
+    for batch in (1, len(paths)):  # each image padded to its own multiple of 32; all to 160 x 160 together
         run_cli(
             "infer",
             tiny_pth,
@@ -144,19 +145,21 @@ def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, tiny_pth, i
     want = torch_det(paths, resize=RESIZE, max_size=MAX_SIZE)
     assert_mapped_back(got, ort_raw, mean_pixel(ort_det.config.mean))
     assert_mapped_back(want, torch_raw, mean_pixel(torch_det.config.mean))
-    # On the same 256 x 384 input ONNX Runtime and PyTorch differ by rounding
-    # alone: measured 8e-8 in score, 2e-5 px in box.
+    # On the same 192 x 224 input ONNX Runtime and PyTorch differ by rounding
+    # alone: measured 8e-8 in score, 2e-5 px in box. That swaps one pair of
+    # overlapping boxes of one class whose scores lie 4.5e-8 apart: NMS keeps
+    # the other one (every difference must be such an NMS flip).
     (batch,) = ort_raw.batches
     same_input = torch_raw.backend(pad_to(batch, EXPORT_SIZE, ort_det.fill))
     assert_same_detections(
-        rows_of(ort_raw.outputs[0]), rows_of(same_input), 100, score_tol=1e-6, box_tol=1e-3, min_matched=1.0
+        rows_of(ort_raw.outputs[0]), rows_of(same_input), 100, score_tol=1e-6, box_tol=1e-3, min_matched=0.99
     )
-    # PyTorch pads this batch to 256 x 256 only. BatchNorm heads do not depend
-    # on the padding, but the backbone's and FPN's convolutions near the border
-    # see it: measured up to 3e-5 in score, and a few near-equal scores swap.
-    assert_same_detections(
-        rows_of(ort_raw.outputs[0]), rows_of(torch_raw.outputs[0]), 100, score_tol=1e-4, box_tol=0.05, min_matched=0.9
-    )
+    # PyTorch runs this batch at 160 x 160. BatchNorm heads do not depend on the
+    # padding, but the backbone's and FPN's convolutions see it, and on these
+    # 160 px images their reach spans the whole image: measured, 19 to 83 of
+    # each image's 100 detections (random weights, scores 1e-4 apart) have no
+    # counterpart within 1e-4 in score. So the fixed-size export is held to
+    # PyTorch on its own input size (above) only.
     # `retinanet infer` with the ONNX model writes what the API gives.
     run_cli(
         "infer",

@@ -234,12 +234,24 @@ def test_export_errors(tiny, tmp_path):
         (dict(precision="int8", calibration_table=str(tmp_path / "t.json")), "not a retinanet calibration table"),
         (dict(precision="int8", calibration_table=str(tmp_path / "no.json")), "no.json: calibration table not found"),
         (dict(precision="fp16", calibration_images=str(tmp_path / "bad")), "--int8 only"),
-        (dict(size=(100,)), "multiples of 128"),
+        (dict(size=(100,)), "--size 100 100: height and width must be positive multiples of 32"),
     ]
     for kwargs, words in cases:
         with pytest.raises(UserError, match=words):
             export_onnx(pth, out, ExportOptions(**{"size": SIZE, **kwargs}))
     assert not os.path.exists(out)
+
+
+def test_size_multiples_follow_the_checkpoints_pad_multiple(tmp_path):
+    """New models pad to 32, so --size takes multiples of 32; a checkpoint saved with 128 keeps it."""
+    import retinanet
+
+    assert export_onnx_module.parse_size((160, 224), ModelConfig()) == (160, 224)
+    old = save_model(export_model(pad_multiple=128), tmp_path / "old.pth")
+    with pytest.raises(UserError, match="--size 160 224: height and width must be positive multiples of 128"):
+        export_onnx(old, str(tmp_path / "o.onnx"), ExportOptions((160, 224), "fp32"))
+    assert retinanet.load(old, device="cpu").config.pad_multiple == 128
+    assert os.listdir(tmp_path) == ["old.pth"]
 
 
 def test_export_cli_errors_are_one_line(tiny, tmp_path):

@@ -258,7 +258,8 @@ def test_gpu_preprocessing_matches_cpu(demo_root):
     """Paths decode (nvJPEG), resize and pad on the GPU; batches and detections match the CPU path."""
     import retinanet
 
-    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=96, max_size=96)
+    # 96 px images padded to 128: the batches have padding to compare.
+    cfg = ModelConfig(backbone="ResNet18FPN", classes=3, channels=32, resize=96, max_size=96, pad_multiple=128)
     model = busy_model(cfg, weight_std=100.0)  # scores ~0.1-0.45: comparisons mean something
     on_gpu = Recording(TorchBackend(model, [1, 3, 7], "cuda", full_precision=True))
     on_cpu = Recording(TorchBackend(model, [1, 3, 7], "cpu"))

@@ -335,7 +335,7 @@ def parse_size(size, config: ModelConfig) -> tuple[int, int]:
     m = config.pad_multiple
     if h % m or w % m or h <= 0 or w <= 0:
         raise UserError(
-            f"--size {h} {w}: height and width must be positive multiples of {m} (the model's largest stride)"
+            f"--size {h} {w}: height and width must be positive multiples of {m} (the model's pad multiple)"
         )
     return h, w
 

@@ -15,7 +15,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass
 class ExportOptions:
-    # Input H W, or N for a square N x N; multiples of the model's pad multiple (128).
+    # Input H W, or N for a square N x N; multiples of the model's pad multiple
+    # (ModelConfig.pad_multiple: 32, or 128 for checkpoints saved with it).
     size: tuple[int, ...] = (1280,)
     precision: str = "fp16"  # one of PRECISIONS
     plugin_form: bool = False  # TensorRT form: decode/NMS as plugin nodes

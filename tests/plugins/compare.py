@@ -12,14 +12,42 @@ import sys
 import numpy as np
 import torch
 
-from retinanet.ops import reference
+from retinanet.ops import box, reference
 
 CLAMP = math.log(1000 / 16)
+# The levels of one input padded to a multiple of 32 but not of 128: C3-C5 halve
+# it exactly, P6 and P7 round up, so their maps (3 x 4 and 2 x 2 cells) reach past
+# the input (to 192 x 256 and 256 x 256 px), and decode clips boxes to that reach.
+PYRAMID_INPUT = (160, 224)
+STRIDES = (8, 16, 32, 64, 128)
 
 
 def _anchors(a):
     sizes = torch.linspace(32, 64, a)
     return torch.stack([-sizes / 2, -sizes * 0.75 / 2, sizes / 2, sizes * 0.75 / 2], 1).float()
+
+
+def pyramid_shapes(height, width):
+    """(stride, h, w) of each level for an input of height x width: ceil(size / stride)."""
+    return [(s, -(-height // s), -(-width // s)) for s in STRIDES]
+
+
+def _pyramid_cases(g, dtype, td):
+    """One decode case per level of PYRAMID_INPUT with the default anchors (9 per level,
+    32 to 813 px: those of P6 and P7 reach past the input from every cell)."""
+    out = []
+    b, c = 2, 3
+    for stride, h, w in pyramid_shapes(*PYRAMID_INPUT):
+        anchors = box.base_anchors(stride, [0.5, 1.0, 2.0], [4.0 * 2 ** (k / 3) for k in range(3)])
+        a = anchors.shape[0]
+        scores = torch.rand(b, a * c, h, w, generator=g)
+        deltas = torch.randn(b, a * 4, h, w, generator=g) * 0.5
+        params = dict(stride=stride, score_threshold=0.05, top_n=1000, box_clamp=CLAMP)
+        inputs = dict(scores=scores.to(td), deltas=deltas.to(td), anchors=anchors)
+        out.append(
+            (f"decode_pad32_p{int(math.log2(stride))}_{dtype}", "decode", dtype, td, inputs, (b, a, c, h, w), params)
+        )
+    return out
 
 
 def cases():
@@ -69,6 +97,7 @@ def cases():
                     dict(iou=iou, detections=d),
                 )
             )
+        out += _pyramid_cases(torch.Generator().manual_seed(1), dtype, td)
     return out
 
 
