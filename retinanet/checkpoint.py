@@ -56,9 +56,8 @@ def load_model(path: str):
     from .model import RetinaNet
 
     state = load(path)
-    model = RetinaNet(state["config"])
     try:
-        model.load_state_dict(state["state_dict"])
+        model = RetinaNet.from_state_dict(state["config"], state["state_dict"])
     except RuntimeError as e:
         raise UserError(
             f"{path}: weights do not fit a {state['backbone']} model ({str(e).splitlines()[0][:160]})"

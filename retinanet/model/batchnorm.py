@@ -61,6 +61,8 @@ def scale_shift(bn: nn.BatchNorm2d | FrozenBatchNorm2d) -> tuple[Tensor, Tensor]
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | FrozenBatchNorm2d) -> nn.Conv2d:
     scale, shift = scale_shift(bn)
+    # Made on the meta device and given its tensors: initialising weights that are
+    # overwritten anyway was half the time a ResNet50 took to fold.
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -71,12 +73,12 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | FrozenBatchNorm2d) -> nn.Conv2d:
         conv.groups,
         bias=True,
         padding_mode=conv.padding_mode,
+        device="meta",
     )
-    with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-        cast(Tensor, fused.bias).copy_(bias * scale + shift)
-    return fused.to(conv.weight.device)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+    fused.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), conv.weight.requires_grad)
+    fused.bias = nn.Parameter(bias * scale + shift, conv.weight.requires_grad)
+    return fused
 
 
 @torch.no_grad()

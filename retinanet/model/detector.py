@@ -55,13 +55,27 @@ class RetinaNet(nn.Module):
             config.head_norm,
         )
         self.box_head = box_head(config.num_anchors, config.channels, config.head_depth, config.head_norm)
-        mean = torch.tensor(config.mean).view(1, 3, 1, 1) * 255
-        std = torch.tensor(config.std).view(1, 3, 1, 1) * 255
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
         self._anchor_cache: dict = {}
+        self._register_constants()
+
+    def _register_constants(self) -> None:
+        """The buffers computed from the config, which checkpoints do not hold."""
+        config = self.config
+        self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
         for i, base in enumerate(level_base_anchors(config)):
             self.register_buffer(f"base_anchors_{i}", base, persistent=False)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state_dict: dict) -> RetinaNet:
+        """The model holding `state_dict`'s tensors, on the CPU. Built on the meta device, so that
+        no weight is initialised only to be overwritten: a ResNet50's initialisation and copy are
+        most of the time it takes to open a checkpoint. RuntimeError when the keys or shapes differ."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, assign=True)
+        model._register_constants()  # the meta build made these on the meta device too
+        return model
 
     def base_anchors(self) -> list[Tensor]:
         return [getattr(self, f"base_anchors_{i}") for i in range(len(self.config.strides))]

@@ -36,11 +36,13 @@ class TorchBackend:
         full_precision: bool = False,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        owned: bool = False,
     ):
+        """owned: `model` is this backend's to change (no one else holds it): no copy is made."""
         self.device = torch.device(device) if device is not None else default_device()
         # An inference copy: BatchNorm folded into the convs, and on the GPU
         # fp16 weights (no per-call autocast casts) in channels_last.
-        self.model = copy.deepcopy(model).eval()
+        self.model = (model if owned else copy.deepcopy(model)).eval()
         fold_batchnorm(self.model)
         if self.device.type == "cuda" and not compile:
             # Each conv's bias add and ReLU (and a ResNet block's residual add)
@@ -68,7 +70,7 @@ class TorchBackend:
         cls, path: str, device=None, full_precision: bool = False, compile: bool = False
     ) -> TorchBackend:
         model, state = checkpoint.load_model(path)
-        return cls(model, state["category_ids"], device, full_precision, compile=compile)
+        return cls(model, state["category_ids"], device, full_precision, compile=compile, owned=True)
 
     @property
     def preprocess_device(self) -> torch.device:
