@@ -173,6 +173,21 @@ def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dt
     return True, torch.bfloat16
 
 
+def compile_network(model: torch.nn.Module) -> torch.nn.Module:
+    """The training forward (backbone, FPN, heads) through torch.compile, for --compile.
+
+    dynamic=None, not the inference path's dynamic=False: scale jitter gives
+    batches many padded sizes, and with static shapes each new size compiles
+    again until dynamo's recompile limit (8 per function), after which the
+    forward silently runs eagerly for the rest of the run. With None the first
+    size compiles a static graph, and a dimension that changes is recompiled as
+    symbolic: once the width and the height have both changed, one graph serves
+    the later sizes, at the cost of kernels not specialised to one size. The
+    returned module shares the parameters of `model`; it is only ever called,
+    never saved."""
+    return torch.compile(model, dynamic=None)
+
+
 def fine_tune_weights(model: RetinaNet, path: str) -> None:
     """Load every weight of another checkpoint except the last classification conv."""
     state = checkpoint.load(path)
@@ -461,8 +476,10 @@ class Trainer:
         pretrained: bool,
         backbone_weights: str | None,
         fine_tune: str | None,
+        compile: bool = False,
     ):
         self.s, self.cfg, self.device, self.rank, self.world = s, s.cfg, device, rank, world
+        self.compile = compile
         torch.manual_seed(self.cfg.seed + rank)
         random.seed(self.cfg.seed + rank)
         fresh = s.resume is None
@@ -480,7 +497,10 @@ class Trainer:
             # Trainable BatchNorm: statistics over the global batch, as in one process.
             self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
         self.net.train()
-        self.model: torch.nn.Module = self.net  # DDP-wrapped by wrap() once every rank is ready
+        # What the step calls: DDP-wrapped and compiled by wrap() once every rank is ready.
+        # Everything else (loss, checkpoints, resume, validation, clipping) uses self.net,
+        # so saved keys never carry the wrappers' "module." or "_orig_mod." prefixes.
+        self.model: torch.nn.Module = self.net
         self.optimizer = torch.optim.SGD(
             param_groups(self.net, self.cfg.weight_decay), lr=self.cfg.lr, momentum=self.cfg.momentum
         )
@@ -530,12 +550,18 @@ class Trainer:
                 fn(resume[key])
 
     def wrap(self) -> None:
-        """DistributedDataParallel: a collective, so every rank must have got here."""
+        """DistributedDataParallel (a collective, so every rank must have got here), then --compile."""
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.net, device_ids=ids)
+        if self.compile:
+            # Compiling the DDP module, not DDP around a compiled one: dynamo then
+            # splits the graph at DDP's gradient-bucket boundaries, so each bucket's
+            # all-reduce overlaps the rest of the backward. Around a compiled module
+            # the whole backward is one graph and every gradient is ready only at its end.
+            self.model = compile_network(self.model)
 
     def loader(self):
         """This epoch's batches: DALI's loader (built once, reused) or a fresh DataLoader."""
@@ -793,6 +819,7 @@ def train(
     rank: int = 0,
     world: int = 1,
     explicit: frozenset = frozenset(),
+    compile: bool = False,
 ) -> list[float] | None:
     """Train (or resume) and return the final validation stats, if validated.
 
@@ -800,6 +827,8 @@ def train(
     the checkpoint's, the rest come from the checkpoint. With several ranks, an
     error in the checks or the set-up of any rank stops every rank with that
     rank's message (rank 0 prints it), before the first collective that could hang.
+    compile: torch.compile the network's forward (compile_network); not saved in
+    the checkpoint, so a resumed run compiles only when asked again.
     """
     device = (
         torch.device(device)
@@ -812,7 +841,7 @@ def train(
         setup = prepare(model_path, model_cfg, cfg, paths, world, override, explicit)
         if setup.resume and main:
             print(f"resuming {model_path} at iteration {setup.resume['iteration']}", flush=True)
-        trainer = Trainer(setup, device, rank, world, pretrained, backbone_weights, fine_tune)
+        trainer = Trainer(setup, device, rank, world, pretrained, backbone_weights, fine_tune, compile)
         writer = open_writer(logdir, main)
     except UserError as e:
         error = e
