@@ -70,12 +70,12 @@ plugin_harness() {
 
 if step build build.log python3 setup.py build_ext --inplace; then
   if [ -z "${SKIP_TESTS:-}" ]; then
-    step "gpu tests" tests.log python3 -m pytest -m gpu -q -rfEs --continue-on-collection-errors ${PYTEST_ARGS:-} tests/
+    step "gpu tests" tests.log python3 -m pytest -m gpu -q -rfEsP --continue-on-collection-errors ${PYTEST_ARGS:-} tests/
     # The gpu-marked runs above include short fp16 and bf16 trainings; these train
     # the demo model through the CLI (on the GPU, bf16 autocast) and test it.
     if [ -z "${SKIP_TRAINING_TESTS:-}" ]; then
-      step "training tests" training.log python3 -m pytest -m "slow and not gpu" -q -rfEs ${PYTEST_ARGS:-} \
-        tests/test_workflow.py tests/test_dali.py
+      step "training tests" training.log python3 -m pytest -m "slow and not gpu" -q -rfEsP ${PYTEST_ARGS:-} \
+        tests/test_workflow.py tests/test_dali.py tests/test_gpu_loader.py
     fi
   fi
   if [ -n "${TENSORRT_INCLUDE:-}" ]; then
@@ -98,6 +98,7 @@ echo "################ device_run summary ################"
 printf '%s\n' "${summary[@]}"
 tail -n 1 "$OUT/tests.log" 2>/dev/null | sed 's/^/tests: /'
 tail -n 1 "$OUT/training.log" 2>/dev/null | sed 's/^/training tests: /'
+grep -h "^GPU vs CPU loader\|^demo val mAP" "$OUT/tests.log" "$OUT/training.log" 2>/dev/null
 for log in "$OUT"/bench_*.log; do
   [ -e "$log" ] || continue
   echo "--- $(basename "$log" .log)"
