@@ -603,7 +603,9 @@ class Trainer:
     def stand_in(self, batch) -> None:
         """Every image of this rank's batch was skipped while the other ranks step: join
         with a zero-weight stand-in image (the gradient all-reduce needs every rank)."""
-        m = self.collate.multiple
+        # 128 px at least: at the padding multiple alone (32) the backbone's last stage
+        # would hold one value per channel, which BatchNorm cannot train on.
+        m = -(-128 // self.collate.multiple) * self.collate.multiple
         batch.images = torch.zeros(1, 3, m, m, dtype=torch.uint8)
         batch.targets = torch.zeros(1, 1, 5)
         batch.targets[..., 4] = LABEL_PAD
