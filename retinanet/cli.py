@@ -144,7 +144,7 @@ def _train_run_flags(t: Parser) -> None:
         "--compile",
         action="store_true",
         default=None,
-        help="torch.compile the network (GPU: faster steps; the first steps compile, a new input size may recompile)",
+        help="torch.compile the network (GPU; each new input size compiles once: best with few sizes, --jitter N N)",
     )
     t.add_argument(
         "--fine-tune",
@@ -232,7 +232,8 @@ def _export_flags(e: Parser) -> None:
         type=positive,
         nargs="+",
         metavar="N",
-        help=f"input size: N (square) or H W, multiples of the model's pad multiple (32) {default(o, 'size')}",
+        help="fixed input size: N (square) or H W, multiples of the model's pad multiple (32) "
+        "[none: dynamic H and W, multiples of it up to the model's max size rounded up]",
     )
     e.add_argument("--full-precision", action="store_true", help="float32 model (default: float16)")
     e.add_argument(
@@ -336,8 +337,10 @@ def run_export(ns: argparse.Namespace) -> None:
     options = export.ExportOptions(**flags)
     result = export.export(ns.model, ns.output, options, override=ns.override)
     form = "TensorRT (plugin) form" if options.plugin_form else "portable form"
-    h, w = options.size if len(options.size) == 2 else options.size * 2
-    print(f"wrote {ns.output}: {form}, {options.precision}, input {h}x{w}, dynamic batch, {result['export_s']:.1f} s")
+    print(
+        f"wrote {ns.output}: {form}, {options.precision}, input {result['input']}, dynamic batch, "
+        f"{result['export_s']:.1f} s"
+    )
     if result["table"]:
         print(f"wrote calibration table {result['table']} (calibration {result['calibration_s']:.1f} s)")
 

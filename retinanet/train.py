@@ -176,16 +176,15 @@ def amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[bool, torch.dt
 def compile_network(model: torch.nn.Module) -> torch.nn.Module:
     """The training forward (backbone, FPN, heads) through torch.compile, for --compile.
 
-    dynamic=None, not the inference path's dynamic=False: scale jitter gives
-    batches many padded sizes, and with static shapes each new size compiles
-    again until dynamo's recompile limit (8 per function), after which the
-    forward silently runs eagerly for the rest of the run. With None the first
-    size compiles a static graph, and a dimension that changes is recompiled as
-    symbolic: once the width and the height have both changed, one graph serves
-    the later sizes, at the cost of kernels not specialised to one size. The
-    returned module shares the parameters of `model`; it is only ever called,
-    never saved."""
-    return torch.compile(model, dynamic=None)
+    dynamic=False, as inference compiles: one graph per input size. Symbolic
+    sizes (dynamic=None) would not spare the per-size compiles under scale
+    jitter: inductor lowers the convolutions' backward with concrete strides
+    (measured with PyTorch 2.14), so a graph compiled for symbolic height and
+    width still holds for one size only, and its extra compiles and slower
+    kernels are pure cost. Past dynamo's recompile limit (8 per function) new
+    sizes run eagerly, the compiled ones keep their graphs. The returned module
+    shares the parameters of `model`; it is only ever called, never saved."""
+    return torch.compile(model, dynamic=False)
 
 
 def fine_tune_weights(model: RetinaNet, path: str) -> None:
