@@ -197,6 +197,7 @@ def run(a) -> None:
         capture_output=True,
         text=True,
     )
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = env["TORCHINDUCTOR_CACHE_DIR"]  # the CLI's compiled graph, cached
     eager_ceiling, compiled_ceiling = network_ceiling(a.batch)
     report(a, rows, phases.stdout, eager_ceiling, compiled_ceiling, rows["retinanet infer"][0][2])
     print("import torch, torchvision in a fresh process: " + ", ".join(f"{k} {v:.2f} s" for k, v in imports.items()))
