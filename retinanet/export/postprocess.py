@@ -80,7 +80,8 @@ def decode_level(
 
     Returns scores [B, k], boxes [B, k, 4], classes [B, k] int32 with
     k = min(top_n, A*C*H*W) (the reference pads to top_n; the tail it adds is
-    padding, which NMS ignores, so it is left out here).
+    padding, which NMS ignores, so it is left out here). With a dynamic input
+    size H and W are symbolic, and so is k (torch.sym_min: a Min in the graph).
     """
     batch = scores.shape[0]
     _, channels, height, width = scores.shape
@@ -90,7 +91,7 @@ def decode_level(
 
     flat = scores.reshape(batch, -1)
     ranked = torch.where(flat > score_threshold, flat, torch.full_like(flat, -1.0))
-    k = min(top_n, channels * hw)
+    k = torch.sym_min(top_n, channels * hw)
     top, order = torch.topk(ranked, k, dim=1, largest=True, sorted=True)
     valid = top >= 0  # ranked is -1 exactly for the non-candidates
 
@@ -109,30 +110,27 @@ def class_aware_nms(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reference.nms() for export: the `detections` best survivors, padded."""
     n = scores.shape[1]
+    if not isinstance(n, int) or n < detections:
+        # Fewer candidates than detections, or a count known only at run time (a dynamic
+        # input size): padding candidates (score 0, never kept) make `detections` the top-k.
+        scores = torch.nn.functional.pad(scores, (0, detections))
+        boxes = torch.nn.functional.pad(boxes, (0, 0, 0, detections))
+        classes = torch.nn.functional.pad(classes, (0, detections), value=-1)
     class_ids = torch.arange(num_classes, dtype=torch.int32).view(1, -1, 1)
     zero = torch.zeros((), dtype=torch.float32)
     class_scores = torch.where(classes.unsqueeze(1) == class_ids, scores.unsqueeze(1), zero)
     # No class can place more than `detections` boxes among the best `detections`.
     keep = torch.ops.retinanet_export.nms_keep(boxes, class_scores, detections, iou_threshold)
     kept = torch.where(keep, scores, torch.zeros((), dtype=torch.float32))
-    k = min(detections, n)
-    top, order = torch.topk(kept, k, dim=1, largest=True, sorted=True)  # ties: earlier input first
+    top, order = torch.topk(kept, detections, dim=1, largest=True, sorted=True)  # ties: earlier input first
     valid = top > 0
     out_boxes = torch.gather(boxes, 1, order.unsqueeze(-1).expand(-1, -1, 4))
     out_classes = torch.gather(classes, 1, order)
-    out = (
+    return (
         torch.where(valid, top, zero),
         torch.where(valid.unsqueeze(-1), out_boxes, zero),
         torch.where(valid, out_classes, torch.full_like(out_classes, -1)),
     )
-    if k < detections:  # fewer candidates than detections: pad as the reference does
-        pad = detections - k
-        out = (
-            torch.nn.functional.pad(out[0], (0, pad)),
-            torch.nn.functional.pad(out[1], (0, 0, 0, pad)),
-            torch.nn.functional.pad(out[2], (0, pad), value=-1),
-        )
-    return out
 
 
 class PortablePostprocess(nn.Module):

@@ -40,14 +40,18 @@ def candidate_boxes(
     batch, _, height, width = box_deltas.shape
     num_anchors = anchors.shape[0]
     hw = height * width
-    # torch.div with floor (not //) so that the ONNX exporter sees plain integer division.
-    a = torch.div(order, num_classes * hw, rounding_mode="floor")
-    c = torch.div(order, hw, rounding_mode="floor") % num_classes
-    y = torch.div(order, width, rounding_mode="floor") % height
-    x = order % width
+    # torch.div with floor (not //) so that the ONNX exporter sees plain integer division,
+    # and remainders as n - q * d: exported with a dynamic H x W, `% height` would take
+    # a symbolic size as a Python number.
+    channel = torch.div(order, hw, rounding_mode="floor")  # a * C + c
+    cell = order - channel * hw
+    a = torch.div(channel, num_classes, rounding_mode="floor")
+    c = channel - a * num_classes
+    y = torch.div(cell, width, rounding_mode="floor")
+    x = cell - y * width
     # Gather (a, :, cell) per candidate: flatten anchors and cells together.
     deltas = box_deltas.reshape(batch, num_anchors, 4, hw).float().permute(0, 1, 3, 2)
-    d = deltas.reshape(batch, num_anchors * hw, 4).gather(1, (a * hw + y * width + x)[..., None].expand(-1, -1, 4))
+    d = deltas.reshape(batch, num_anchors * hw, 4).gather(1, (a * hw + cell)[..., None].expand(-1, -1, 4))
     cx = (x.float() + 0.5) * stride
     cy = (y.float() + 0.5) * stride
     anchor_boxes = anchors.to(device=order.device, dtype=torch.float32)[a] + torch.stack([cx, cy, cx, cy], dim=-1)
