@@ -411,8 +411,16 @@ def test_corrupt_onnx_metadata_is_one_line(tiny, tmp_path):
         ),
         "missing.onnx": (lambda p: p.pop("retinanet.input_size"), "metadata retinanet.input_size missing"),
         "version.onnx": (
-            lambda p: p.update({"retinanet.format_version": "2"}),
-            "metadata format version 2, this retinanet reads version 1",
+            lambda p: p.update({"retinanet.format_version": "3"}),
+            "metadata format version 3, this retinanet reads versions 1, 2",
+        ),
+        "v1dynamic.onnx": (
+            lambda p: p.update({"retinanet.format_version": "1", "retinanet.input_size": json.dumps(DYNAMIC)}),
+            "bad metadata retinanet.input_size (format version 1 has fixed sizes only)",
+        ),
+        "range.onnx": (
+            lambda p: p.update({"retinanet.input_size": json.dumps({**DYNAMIC, "min": [48, 32]})}),
+            "bad metadata retinanet.input_size",
         ),
         "unversioned.onnx": (lambda p: p.pop("retinanet.format_version"), "format version missing"),
         "size.onnx": (lambda p: p.update({"retinanet.input_size": "[128, -256]"}), "bad metadata retinanet.input_size"),
@@ -427,6 +435,131 @@ def test_corrupt_onnx_metadata_is_one_line(tiny, tmp_path):
         if name in ("broken.onnx", "version.onnx"):
             proc = run_cli("infer", name, "--images", "images", cwd=tmp_path, check=False)
             assert_user_error(proc, name, words)
+
+
+# --- dynamic input size (the default export) ------------------------------------------------------
+
+# The tiny export model's range: multiples of 32 up to its max_size, 256.
+DYNAMIC = {"dynamic": True, "multiple": 32, "min": [32, 32], "max": [256, 256]}
+
+
+@pytest.fixture(scope="module")
+def dynamic(tiny):
+    """The tiny model's default export: portable FP32, dynamic H x W."""
+    return export_onnx(tiny["pth"], str(tiny["work"] / "dynamic.onnx"), ExportOptions(precision="fp32"))["output"]
+
+
+def test_dynamic_export_declares_symbolic_height_and_width_and_its_range(dynamic):
+    proto = onnx.load(dynamic)
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "32*height", "32*width"]
+    for o in proto.graph.output:  # the outputs keep their fixed size
+        assert [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim][:2] == ["batch", 100]
+    meta = onnx_format.read_metadata(proto)
+    assert meta["retinanet.input_size"] == DYNAMIC and meta["retinanet.format_version"] == 2
+
+
+def test_dynamic_portable_export_gives_the_reference_detections_at_two_sizes(tiny, dynamic):
+    """160 x 224 and 224 x 160: not the traced 256 x 224, multiples of 32 but not of 128
+    (P6, P7 of 3 x 4, 2 x 2 cells), H and W swapped. Anchors, cell positions and the
+    clipping come from the runtime shapes; a size baked in would misplace boxes."""
+    torch.manual_seed(2)
+    for size in ((160, 224), (224, 160)):
+        images = torch.rand(3, 3, *size) * 255
+        with torch.no_grad():
+            want = [t.numpy() for t in tiny["model"].detect(images)]
+        assert (want[0] > 0).sum(axis=1).min() == 100
+        assert_same_detections(run_ort(dynamic, images), want)
+
+
+class RecordingSession:
+    """An ONNX Runtime session that keeps the shapes of the images it is fed."""
+
+    def __init__(self, session):
+        self.session, self.shapes = session, []
+
+    def run(self, names, feed):
+        self.shapes.append(feed["images"].shape)
+        return self.session.run(names, feed)
+
+
+def test_onnx_runtime_runs_each_batch_at_its_own_size(tiny, dynamic):
+    import retinanet
+
+    detector = retinanet.load(dynamic)
+    assert (detector.config.resize, detector.config.max_size) == (128, 256)  # the model's: within the range
+    detector.backend.session = session = RecordingSession(detector.backend.session)
+    torch_det = retinanet.load(tiny["pth"], device="cpu")
+    rng = np.random.default_rng(3)
+    images = [(rng.random((100, 200, 3)) * 255).astype(np.uint8), (rng.random((180, 90, 3)) * 255).astype(np.uint8)]
+    for batch, shape in (([images[0]], (1, 3, 128, 224)), ([images[1]], (1, 3, 224, 128)), (images, (2, 3, 224, 224))):
+        got = detector(batch, resize=100, max_size=200)
+        assert session.shapes[-1] == shape
+        # The checkpoint runs the same padded batch: the same detections (measured: 4.5e-8 in score,
+        # 1.5e-5 px in box, in the same order).
+        for g, w in zip(got, torch_det(batch, resize=100, max_size=200)):
+            assert len(w.scores) == 100 and torch.equal(g.category_ids, w.category_ids)
+            torch.testing.assert_close(g.scores, w.scores, rtol=0, atol=1e-5)
+            torch.testing.assert_close(g.boxes, w.boxes, rtol=0, atol=1e-3)
+    with pytest.raises(UserError, match="288x64 pixels does not fit the model's largest input 256x256"):
+        detector.run(torch.zeros(1, 3, 288, 64, dtype=torch.uint8))
+
+
+def test_version_1_exports_read_as_before(tiny, tmp_path):
+    """Exports written before dynamic sizes (format version 1, [H, W]) run unchanged."""
+    import retinanet
+
+    old = _with_metadata(tiny["fp32"], str(tmp_path / "v1.onnx"), lambda p: p.update({"retinanet.format_version": "1"}))
+    images = torch.rand(2, 3, *SIZE) * 255
+    detector = retinanet.load(old)
+    assert detector.backend.input_size == SIZE
+    for a, b in zip(
+        detector.run(images[:, :, :100, :200].to(torch.uint8)),
+        retinanet.load(tiny["fp32"]).run(images[:, :, :100, :200].to(torch.uint8)),
+    ):
+        assert torch.equal(a, b)
+
+
+def test_dynamic_int8_table_serves_dynamic_exports_only(tiny, tmp_path):
+    """Calibration feeds each batch at its own padded size and the table records the range;
+    it rebuilds the same bytes for a dynamic export and is refused for a fixed one (and a
+    fixed size's table for a dynamic export)."""
+    calibrated = export_onnx(
+        tiny["pth"],
+        str(tmp_path / "d8.onnx"),
+        ExportOptions(precision="int8", plugin_form=True, calibration_images=tiny["images"], calibration_batches=1),
+    )
+    table = json.loads(open(calibrated["table"]).read())
+    assert table["input_size"] == DYNAMIC and table["version"] == 2 and table["images"] == 8
+    again = export_onnx(
+        tiny["pth"],
+        str(tmp_path / "again.onnx"),
+        ExportOptions(precision="int8", plugin_form=True, calibration_table=calibrated["table"]),
+    )
+    assert open(again["output"], "rb").read() == open(calibrated["output"], "rb").read()
+    dynamic_words = "dynamic HxW, multiples of 32 from 32x32 to 256x256"
+    cases = [
+        (
+            ExportOptions(SIZE, "int8", calibration_table=calibrated["table"]),
+            f"for input size {dynamic_words}, not 128x256: export without --size",
+        ),
+        (
+            ExportOptions(None, "int8", calibration_table=tiny["table"]),
+            f"for input size 128x256, not {dynamic_words}: export with --size 128 256",
+        ),
+    ]
+    for options, words in cases:
+        with pytest.raises(UserError) as e:
+            export_onnx(tiny["pth"], str(tmp_path / "x.onnx"), options)
+        assert words in str(e.value), str(e.value)
+    # Tables of version 1 (fixed sizes only) are read as before.
+    old = json.loads(open(tiny["table"]).read())
+    (tmp_path / "v1.json").write_text(json.dumps({**old, "version": 1}))
+    digest = export_onnx_module.model_hash(checkpoint.load(tiny["pth"]))
+    assert quantize.read_table(str(tmp_path / "v1.json"), digest, SIZE)["scales"] == old["scales"]
+    (tmp_path / "v1d.json").write_text(json.dumps({**old, "version": 1, "input_size": DYNAMIC}))
+    with pytest.raises(UserError, match="bad calibration table input_size"):
+        quantize.read_table(str(tmp_path / "v1d.json"), digest, SIZE)
 
 
 # --- accuracy on the demo model (the session's trained checkpoint) -----------------------------

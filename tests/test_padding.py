@@ -342,7 +342,7 @@ def exports(tmp_path_factory):
     bn = save(gn_model(head_norm=False, head_depth=EXPORT_DEPTH), work / "bn.pth")
     out = {"gn": gn, "bn": bn}
     for key, path, size, options in [
-        ("gn256", gn, (256, 256), {}),
+        ("gn_dynamic", gn, None, {}),  # the default: each batch at its own size, up to 256 x 256
         ("gn288", gn, (288, 416), {}),  # multiples of 32, not of 128: P6, P7 of 5 x 7, 3 x 4 cells
         ("bn256", bn, (256, 256), {}),
         ("gn_plugin8", gn, (256, 256), dict(precision="int8", plugin_form=True, calibration_images=str(images))),
@@ -352,16 +352,17 @@ def exports(tmp_path_factory):
     return out
 
 
-def test_onnx_exports_of_two_sizes_give_pytorch_detections(exports):
+def test_dynamic_and_fixed_onnx_exports_give_pytorch_detections(exports):
+    """The dynamic export runs [SMALL, LARGE] at the batch's 256 x 224, the fixed one pads it to 288 x 416."""
     want = retinanet.load(exports["gn"], device="cpu")([SMALL, LARGE])
-    for key in ("gn256", "gn288"):
+    for key in ("gn_dynamic", "gn288"):
         detector = retinanet.load(exports[key])
         got = detector([SMALL, LARGE])
         # Measured: up to 5e-7 in score, 2e-4 px in box.
         for g, w in zip(got, want):
             assert_same_detections(g, w, score_tol=1e-5, box_tol=2e-3)
         # Detector.run without sizes: the batch tensor is the image, before the
-        # runtime pads it further to the export size.
+        # runtime pads it further (to a fixed export's size).
         batch = torch.from_numpy(random_image(128, 256, 5)).permute(2, 0, 1)[None]
         implicit = detector.run(batch)
         explicit = detector.run(batch, torch.tensor([[128, 256]]))
@@ -374,7 +375,7 @@ def test_groupnorm_export_declares_image_sizes_and_batchnorm_keeps_one_input(exp
     import onnx
 
     for key, inputs in [
-        ("gn256", ["images", "image_sizes"]),
+        ("gn_dynamic", ["images", "image_sizes"]),
         ("gn_plugin8", ["images", "image_sizes"]),
         ("bn256", ["images"]),
     ]:

@@ -146,3 +146,30 @@ def test_int8_plugin_form_gives_the_portable_int8_detections(forms, images):
     want = run_ort(forms["int8_portable"], images)
     assert (want[0] > 0).sum(axis=1).min() == 100
     assert_same_detections(run_plugin_form(forms["int8"], images), want, rtol=1e-5, score_tol=1e-6)
+
+
+def test_dynamic_plugin_form_has_symbolic_sizes_and_gives_the_checkpoints_detections(tiny):
+    """The default (dynamic H x W) plugin form: the input and every head the decode plugins
+    read have symbolic H and W (the plugins take them from their inputs), and at 160 x 224 (not
+    the traced 256 x 224; multiples of 32, not of 128) the form gives the checkpoint's detections."""
+    path = export_onnx(
+        tiny["pth"], str(tiny["work"] / "plugin_dynamic.onnx"), ExportOptions(precision="fp32", plugin_form=True)
+    )["output"]
+    proto = onnx.load(path)
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.value_info
+    }
+    shapes.update(
+        {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    )
+    assert shapes["images"] == ["batch", 3, "32*height", "32*width"]
+    decodes = [n for n in proto.graph.node if n.op_type == "RetinaNetDecode"]
+    for node in decodes:
+        for head in node.input:
+            assert all(isinstance(d, str) for d in shapes[head][2:]), (head, shapes[head])
+        assert shapes[node.output[0]] == ["batch", tiny["model"].config.top_n]
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, 160, 224) * 255
+    want = [t.numpy() for t in tiny["model"].detect(images)]
+    assert (want[0] > 0).sum(axis=1).min() == 100
+    assert_same_detections(run_plugin_form(path, images), want, rtol=1e-3, score_tol=1e-4)

@@ -8,10 +8,12 @@ import types
 import pytest
 from conftest import TINY_SIZE
 
+from retinanet.config import ModelConfig
 from retinanet.errors import UserError
 from retinanet.export import tensorrt as trt_export
 from retinanet.formats import onnx as onnx_format
 from retinanet.formats import tensorrt as trt_files
+from retinanet.formats.input import DynamicSize, dynamic_size, to_json
 from retinanet.runtime import tensorrt as trt_runtime
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -33,6 +35,33 @@ def test_profile_covers_every_input_at_the_batch_range():
     assert shapes["image_sizes"] == {"min": (2, 2), "opt": (4, 2), "max": (8, 2)}
     with pytest.raises(UserError, match="model input 'x' is not one of"):
         trt_export.profile_shapes((640, 768), (1, 8, 16), ["images", "x"])
+    # The model's resize does not change a fixed size.
+    assert trt_export.profile_shapes((640, 768), (1, 8, 16), resize=800) == trt_export.profile_shapes(
+        (640, 768), (1, 8, 16)
+    )
+
+
+def test_dynamic_profile_spans_the_range_tuned_for_a_resized_landscape_image():
+    """The default model: 800 / 1333 resizes landscape images to 800 x up to 1333, padded to
+    800 x 1344 (opt); any multiple of 32 from 32 x 32 to 1344 x 1344 runs (min, max)."""
+    size = dynamic_size(ModelConfig())
+    assert size == DynamicSize(32, (32, 32), (1344, 1344))
+    shapes = trt_export.profile_shapes(size, (1, 8, 16), ["images", "image_sizes"], resize=800)
+    assert shapes == {
+        "images": {"min": (1, 3, 32, 32), "opt": (8, 3, 800, 1344), "max": (16, 3, 1344, 1344)},
+        "image_sizes": {"min": (1, 2), "opt": (8, 2), "max": (16, 2)},
+    }
+    # resize rounds up to the multiple, within the range; without it, opt is the largest input.
+    assert trt_export.profile_shapes(size, (1, 2, 4), resize=1000)["images"]["opt"] == (2, 3, 1024, 1344)
+    assert trt_export.profile_shapes(size, (1, 2, 4), resize=5000)["images"]["opt"] == (2, 3, 1344, 1344)
+    assert trt_export.profile_shapes(size, (1, 2, 4))["images"]["opt"] == (2, 3, 1344, 1344)
+    # A checkpoint saved with 128 keeps its multiple: max_size 300 rounds up to 384.
+    old = dynamic_size(ModelConfig(pad_multiple=128, resize=100, max_size=300))
+    assert trt_export.profile_shapes(old, (1, 1, 1), resize=100)["images"] == {
+        "min": (1, 3, 128, 128),
+        "opt": (1, 3, 128, 384),
+        "max": (1, 3, 384, 384),
+    }
 
 
 def _engine_meta(**changes):
@@ -120,7 +149,7 @@ def test_cli_passes_only_given_flags_and_the_options_fill_in(monkeypatch):
 
     def fake_export(model, output, options, override=False):
         seen.append(options)
-        return {"export_s": 0.0, "table": None}
+        return {"export_s": 0.0, "table": None, "input": "128x256"}
 
     monkeypatch.setattr(retinanet.export, "export", fake_export)
     assert main(["export", "m.pth", "e.plan", "--dynamic-batch-opts", "2", "4", "8", "--workspace", "512"]) == 0
@@ -163,8 +192,8 @@ def fake_build(monkeypatch):
     monkeypatch.setattr(trt_export, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_export, "load_plugins", lambda trt, path=None: "libretinanet_plugins.so")
 
-    def build_plan(trt, onnx_path, input_size, batch_opts, workspace_mib, cache_blob, verbose=False):
-        calls.append({"onnx": onnx_path, "input_size": input_size, "batch_opts": batch_opts, "cache": cache_blob})
+    def build_plan(trt, onnx_path, shapes, workspace_mib, cache_blob, verbose=False):
+        calls.append({"onnx": onnx_path, "shapes": shapes, "cache": cache_blob})
         return b"PLAN %d" % len(calls), b"CACHE %d" % len(calls)
 
     monkeypatch.setattr(trt_export, "build_plan", build_plan)
@@ -194,9 +223,8 @@ def test_engine_export_writes_its_files_beside_the_plan(tiny, tmp_path, fake_bui
         "e.plan.timing_cache",
     ]
     assert result["table"] == str(tmp_path / "e.calibration.json") and result["onnx"] == str(tmp_path / "e.onnx")
-    assert fake_build == [
-        {"onnx": str(tmp_path / "e.onnx"), "input_size": TINY_SIZE, "batch_opts": (1, 2, 4), "cache": b""}
-    ]
+    shapes = {"images": {"min": (1, 3, *TINY_SIZE), "opt": (2, 3, *TINY_SIZE), "max": (4, 3, *TINY_SIZE)}}
+    assert fake_build == [{"onnx": str(tmp_path / "e.onnx"), "shapes": shapes, "cache": b""}]
     onnx_meta = onnx_format.read_metadata(onnx.load(str(tmp_path / "e.onnx")))
     assert onnx_meta["retinanet.form"] == "tensorrt" and onnx_meta["retinanet.precision"] == "int8"
     digest = export_onnx.model_hash(checkpoint.load(tiny["pth"]))
@@ -258,3 +286,117 @@ def test_engine_write_failures_never_leave_a_plan_without_its_metadata(tiny, tmp
         with pytest.raises(OSError, match="No space"):
             trt_export.build_engine(tiny["plugin"], plan, onnx_meta, (1, 8, 16), 4096)
     assert os.listdir(tmp_path) == []
+
+
+def test_dynamic_engine_metadata_carries_the_range(tmp_path, fake_build):
+    """An engine of a dynamic-size export: the profile spans its range, the metadata records
+    the range as the ONNX does, and the runtime reads it back."""
+    config = ModelConfig(backbone="ResNet18FPN", classes=3, head_norm=True)
+    size = dynamic_size(config)
+    onnx_meta = {
+        "retinanet.config": config.to_dict(),
+        "retinanet.category_ids": [1, 3, 7],
+        "retinanet.input_size": to_json(size),
+        "retinanet.form": "tensorrt",
+        "retinanet.inputs": ["images", "image_sizes"],
+    }
+    plan = str(tmp_path / "d.plan")
+    trt_export.build_engine(str(tmp_path / "d.onnx"), plan, onnx_meta, (1, 4, 8), 4096)
+    (call,) = fake_build
+    assert call["shapes"] == trt_export.profile_shapes(size, (1, 4, 8), ["images", "image_sizes"], 800)
+    assert call["shapes"]["images"]["opt"] == (4, 3, 800, 1344)
+    meta = trt_files.read_metadata(plan)
+    assert meta["input_size"] == {"dynamic": True, "multiple": 32, "min": [32, 32], "max": [1344, 1344]}
+    assert trt_runtime.settings(plan, meta) == (config, size, [1, 3, 7], (1, 4, 8))
+    for bad in ({**to_json(size), "multiple": 0}, {**to_json(size), "max": [1344, 1300]}, {"dynamic": False}):
+        with pytest.raises(UserError, match="bad engine metadata"):
+            trt_runtime.settings(plan, {**meta, "input_size": bad})
+
+
+class FakeContext:
+    """An execution context: keeps the input shapes set, gives the outputs' shapes from the batch."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def set_input_shape(self, name, shape):
+        self.shapes.append((name, tuple(shape)))
+        return True
+
+    def set_tensor_address(self, name, address):
+        pass
+
+    def get_tensor_shape(self, name):
+        batch = self.shapes[-1][1][0]
+        return {"scores": (batch, 100), "boxes": (batch, 100, 4), "classes": (batch, 100)}[name]
+
+    def execute_async_v3(self, stream):
+        return True
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch):
+    """TensorRT's runtime and the CUDA calls around it replaced, so that TensorRTBackend runs
+    on the CPU: returns a function (plan path, input names) -> backend."""
+    import torch
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    def engine(inputs):
+        io = inputs + ["scores", "boxes", "classes"]
+        return types.SimpleNamespace(
+            num_io_tensors=len(io),
+            get_tensor_name=io.__getitem__,
+            get_tensor_mode=lambda n: "INPUT" if n in inputs else "OUTPUT",
+            get_tensor_dtype=lambda n: types.SimpleNamespace(
+                name="INT32" if n in ("classes", "image_sizes") else "FLOAT"
+            ),
+            create_execution_context=FakeContext,
+        )
+
+    def backend(plan, inputs=("images",)):
+        trt = types.SimpleNamespace(
+            __version__="10.16.0",
+            Logger=Logger,
+            Runtime=lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda data: engine(list(inputs))),
+            TensorIOMode=types.SimpleNamespace(INPUT="INPUT"),
+        )
+        monkeypatch.setattr(trt_runtime, "import_tensorrt", lambda: trt)
+        return trt_runtime.TensorRTBackend(plan, device="cpu")
+
+    monkeypatch.setattr(trt_runtime, "load_plugins", lambda trt: "libretinanet_plugins.so")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    return backend
+
+
+def test_runtime_sets_each_batchs_own_size_on_a_dynamic_engine(tmp_path, fake_runtime):
+    import torch
+
+    config = ModelConfig(backbone="ResNet18FPN", classes=3, max_size=256)
+    dynamic, fixed = str(tmp_path / "d.plan"), str(tmp_path / "f.plan")
+    trt_export.write_engine(
+        dynamic, b"plan", _engine_meta(config=config.to_dict(), input_size=to_json(dynamic_size(config)))
+    )
+    trt_export.write_engine(fixed, b"plan", _engine_meta(config=config.to_dict(), input_size=[128, 256]))
+    backend = fake_runtime(dynamic)
+    assert backend.input_size == DynamicSize(32, (32, 32), (256, 256))
+    assert (backend.config.resize, backend.config.max_size) == (256, 256)  # capped by the largest input
+    for shape, want in [((2, 3, 100, 200), (2, 3, 128, 224)), ((1, 3, 224, 160), (1, 3, 224, 160))]:
+        scores, boxes, classes = backend(torch.zeros(shape, dtype=torch.uint8))
+        assert backend.context.shapes[-1] == ("images", want)
+        assert scores.shape == (want[0], 100) and boxes.shape == (want[0], 100, 4) and classes.dtype == torch.int32
+    with pytest.raises(UserError, match="300x64 pixels does not fit the model's largest input 256x256"):
+        backend(torch.zeros((1, 3, 300, 64), dtype=torch.uint8))
+    # A fixed-size engine pads every batch to its size, as before.
+    backend = fake_runtime(fixed)
+    backend(torch.zeros((2, 3, 96, 160), dtype=torch.uint8))
+    assert backend.context.shapes == [("images", (2, 3, 128, 256))]
+    assert (backend.config.resize, backend.config.max_size) == (128, 256)
+    with pytest.raises(UserError, match="160x160 pixels does not fit the model input 128x256"):
+        backend(torch.zeros((1, 3, 160, 160), dtype=torch.uint8))

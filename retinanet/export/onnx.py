@@ -15,11 +15,17 @@ it (quantize.py). Then one of two tails is appended:
 
 One decode node per level because the decode kernel (csrc/kernels/decode.h)
 works on one level: its anchors, stride and H x W are per level, and per-level
-nodes keep each plugin's inputs plain tensors of static spatial shape.
+nodes keep each plugin's inputs plain tensors of one level (H x W from the
+input shapes, so that the plugins serve dynamic sizes too).
 
 Both forms: input ``images`` float32 [batch, 3, H, W], pixels 0..255 RGB,
-padded right/bottom with the mean colour. Models with GroupNorm heads
-(config.head_norm) take a second input ``image_sizes`` int32 [batch, 2]: each
+padded right/bottom with the mean colour. H and W are dynamic by default:
+any multiples of the pad multiple up to the model's max_size rounded up
+(formats/input.dynamic_size), exported as ``m * Dim`` so that the graph holds
+for every such size; the head shapes, the candidates' cell positions (and so
+the anchors, centred on their cells) and the clipping limits come from the
+runtime shapes inside the graph. ``--size`` exports one fixed H x W instead.
+Models with GroupNorm heads (config.head_norm) take a second input ``image_sizes`` int32 [batch, 2]: each
 image's (h, w) before padding, in input pixels. The heads normalise over that
 region only, scores outside it are 0 and candidate boxes are clipped to it
 before NMS (model.RetinaNet), so that detections do not depend on H x W beyond
@@ -27,7 +33,8 @@ the backbone's border effects. The inputs are listed in METADATA_INPUTS;
 BatchNorm-head models keep the one input. Outputs ``scores`` float32 [batch, D],
 ``boxes`` float32 [batch, D, 4] (x1, y1, x2, y2 in input pixels), ``classes``
 int32 [batch, D]; padding has score 0, box 0, class -1. The batch axis is
-dynamic. metadata_props carry what a runtime needs (METADATA_* keys).
+dynamic. metadata_props carry what a runtime needs (METADATA_* keys), the input
+size as formats/input.to_json writes it.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from .. import checkpoint
 from ..config import ModelConfig
 from ..errors import UserError
 from ..files import check_output, write_bytes
+from ..formats.input import DynamicSize, InputSize, describe, dynamic_size, largest, to_json
 from ..formats.onnx import (
     FORMAT_VERSION,
     IMAGE_SIZES,
@@ -68,6 +76,7 @@ from .options import PRECISIONS, SUPPORTED_OPSETS, ExportOptions
 PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_VERSION = "1"
 EXAMPLE_BATCH = 2  # traced batch; the exported axis is dynamic
+MAX_BATCH = 4096
 
 
 def model_hash(state: dict) -> str:
@@ -140,11 +149,14 @@ def _torch_export(
     verbose: bool,
     translations: dict | None = None,
     varargs: bool = False,
+    axes: list[dict] | None = None,
 ):
+    """torch.onnx (dynamo) of `module` on example `args`: axis 0 of every input is the dynamic
+    batch; axes[i] adds dynamic axes of input i ({axis: torch.export.Dim or m * Dim})."""
     import onnx  # noqa: F401  (fail early with the install hint)
 
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    shapes = tuple({0: batch} for _ in args)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    shapes = tuple({0: batch, **(axes[i] if axes else {})} for i in range(len(args)))
     if varargs:  # forward(*tensors): one positional entry holding them all
         shapes = (shapes,)
     with _quiet(verbose), torch.no_grad():
@@ -164,31 +176,78 @@ def _torch_export(
     return program.model_proto
 
 
-def export_network(model: RetinaNet, size: tuple[int, int], dtype: torch.dtype, opset: int, verbose: bool = False):
+def example_size(size: InputSize) -> tuple[int, int]:
+    """The traced H x W: the fixed size, or the dynamic range's largest height and one multiple
+    less than its largest width. The two differ, so that the trace cannot take them for one
+    size, and neither is a single multiple, which the trace would fix (dynamic_size's range
+    spans at least three multiples)."""
+    if not isinstance(size, DynamicSize):
+        return size
+    (h, w), m = size.max, size.multiple
+    return h, w - m
+
+
+def _spatial_axes(size: InputSize) -> dict:
+    """The dynamic H and W of `images`: multiples of the pad multiple within the range."""
+    if not isinstance(size, DynamicSize):
+        return {}
+    m = size.multiple
+    height = torch.export.Dim("height", min=size.min[0] // m, max=size.max[0] // m)
+    width = torch.export.Dim("width", min=size.min[1] // m, max=size.max[1] // m)
+    return {2: m * height, 3: m * width}
+
+
+def export_network(model: RetinaNet, size: InputSize, dtype: torch.dtype, opset: int, verbose: bool = False):
     """The network part alone as an ONNX ModelProto: images (, image_sizes) -> scores_i, deltas_i."""
     inputs = input_names(model.config)
-    args = (torch.full((EXAMPLE_BATCH, 3, *size), 114.0),)
+    h, w = example_size(size)
+    args = (torch.full((EXAMPLE_BATCH, 3, h, w), 114.0),)
     if IMAGE_SIZES in inputs:
-        args += (torch.tensor([list(size)] * EXAMPLE_BATCH, dtype=torch.int32),)
+        args += (torch.tensor([[h, w]] * EXAMPLE_BATCH, dtype=torch.int32),)
     names = head_names(len(model.config.strides))
-    return _torch_export(NetworkForExport(model, dtype), args, inputs, names, opset, verbose)
+    axes = [_spatial_axes(size)] + [{}] * (len(args) - 1)
+    return _torch_export(NetworkForExport(model, dtype), args, inputs, names, opset, verbose, axes=axes)
 
 
-def _portable_tail(model: RetinaNet, net, opset: int, verbose: bool):
+def _tail_example(config: ModelConfig, net, size: InputSize) -> tuple[tuple, list[dict]]:
+    """Example head tensors for the tail's export, shaped as the network's outputs, and their
+    dynamic axes: where the network left a level's H or W symbolic, a Dim of that level
+    (shared by its scores and deltas) up to the level's cells at the largest input, which
+    the example takes (a traced axis of size 1 would be fixed at 1)."""
+    shapes = _output_shapes(net)
+    top = largest(size)
+    level_axes, level_cells = [], []
+    for i, stride in enumerate(config.strides):
+        axes, cells = {}, []
+        for axis, name, pixels in ((2, "height", top[0]), (3, "width", top[1])):
+            dim, most = shapes[f"scores_{i}"][axis], -(-pixels // stride)
+            if isinstance(dim, str) and most > 1:
+                axes[axis] = torch.export.Dim(f"{name}_{i}", min=1, max=most)
+            cells.append(most if isinstance(dim, str) else dim)
+        level_axes.append(axes)
+        level_cells.append(cells)
+    example = tuple(
+        torch.rand(EXAMPLE_BATCH, shapes[name][1], *cells)
+        for name, cells in zip(head_names(len(config.strides)), level_cells + level_cells)
+    )
+    return example, level_axes + level_axes
+
+
+def _portable_tail(model: RetinaNet, net, size: InputSize, opset: int, verbose: bool):
     from .postprocess import NMS_TRANSLATION, ClippingPostprocess, PortablePostprocess
 
-    shapes = _output_shapes(net)
     names = head_names(len(model.config.strides))
-    example = tuple(torch.rand(EXAMPLE_BATCH, *shapes[n][1:]) for n in names)
+    example, axes = _tail_example(model.config, net, size)
     if IMAGE_SIZES in input_names(model.config):
         tail = ClippingPostprocess(model.config, model.base_anchors())
-        h, w = (n * model.config.strides[0] for n in shapes[names[0]][-2:])  # the input size
+        h, w = example_size(size)
         example += (torch.tensor([[h, w]] * EXAMPLE_BATCH, dtype=torch.int32),)
         names = names + [IMAGE_SIZES]
+        axes = axes + [{}]
     else:
         tail = PortablePostprocess(model.config, model.base_anchors())
     return _torch_export(
-        tail, example, names, ["scores", "boxes", "classes"], opset, verbose, NMS_TRANSLATION, varargs=True
+        tail, example, names, ["scores", "boxes", "classes"], opset, verbose, NMS_TRANSLATION, varargs=True, axes=axes
     )
 
 
@@ -330,7 +389,10 @@ def _set_metadata(proto, values: dict) -> None:
         entry.value = json.dumps(values[key], sort_keys=True)
 
 
-def parse_size(size, config: ModelConfig) -> tuple[int, int]:
+def parse_size(size, config: ModelConfig) -> InputSize:
+    """--size N or H W: that fixed size, checked; None: the dynamic range of the model."""
+    if size is None:
+        return dynamic_size(config)
     h, w = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
     m = config.pad_multiple
     if h % m or w % m or h <= 0 or w <= 0:
@@ -360,7 +422,7 @@ def check_options(options: ExportOptions) -> None:
         list_images(options.calibration_images, "calibration image folder")
 
 
-def _graph_with_tail(model: RetinaNet, net, options: ExportOptions):
+def _graph_with_tail(model: RetinaNet, net, size: InputSize, options: ExportOptions):
     """The network's graph with decode + NMS appended: plugin nodes, or standard ops (portable)."""
     import onnx
 
@@ -369,7 +431,7 @@ def _graph_with_tail(model: RetinaNet, net, options: ExportOptions):
         opset = onnx.helper.make_opsetid(PLUGIN_DOMAIN, 1)
         proto = _append_tail(net, nodes, outputs, value_info=infos, opsets=[opset])
     else:
-        proto = _merge_portable(net, _portable_tail(model, net, options.opset, options.verbose))
+        proto = _merge_portable(net, _portable_tail(model, net, size, options.opset, options.verbose))
     proto.graph.name = "retinanet"
     proto.doc_string = ""
     return proto
@@ -379,7 +441,7 @@ def _metadata(config: ModelConfig, state: dict, size, options: ExportOptions, di
     return {
         METADATA_CONFIG: config.to_dict(),
         METADATA_CATEGORY_IDS: list(state["category_ids"]),
-        METADATA_INPUT_SIZE: list(size),
+        METADATA_INPUT_SIZE: to_json(size),
         METADATA_PRECISION: options.precision,
         METADATA_FORM: "tensorrt" if options.plugin_form else "portable",
         METADATA_MODEL_SHA256: digest,
@@ -402,7 +464,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
     model, state = checkpoint.load_model(model_path)
     size = parse_size(options.size, model.config)
     digest = model_hash(state)
-    result = {"output": output, "table": None, "calibration_s": None}
+    result = {"output": output, "table": None, "calibration_s": None, "input": describe(size)}
     table = quantize.read_table(options.calibration_table, digest, size) if options.calibration_table else None
 
     start = time.perf_counter()
@@ -423,7 +485,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
             result["calibration_s"] = time.perf_counter() - t0
             result["table"] = quantize.table_path(output)
         net = quantize.insert_qdq(net, table)
-    proto = _graph_with_tail(model, net, options)
+    proto = _graph_with_tail(model, net, size, options)
     _set_metadata(proto, _metadata(model.config, state, size, options, digest))
     try:
         onnx.checker.check_model(proto, full_check=True)

@@ -15,9 +15,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 @dataclass
 class ExportOptions:
-    # Input H W, or N for a square N x N; multiples of the model's pad multiple
-    # (ModelConfig.pad_multiple: 32, or 128 for checkpoints saved with it).
-    size: tuple[int, ...] = (1280,)
+    # None: dynamic H and W, multiples of the model's pad multiple up to its max_size
+    # rounded up (formats/input.dynamic_size). Else a fixed input, H W or N for N x N,
+    # multiples of the pad multiple (ModelConfig.pad_multiple: 32, or 128 for
+    # checkpoints saved with it).
+    size: tuple[int, ...] | None = None
     precision: str = "fp16"  # one of PRECISIONS
     plugin_form: bool = False  # TensorRT form: decode/NMS as plugin nodes
     opset: int = 19

@@ -9,10 +9,17 @@ network runs in ONNX Runtime over the calibration images and each Conv input's
 percentile, scale = amax / 127. Decode and NMS come after the network and are
 never quantised. Everything else (adds, resizes, norms) stays float32.
 
+Calibration images are preprocessed as the runtime will for this export: resized
+with the model's resize/max_size capped to the (largest) input, then a fixed-size
+export pads each batch to its H x W (cropping what does not fit), a dynamic-size
+export pads each batch to its own size rounded up to the pad multiple. The scales
+are per tensor, so the ones of a dynamic export serve every size in its range
+(an engine's whole optimisation profile).
+
 Calibration table (``NAME.calibration.json`` beside the exported ``NAME.onnx``;
 for an engine export that is the engine's ONNX), JSON written with sorted keys:
 
-    {"format": "retinanet-calibration", "version": 1,
+    {"format": "retinanet-calibration", "version": 2,
      "model_sha256": "<export.onnx.model_hash of the checkpoint>",
      "input_size": [H, W], "method": "percentile", "percentile": 99.999,
      "bins": 2048, "images": 16, "batch_size": 8, "batches": 2,
@@ -20,6 +27,12 @@ for an engine export that is the engine's ONNX), JSON written with sorted keys:
 
 Scales are float32 values written as JSON numbers, which round-trip exactly,
 so ``--calibration-table`` rebuilds the byte-identical Q/DQ model without images.
+``input_size`` is the export's, as its metadata holds it (formats/input.to_json):
+[H, W], or for a dynamic export its range {"dynamic": true, "multiple": m,
+"min": [h, w], "max": [h, w]}. A table is reused only for an export of the same
+input size: the same fixed size, or dynamic with the same range (which follows
+from the model, so any dynamic export of it), because the scales come from
+images padded for that input. Version 1 tables (fixed sizes only) are read too.
 """
 
 from __future__ import annotations
@@ -34,12 +47,13 @@ from ..config import ModelConfig
 from ..data import transforms as T
 from ..errors import UserError
 from ..files import write_text
-from ..formats.input import fit_config
+from ..formats.input import InputSize, batch_input_size, describe, fit_config, from_json, to_json
 from ..formats.onnx import providers_for, session_options
-from ..images import CorruptImage, list_images, mean_pixel, pad_images, read_image
+from ..images import CorruptImage, list_images, mean_pixel, pad_images, padded_size, read_image
 
 TABLE_FORMAT = "retinanet-calibration"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+READ_TABLE_VERSIONS = (1, 2)  # 1: input_size [H, W] only
 METHOD = "percentile"
 PERCENTILE = 99.999
 BINS = 2048
@@ -64,7 +78,7 @@ def conv_inputs(proto) -> list[str]:
     return out
 
 
-def _calibration_batches(config: ModelConfig, size, folder: str, batches: int):
+def _calibration_batches(config: ModelConfig, size: InputSize, folder: str, batches: int):
     names = list_images(folder, "calibration image folder")
     random.Random(SEED).shuffle(names)
     names = names[: batches * BATCH_SIZE]
@@ -78,8 +92,10 @@ def _calibration_batches(config: ModelConfig, size, folder: str, batches: int):
             except CorruptImage as e:
                 raise UserError(f"{e} (calibration image)") from None
             img, _ = T.resize_image(img, fitted.resize, fitted.max_size)
-            images.append(img[:, : size[0], : size[1]])
-        batch = pad_images(images, size, fill)
+            if isinstance(size, tuple):  # a fixed input: what does not fit is cut off
+                img = img[:, : size[0], : size[1]]
+            images.append(img)
+        batch = pad_images(images, batch_input_size(size, *padded_size([i.shape[1:] for i in images], 1)), fill)
         sizes = np.array([img.shape[1:] for img in images], dtype=np.int32)
         yield batch.float().numpy(), sizes
 
@@ -103,7 +119,7 @@ def _session_with_outputs(proto, names: list[str]):
     return ort.InferenceSession(probe.SerializeToString(), session_options(), providers=providers_for(None))
 
 
-def calibrate(net, config: ModelConfig, size, folder: str, batches: int, digest: str, log=None) -> dict:
+def calibrate(net, config: ModelConfig, size: InputSize, folder: str, batches: int, digest: str, log=None) -> dict:
     """Run the float32 network over the calibration images; return the table (a dict)."""
     names = conv_inputs(net)
     session = _session_with_outputs(net, names)
@@ -131,7 +147,7 @@ def calibrate(net, config: ModelConfig, size, folder: str, batches: int, digest:
         "format": TABLE_FORMAT,
         "version": TABLE_VERSION,
         "model_sha256": digest,
-        "input_size": list(size),
+        "input_size": to_json(size),
         "method": METHOD,
         "percentile": PERCENTILE,
         "bins": BINS,
@@ -146,7 +162,7 @@ def write_table(path: str, table: dict) -> None:
     write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
-def read_table(path: str, digest: str, size) -> dict:
+def read_table(path: str, digest: str, size: InputSize) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{path}: calibration table not found")
     try:
@@ -156,25 +172,37 @@ def read_table(path: str, digest: str, size) -> dict:
         raise UserError(f"{path}: not a readable calibration table ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT or not isinstance(table.get("scales"), dict):
         raise UserError(f"{path}: not a retinanet calibration table")
-    if table.get("version") != TABLE_VERSION:
-        raise UserError(f"{path}: calibration table version {table.get('version')} is not {TABLE_VERSION}")
+    if table.get("version") not in READ_TABLE_VERSIONS or isinstance(table.get("version"), bool):
+        readable = " or ".join(map(str, READ_TABLE_VERSIONS))
+        raise UserError(f"{path}: calibration table version {table.get('version')} is not {readable}")
     if table.get("model_sha256") != digest:
         other = str(table.get("model_sha256"))[:12]
         raise UserError(
             f"{path}: calibration table is for another model (sha256 {other}..., this checkpoint "
             f"is {digest[:12]}...): calibrate again with --calibration-images"
         )
-    if list(table.get("input_size", [])) != list(size):
-        got = "x".join(map(str, table.get("input_size", []))) or "?"
-        raise UserError(
-            f"{path}: calibration table is for input size {got}, not {size[0]}x{size[1]}: "
-            f"export with --size {got.replace('x', ' ')} or calibrate again"
-        )
+    _check_table_size(path, table, size)
     bad = [k for k, v in table["scales"].items() if not isinstance(v, (int, float)) or not v > 0]
     if bad:
         raise UserError(f"{path}: calibration scale of {bad[0]} is not a positive number")
     table["path"] = path
     return table
+
+
+def _check_table_size(path: str, table: dict, size: InputSize) -> None:
+    """The table must be for this export's input size (module docstring)."""
+    try:
+        got = from_json(table.get("input_size"))
+        if table.get("version") == 1 and not isinstance(got, tuple):
+            raise ValueError("version 1 tables have fixed sizes only")
+    except ValueError as e:
+        raise UserError(f"{path}: bad calibration table input_size ({str(e).splitlines()[0][:120]})") from None
+    if got == size:
+        return
+    how = "export without --size" if not isinstance(got, tuple) else f"export with --size {got[0]} {got[1]}"
+    raise UserError(
+        f"{path}: calibration table is for input size {describe(got)}, not {describe(size)}: {how} or calibrate again"
+    )
 
 
 def insert_qdq(net, table: dict):

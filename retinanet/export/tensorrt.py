@@ -3,6 +3,9 @@
 Precision is already in the graph (FP16 weights or INT8 Q/DQ), so the network is
 strongly typed: `create_network(0)` on TensorRT 11 (the only mode there), the
 STRONGLY_TYPED flag on 10.x. No precision builder flags, no calibrator.
+
+One optimisation profile (profile_shapes): the batch range of --dynamic-batch-opts,
+and for a dynamic-size export also its H x W range, tuned for a typical image.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import os
 import sys
 
 from .. import files
+from ..config import ModelConfig
 from ..errors import UserError
+from ..formats.input import DynamicSize, InputSize, from_json, to_json
 from ..formats.tensorrt import (
     import_tensorrt,
     load_plugins,
@@ -32,15 +37,25 @@ def check_batch_opts(opts: tuple[int, ...]) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
-def profile_shapes(input_size, batch_opts, names=("images",)) -> dict[str, dict[str, tuple]]:
+def profile_shapes(
+    input_size: InputSize, batch_opts, names=("images",), resize: int | None = None
+) -> dict[str, dict[str, tuple]]:
     """The optimisation profile: min/opt/max shape of each input, `images` [B, 3, H, W] and, for
-    GroupNorm-head models, `image_sizes` [B, 2] (export/onnx.py)."""
-    h, w = input_size
-    per_image = {"images": (3, h, w), "image_sizes": (2,)}
+    GroupNorm-head models, `image_sizes` [B, 2] (export/onnx.py). The batch takes batch_opts.
+    A fixed-size export has its one H x W. A dynamic one spans its range, min to max, and is
+    tuned (opt) for a landscape image resized to `resize` (the model's; None: the largest
+    input): H = resize rounded up to the multiple, W = the largest (max_size rounded up)."""
+    if isinstance(input_size, DynamicSize):
+        m, (lo_h, lo_w), (hi_h, hi_w) = input_size.multiple, input_size.min, input_size.max
+        opt_h = hi_h if resize is None else min(max(-(-resize // m) * m, lo_h), hi_h)
+        spatial = {"min": (lo_h, lo_w), "opt": (opt_h, hi_w), "max": (hi_h, hi_w)}
+    else:
+        spatial = dict.fromkeys(("min", "opt", "max"), tuple(input_size))
+    per_image = {"images": lambda k: (3, *spatial[k]), "image_sizes": lambda k: (2,)}
     unknown = [n for n in names if n not in per_image]
     if unknown:
         raise UserError(f"model input {unknown[0]!r} is not one of {', '.join(per_image)}: not a retinanet export")
-    return {n: {k: (b, *per_image[n]) for k, b in zip(("min", "opt", "max"), batch_opts)} for n in names}
+    return {n: {k: (b, *per_image[n](k)) for k, b in zip(("min", "opt", "max"), batch_opts)} for n in names}
 
 
 def write_metadata(plan_path: str, values: dict) -> str:
@@ -79,9 +94,10 @@ def gpu_name() -> str:
 
 
 def build_plan(
-    trt, onnx_path: str, input_size, batch_opts, workspace_mib: int, cache_blob: bytes, verbose: bool = False
+    trt, onnx_path: str, shapes: dict, workspace_mib: int, cache_blob: bytes, verbose: bool = False
 ) -> tuple[bytes, bytes]:
-    """The TensorRT calls: parse, one optimisation profile, build. Returns (plan, timing cache)."""
+    """The TensorRT calls: parse, one optimisation profile of `shapes` (profile_shapes), build.
+    Returns (plan, timing cache)."""
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
@@ -96,8 +112,10 @@ def build_plan(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     profile = builder.create_optimization_profile()
     names = [network.get_input(i).name for i in range(network.num_inputs)]
-    for name, shapes in profile_shapes(input_size, batch_opts, names).items():
-        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    if sorted(names) != sorted(shapes):
+        raise UserError(f"{onnx_path}: model inputs {names} are not the export's {sorted(shapes)}")
+    for name in names:
+        profile.set_shape(name, shapes[name]["min"], shapes[name]["opt"], shapes[name]["max"])
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(cache_blob)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -137,19 +155,23 @@ def build_engine(
         raise UserError(f"--workspace {workspace_mib}: must be positive (MiB)")
     if onnx_metadata.get("retinanet.form") != "tensorrt":
         raise UserError(f"{onnx_path}: not the TensorRT (plugin) form of the ONNX export")
-    input_size = tuple(onnx_metadata["retinanet.input_size"])
+    try:
+        input_size = from_json(onnx_metadata["retinanet.input_size"])
+        config = ModelConfig.from_dict(onnx_metadata["retinanet.config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{onnx_path}: bad retinanet metadata ({str(e).splitlines()[0][:120]})") from None
+    names = onnx_metadata.get("retinanet.inputs", ["images"])
+    shapes = profile_shapes(input_size, batch_opts, names, config.resize)
     trt = import_tensorrt()
     load_plugins(trt)
-    plan, cache = build_plan(
-        trt, onnx_path, input_size, batch_opts, workspace_mib, _read_timing_cache(timing_cache), verbose
-    )
+    plan, cache = build_plan(trt, onnx_path, shapes, workspace_mib, _read_timing_cache(timing_cache), verbose)
     write_engine(
         plan_path,
         plan,
         {
             "config": onnx_metadata["retinanet.config"],
             "category_ids": onnx_metadata["retinanet.category_ids"],
-            "input_size": list(input_size),
+            "input_size": to_json(input_size),
             "precision": onnx_metadata.get("retinanet.precision"),
             "model_sha256": onnx_metadata.get("retinanet.model_sha256"),
             "tensorrt_version": trt.__version__,

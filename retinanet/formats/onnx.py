@@ -1,8 +1,13 @@
 """The ONNX export's metadata (what export/onnx.py writes and runtime/ reads) and ONNX Runtime sessions.
 
 An export carries its settings in metadata_props as JSON values under
-retinanet.* keys: the ModelConfig, the category ids, the fixed input size,
-the form (portable or TensorRT) and the layout's format version.
+retinanet.* keys: the ModelConfig, the category ids, the input size (fixed, or
+a dynamic range: formats/input.py), the form (portable or TensorRT) and the
+layout's format version.
+
+Format versions: 1 wrote input_size as [H, W] only (every export had a fixed
+size); 2 also writes a dynamic range there, {"dynamic": true, "multiple": m,
+"min": [h, w], "max": [h, w]}. Both are read.
 """
 
 from __future__ import annotations
@@ -13,17 +18,19 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
+from .input import InputSize, from_json
 
 METADATA_CONFIG = "retinanet.config"
 METADATA_CATEGORY_IDS = "retinanet.category_ids"
-METADATA_INPUT_SIZE = "retinanet.input_size"  # [H, W]
+METADATA_INPUT_SIZE = "retinanet.input_size"  # [H, W], or a dynamic range (format version 2)
 METADATA_PRECISION = "retinanet.precision"  # "fp32" | "fp16" | "int8"
 METADATA_FORM = "retinanet.form"  # "portable" | "tensorrt"
 METADATA_MODEL_SHA256 = "retinanet.model_sha256"
 METADATA_FORMAT_VERSION = "retinanet.format_version"
 METADATA_INPUTS = "retinanet.inputs"  # ["images"] or ["images", "image_sizes"]
 IMAGES, IMAGE_SIZES = "images", "image_sizes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 
 def read_metadata(proto_or_map) -> dict:
@@ -62,7 +69,7 @@ def session_options(threads: int | None = None):
     return options
 
 
-def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, tuple[int, int], list[int]]:
+def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, InputSize, list[int]]:
     """config, input size and category ids from an export's metadata_props, checked: a model
     whose metadata is broken, incomplete or of another format version is one line naming it."""
     if not any(k.startswith("retinanet.") for k in props):
@@ -75,11 +82,11 @@ def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, tuple[int,
             except ValueError as e:
                 raise UserError(f"{path}: metadata {key} is not valid JSON ({e}); re-export the model") from None
     version = values.get(METADATA_FORMAT_VERSION)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS or isinstance(version, bool):
         got = "missing" if version is None else f"{version!r}"
         raise UserError(
-            f"{path}: metadata format version {got}, this retinanet reads version {FORMAT_VERSION}: "
-            f"re-export the model with this retinanet"
+            f"{path}: metadata format version {got}, this retinanet reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}: re-export the model with this retinanet"
         )
     missing = [k for k in (METADATA_CONFIG, METADATA_CATEGORY_IDS, METADATA_INPUT_SIZE) if k not in values]
     if missing:
@@ -90,7 +97,9 @@ def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, tuple[int,
     try:
         config = ModelConfig.from_dict(values[METADATA_CONFIG])
         key = METADATA_INPUT_SIZE
-        h, w = (_count(v) for v in values[METADATA_INPUT_SIZE])
+        size = from_json(values[METADATA_INPUT_SIZE])
+        if version == 1 and not isinstance(size, tuple):
+            raise ValueError("format version 1 has fixed sizes only")
         key = METADATA_CATEGORY_IDS
         category_ids = [_count(v, 0) for v in values[METADATA_CATEGORY_IDS]]
     except (TypeError, ValueError) as e:
@@ -100,7 +109,7 @@ def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, tuple[int,
             f"{path}: metadata {METADATA_CATEGORY_IDS} lists {len(category_ids)} ids "
             f"for a model of {config.classes} classes"
         )
-    return config, (h, w), category_ids
+    return config, size, category_ids
 
 
 def _count(value, low: int = 1) -> int:

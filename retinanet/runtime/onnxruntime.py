@@ -1,9 +1,10 @@
 """ONNX Runtime backend: an exported portable-form model (.onnx).
 
 The model carries its settings in metadata_props (export/onnx.py writes them):
-the ModelConfig, the category ids and the fixed input size H x W. Batches are
-padded up to that size with the mean colour; the preprocessing sizes are
-capped so that images fit it (`fit_config`).
+the ModelConfig, the category ids and the input size. A dynamic-size model runs
+each batch at its own padded size (a multiple of the pad multiple); a fixed-size
+one pads every batch up to its H x W with the mean colour. The preprocessing
+sizes are capped so that images fit the (largest) input (`fit_config`).
 """
 
 from __future__ import annotations

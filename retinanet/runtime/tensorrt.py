@@ -2,7 +2,8 @@
 
 I/O by name (`images` in; `scores`, `boxes`, `classes` out), torch tensors as the
 device buffers, set_input_shape / set_tensor_address / execute_async_v3 on the
-current torch stream.
+current torch stream. The input shape is set per batch: its batch size, and for
+an engine of a dynamic-size export its own padded H x W (within the profile).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from ..config import ModelConfig
 from ..errors import UserError
-from ..formats.input import fit_config, pad_to, valid_sizes
+from ..formats.input import InputSize, fit_config, from_json, pad_to, valid_sizes
 from ..formats.onnx import IMAGE_SIZES, IMAGES
 from ..formats.tensorrt import import_tensorrt, load_plugins, metadata_path, plan_digest, read_metadata
 from ..images import mean_pixel
@@ -50,16 +51,16 @@ def check_plan(path: str, meta: dict, plan: bytes) -> None:
         )
 
 
-def settings(path: str, meta: dict) -> tuple[ModelConfig, tuple[int, int], list[int], tuple[int, int, int]]:
+def settings(path: str, meta: dict) -> tuple[ModelConfig, InputSize, list[int], tuple[int, int, int]]:
     """config, input size, category ids and batch range from the metadata; one line naming it if bad."""
     try:
         config = ModelConfig.from_dict(meta["config"])
-        h, w = (int(v) for v in meta["input_size"])
+        size = from_json(meta["input_size"])
         category_ids = [int(v) for v in meta["category_ids"]]
         lo, opt, hi = (int(v) for v in meta["batch_opts"])
     except (TypeError, ValueError) as e:
         raise UserError(f"{metadata_path(path)}: bad engine metadata ({str(e).splitlines()[0][:120]})") from None
-    return config, (h, w), category_ids, (lo, opt, hi)
+    return config, size, category_ids, (lo, opt, hi)
 
 
 class TensorRTBackend:
