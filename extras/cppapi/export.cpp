@@ -1,5 +1,6 @@
-// export: a TensorRT-form ONNX model (`retinanet export model.pth model.onnx --plugin-form`)
-// plus the plugin library -> a serialised engine.
+// export: a fixed-size TensorRT-form ONNX model (`retinanet export model.pth model.onnx --plugin-form
+// --size H W`) plus the plugin library -> a serialised engine. The profile below spans the batch
+// only, so a model exported without --size (dynamic height and width) is not for this tool.
 //
 //   export MODEL.onnx ENGINE.plan --plugins libretinanet_plugins.so [--batch MIN OPT MAX] [--workspace MiB]
 //
