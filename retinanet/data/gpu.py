@@ -164,7 +164,7 @@ class GpuBatches:
         """The preparing thread: Batches and their ready-events into `ready`, then None (or the exception)."""
         on_gpu = self.stream is not None
         try:
-            with torch.cuda.stream(self.stream) if on_gpu else contextlib.nullcontext():
+            with self._on_device():
                 for items in self.item_batches():
                     batch = self._assemble(items)
                     event = torch.cuda.Event() if on_gpu else None
@@ -176,6 +176,15 @@ class GpuBatches:
             ready.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which raises it
             ready.put(e)
+
+    def _on_device(self) -> contextlib.ExitStack:
+        """This loader's GPU and stream as the calling thread's current ones (nothing on the CPU)."""
+        stack = contextlib.ExitStack()
+        if self.stream is not None:
+            # The device too: a new thread starts on GPU 0, whichever GPU this rank uses.
+            stack.enter_context(torch.cuda.device(self.device))
+            stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
 
     def item_batches(self):
         """Lists of read Items, one per batch, read ahead by the reader threads."""
