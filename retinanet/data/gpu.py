@@ -99,8 +99,10 @@ def decode_file(path: str, device: torch.device) -> Tensor:
     """One image file as uint8 [3, H, W] on `device`, decoded as image viewers show it: with
     nvJPEG where it gives what the CPU decoder gives (jpeg.gpu_decodable), else read_image.
     CorruptImage when it cannot be decoded."""
+    if device.type != "cuda":
+        return read_image(path).to(device)
     data = read_bytes(path)
-    if device.type != "cuda" or jpeg.for_gpu(data) is None:
+    if jpeg.for_gpu(data) is None:
         return read_image(path).to(device)
     (image,) = decode_jpegs([torch.frombuffer(data, dtype=torch.uint8)], [path], device)
     if isinstance(image, str):
