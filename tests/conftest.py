@@ -135,6 +135,9 @@ def demo_val(trained, demo_root):
 # The tiny model of the tests: ResNet18FPN 32 channels wide, 128 px, BatchNorm heads,
 # BatchNorm statistics trained (as from scratch). Random weights: built in a fraction
 # of a second, a training step on 96 px images about 0.5 s on one core.
+# `retinanet train` flags of a small run from scratch: ResNet18FPN at 96 px, loading in the main process.
+TINY_TRAIN = ["--backbone", "ResNet18FPN", "--no-pretrained", "--resize", "96", "--max-size", "96"]
+TINY_TRAIN += ["--jitter", "96", "96", "--workers", "0"]
 TINY = dict(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False)
 TINY_IDS = [1, 3, 7]  # non-contiguous category ids, as the demo's
 # Classification output convs (weight std, bias) that make a random model detect

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, save_model, tiny_model
+from conftest import TINY_TRAIN, run_cli, save_model, tiny_model
 
 from retinanet import checkpoint
 
@@ -328,18 +328,7 @@ def test_a_data_error_on_one_rank_ends_the_job_with_one_line(tmp_path, tiny_demo
         "2",
         "--iters",
         "8",
-        "--workers",
-        "0",
-        "--no-pretrained",
-        "--backbone",
-        "ResNet18FPN",
-        "--resize",
-        "96",
-        "--max-size",
-        "96",
-        "--jitter",
-        "96",
-        "96",
+        *TINY_TRAIN,
         cwd=tmp_path,
         env=tiny_demo_env,
         timeout=300,

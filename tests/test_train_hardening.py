@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_user_error, demo_subset, run_cli, save_model, tiny_config, tiny_model
+from conftest import TINY_TRAIN, assert_user_error, demo_subset, run_cli, save_model, tiny_config, tiny_model
 
 from retinanet import checkpoint
 from retinanet.config import TrainConfig
@@ -25,22 +25,7 @@ def six(tmp_path_factory, demo_root):
     return root
 
 
-SMALL = [
-    "--backbone",
-    "ResNet18FPN",
-    "--no-pretrained",
-    "--resize",
-    "96",
-    "--max-size",
-    "96",
-    "--jitter",
-    "96",
-    "96",
-    "--workers",
-    "0",
-    "--val-iters",
-    "1000",
-]
+SMALL = [*TINY_TRAIN, "--val-iters", "1000"]
 
 
 @pytest.mark.parametrize(
