@@ -74,13 +74,13 @@ def batch_records(detector: Detector, batch, outputs, event) -> list[dict]:
     return records
 
 
-def choose_loader(preprocess_device: torch.device, with_dali: bool) -> str:
+def choose_loader(device: torch.device, with_dali: bool) -> str:
     """Which loader feeds the detector: "dali" when asked, "gpu" (nvJPEG decoding, resizing and
-    padding on the GPU) for backends that take their images on a GPU, else "cpu" (PyTorch's
+    padding on the GPU) for detectors on a GPU, else "cpu" (PyTorch's
     DataLoader: worker processes decode and resize)."""
     if with_dali:
         return "dali"
-    return "gpu" if preprocess_device.type == "cuda" else "cpu"
+    return "gpu" if device.type == "cuda" else "cpu"
 
 
 def make_loader(
