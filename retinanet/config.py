@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Images per GPU in a batch when --batch is not given (training and inference).
 BATCH_PER_GPU = 2
 
@@ -32,14 +32,29 @@ class ModelConfig:
     anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     anchor_scales: list[float] = field(default_factory=_default_scales)
     strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    # Where anchors sit: "centre" puts them on cell centres, (i + 0.5) * stride, with
+    # sizes stride * scale; "torchvision" reproduces torchvision's RetinaNet (sizes
+    # truncated to integers, corners rounded, centres at i * stride) so that its
+    # converted weights detect what they did there. Either way it only changes the
+    # per-level anchor tables (model.anchors), which every implementation takes as data.
+    anchor_placement: str = "centre"
+    # 1 for the "+1 pixel" box convention of converted ODTK checkpoints: a box's
+    # width is x2 - x1 + 1, in decoding, clipping, IoU and the output width.
+    box_offset: float = 0.0
     # Width of the FPN and heads, and conv layers per head tower: the RetinaNet paper's;
     # the CPU demo uses a narrow model so that it trains in minutes.
     channels: int = 256
     head_depth: int = 4
+    # The feature the stride-64 conv takes: C5 (the paper, ODTK, torchvision v2) or
+    # the FPN's P5 output (torchvision's first RetinaNet).
+    p6_input: str = "C5"
     # GroupNorm(32) after each head-tower conv. Off as in the paper; training
     # turns it on when the backbone trains from scratch (the demo too), where
     # plain towers diverge (TRAINING.md, "Stability").
     head_norm: bool = False
+    # Bias on the head-tower convs; torchvision's GroupNorm towers have none (the
+    # norm's shift takes its place).
+    head_conv_bias: bool = True
     # Matching: IoU < bg is background, >= fg foreground, between ignored.
     anchor_ious: list[float] = field(default_factory=lambda: [0.4, 0.5])
     # Loss.
@@ -83,7 +98,18 @@ class ModelConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**d)
+        config = cls(**d)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """ValueError naming the first setting no implementation understands."""
+        choices = {"anchor_placement": ("centre", "torchvision"), "p6_input": ("C5", "P5")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.box_offset not in (0.0, 1.0):
+            raise ValueError(f"box_offset must be 0 or 1, not {self.box_offset!r}")
 
 
 # Target rows are (x1, y1, x2, y2, label); these labels mark the non-objects.

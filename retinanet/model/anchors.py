@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -10,7 +12,24 @@ from ..ops import box as box_ops
 
 
 def level_base_anchors(config: ModelConfig) -> list[Tensor]:
+    """Per level, the [A, 4] anchor table relative to a cell's centre, (x + 0.5) * stride:
+    the data that the reference ops, the CUDA ops, the plugins and the ONNX graph add
+    to the cell centres. Placement conventions live here, and only here."""
+    if config.anchor_placement == "torchvision":
+        return [_torchvision_table(s, config.anchor_ratios, config.anchor_scales) for s in config.strides]
     return [box_ops.base_anchors(s, config.anchor_ratios, config.anchor_scales) for s in config.strides]
+
+
+def _torchvision_table(stride: int, ratios: list[float], scales: list[float]) -> Tensor:
+    """torchvision's RetinaNet anchors: integer sizes (stride * scale truncated: 32, 40,
+    50 on P3), corners computed in float32 and rounded, centred at x * stride rather
+    than (x + 0.5) * stride; the last is folded into the table as -stride / 2."""
+    sizes = torch.tensor([math.floor(stride * s + 1e-6) for s in scales], dtype=torch.float32)
+    h_ratios = torch.sqrt(torch.tensor(ratios, dtype=torch.float32))
+    ws = ((1 / h_ratios)[:, None] * sizes[None, :]).reshape(-1)
+    hs = (h_ratios[:, None] * sizes[None, :]).reshape(-1)
+    corners = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+    return corners - stride / 2
 
 
 def all_anchors(config: ModelConfig, shapes: list[tuple[int, int]], device=None) -> Tensor:

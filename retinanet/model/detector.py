@@ -45,7 +45,7 @@ class RetinaNet(nn.Module):
         self.backbone = backbones.build(
             config.backbone, pretrained=pretrained, weights_file=weights_file, freeze_bn=config.freeze_bn
         )
-        self.fpn = FPN(self.backbone.out_channels, config.channels)
+        self.fpn = FPN(self.backbone.out_channels, config.channels, config.p6_input)
         self.cls_head = classification_head(
             config.num_anchors,
             config.classes,
@@ -53,8 +53,11 @@ class RetinaNet(nn.Module):
             config.channels,
             config.head_depth,
             config.head_norm,
+            config.head_conv_bias,
         )
-        self.box_head = box_head(config.num_anchors, config.channels, config.head_depth, config.head_norm)
+        self.box_head = box_head(
+            config.num_anchors, config.channels, config.head_depth, config.head_norm, config.head_conv_bias
+        )
         self._anchor_cache: dict = {}
         self._register_constants()
 
@@ -125,7 +128,7 @@ class RetinaNet(nn.Module):
         """Sigmoid, per-level decode, class-aware NMS: scores [B, D], boxes [B, D, 4], classes [B, D]."""
         c = self.config
         decoded = [
-            ops.decode(scores, box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp)
+            ops.decode(scores, box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp, c.box_offset)
             for scores, box, anchors, stride in zip(
                 self.scores(cls_heads, sizes), box_heads, self.base_anchors(), c.strides
             )
@@ -133,7 +136,7 @@ class RetinaNet(nn.Module):
         scores, boxes, classes = (torch.cat(parts, dim=1) for parts in zip(*decoded))
         if sizes is not None and c.head_norm:
             boxes = clip_boxes(boxes, sizes)
-        return ops.nms(scores, boxes, classes, c.nms_iou, c.detections)
+        return ops.nms(scores, boxes, classes, c.nms_iou, c.detections, c.box_offset)
 
     @torch.no_grad()
     def detect(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

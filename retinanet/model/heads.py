@@ -67,13 +67,16 @@ class MaskedGroupNorm(nn.GroupNorm):
 
 
 class Head(nn.Module):
-    """4 x (3x3 conv + ReLU), then a 3x3 conv to `outputs` channels."""
+    """4 x (3x3 conv [+ GroupNorm] + ReLU), then a 3x3 conv to `outputs` channels.
+    bias=False drops the tower convs' bias (a following GroupNorm shifts anyway)."""
 
-    def __init__(self, outputs: int, channels: int, depth: int, bias_init: float = 0.0, norm: bool = False):
+    def __init__(
+        self, outputs: int, channels: int, depth: int, bias_init: float = 0.0, norm: bool = False, bias: bool = True
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         for _ in range(depth):
-            layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+            layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=bias))
             if norm:
                 layers.append(MaskedGroupNorm(32, channels))
             layers.append(nn.ReLU(inplace=True))
@@ -82,7 +85,8 @@ class Head(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)  # type: ignore[arg-type]  # every conv here has a bias
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         nn.init.constant_(self.out.bias, bias_init)  # type: ignore[arg-type]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -99,12 +103,13 @@ class Head(nn.Module):
 
 
 def classification_head(
-    num_anchors: int, classes: int, prior: float, channels: int, depth: int, norm: bool = False
+    num_anchors: int, classes: int, prior: float, channels: int, depth: int, norm: bool = False, bias: bool = True
 ) -> Head:
     # Start every anchor at score ~prior so the background flood does not
     # swamp the focal loss in the first iterations.
-    return Head(num_anchors * classes, channels, depth, bias_init=-math.log((1 - prior) / prior), norm=norm)
+    bias_init = -math.log((1 - prior) / prior)
+    return Head(num_anchors * classes, channels, depth, bias_init=bias_init, norm=norm, bias=bias)
 
 
-def box_head(num_anchors: int, channels: int, depth: int, norm: bool = False) -> Head:
-    return Head(num_anchors * 4, channels, depth, norm=norm)
+def box_head(num_anchors: int, channels: int, depth: int, norm: bool = False, bias: bool = True) -> Head:
+    return Head(num_anchors * 4, channels, depth, norm=norm, bias=bias)

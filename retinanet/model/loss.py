@@ -15,12 +15,13 @@ IGNORE = -1  # per-anchor label of the ignored IoU band and crowd regions
 BACKGROUND = -2
 
 
-def match(anchors: Tensor, targets: Tensor, ious: tuple[float, float]) -> tuple[Tensor, Tensor]:
+def match(anchors: Tensor, targets: Tensor, ious: tuple[float, float], offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """Assign each anchor a class, BACKGROUND or IGNORE, and its box.
 
     anchors [N, 4]; targets [B, M, 5] rows (x1, y1, x2, y2, label) with label
     >= 0 for objects, LABEL_CROWD for crowd regions and anything else negative
-    for padding. Returns labels [B, N] and matched boxes [B, N, 4].
+    for padding. Returns labels [B, N] and matched boxes [B, N, 4]. offset: the
+    box convention (ops.box); the targets' x2, y2 are then the last pixels inside.
     """
     bg_iou, fg_iou = ious
     batch, m = targets.shape[:2]
@@ -32,7 +33,7 @@ def match(anchors: Tensor, targets: Tensor, ious: tuple[float, float]) -> tuple[
     boxes = targets[..., :4].float()
     cls = targets[..., 4].long()
     is_object = cls >= 0
-    iou = box_ops.box_iou(anchors[None], boxes)  # [B, N, M]
+    iou = box_ops.box_iou(anchors[None], boxes, offset)  # [B, N, M]
     iou = torch.where(is_object[:, None, :], iou, torch.full_like(iou, -1.0))
     best_iou, best = iou.max(dim=2)
     labels = torch.where(best_iou >= fg_iou, cls.gather(1, best), labels)
@@ -43,10 +44,19 @@ def match(anchors: Tensor, targets: Tensor, ious: tuple[float, float]) -> tuple[
     if bool(is_crowd.any()):
         # A background anchor mostly inside a crowd region may cover unlabelled
         # objects: ignore it rather than teach "background" there.
-        inside = box_ops.intersection(anchors[None], boxes) / box_ops.area(anchors)[None, :, None]
+        inside = box_ops.intersection(anchors[None], boxes, offset) / box_ops.area(anchors, offset)[None, :, None]
         in_crowd = ((inside > 0.5) & is_crowd[:, None, :]).any(dim=2)
         labels = torch.where((labels == BACKGROUND) & in_crowd, IGNORE, labels)
     return labels, matched
+
+
+def inclusive_ends(targets: Tensor, offset: float) -> Tensor:
+    """Targets [B, M, 5] with x2, y2 moved in by `offset`: a box of w pixels from x ends at
+    x + w - 1 in the +1 convention, where data rows hold x + w."""
+    if not offset:
+        return targets
+    shift = torch.tensor([0.0, 0.0, offset, offset, 0.0], device=targets.device, dtype=targets.dtype)
+    return targets - shift
 
 
 def focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
@@ -85,7 +95,7 @@ def detection_loss(
     deltas = flatten_heads(box_heads, 4).float()
     with torch.no_grad():
         bg, fg = config.anchor_ious
-        labels, matched = match(anchors, targets, (bg, fg))
+        labels, matched = match(anchors, inclusive_ends(targets, config.box_offset), (bg, fg), config.box_offset)
         foreground = labels >= 0
         num_fg = foreground.sum().float()
         if count_foreground is not None:
@@ -96,6 +106,6 @@ def detection_loss(
     counted = labels != IGNORE
     cls_loss = focal_loss(cls_logits[counted], onehot[counted], config.focal_alpha, config.focal_gamma).sum()
     anchors_b = anchors[None].expand(labels.shape[0], -1, -1)
-    box_targets = box_ops.encode(matched[foreground], anchors_b[foreground])
+    box_targets = box_ops.encode(matched[foreground], anchors_b[foreground], config.box_offset)
     box_loss = F.smooth_l1_loss(deltas[foreground], box_targets, beta=config.smooth_l1_beta, reduction="sum")
     return {"cls_loss": cls_loss / num_fg, "box_loss": box_loss / num_fg}

@@ -31,17 +31,21 @@ def decode(
     score_threshold: float,
     top_n: int,
     box_clamp: float,
+    box_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _use_extension(cls_scores):
-        return torch.ops.retinanet.decode(
-            cls_scores, box_deltas, anchors.to(cls_scores.device), stride, score_threshold, top_n, box_clamp
-        )
-    return reference.decode(cls_scores, box_deltas, anchors, stride, score_threshold, top_n, box_clamp)
+        anchors = anchors.to(cls_scores.device)
+        args = (stride, score_threshold, top_n, box_clamp)
+        # Only models with the +1 convention pass the offset: an extension built before it still runs the rest.
+        extra = (box_offset,) if box_offset else ()
+        return torch.ops.retinanet.decode(cls_scores, box_deltas, anchors, *args, *extra)
+    return reference.decode(cls_scores, box_deltas, anchors, stride, score_threshold, top_n, box_clamp, box_offset)
 
 
 def nms(
-    scores: Tensor, boxes: Tensor, classes: Tensor, iou_threshold: float, detections: int
+    scores: Tensor, boxes: Tensor, classes: Tensor, iou_threshold: float, detections: int, box_offset: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     if _use_extension(scores):
-        return torch.ops.retinanet.nms(scores, boxes, classes, iou_threshold, detections)
-    return reference.nms(scores, boxes, classes, iou_threshold, detections)
+        extra = (box_offset,) if box_offset else ()
+        return torch.ops.retinanet.nms(scores, boxes, classes, iou_threshold, detections, *extra)
+    return reference.nms(scores, boxes, classes, iou_threshold, detections, box_offset)

@@ -14,6 +14,9 @@ Conventions shared by all implementations
 * Padding: fixed-size outputs; unused slots have score 0, box 0 and class -1.
   NMS ignores inputs with score <= 0, so decode's padding never survives.
 * Boxes are clipped to the network input, [0, W*stride] x [0, H*stride].
+* box_offset 1 (converted ODTK models) counts both end pixels in a width:
+  decode takes anchor widths as x2 - x1 + 1 and ends boxes at cx + w/2 - 1,
+  clips to [0, W*stride - 1], and NMS measures IoU on widths x2 - x1 + 1.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ def _stable_desc_order(scores: Tensor) -> Tensor:
 
 
 def candidate_boxes(
-    order: Tensor, box_deltas: Tensor, anchors: Tensor, stride: int, num_classes: int, box_clamp: float
+    order: Tensor,
+    box_deltas: Tensor,
+    anchors: Tensor,
+    stride: int,
+    num_classes: int,
+    box_clamp: float,
+    box_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The boxes and classes of the candidates at flat head indices `order` [B, k]: the index
     math of the head layout above, shared by decode() and the portable ONNX export.
@@ -55,8 +64,11 @@ def candidate_boxes(
     cx = (x.float() + 0.5) * stride
     cy = (y.float() + 0.5) * stride
     anchor_boxes = anchors.to(device=order.device, dtype=torch.float32)[a] + torch.stack([cx, cy, cx, cy], dim=-1)
-    boxes = box_ops.decode(d, anchor_boxes, box_clamp)
-    limits = torch.tensor([width * stride, height * stride] * 2, device=order.device, dtype=torch.float32)
+    boxes = box_ops.decode(d, anchor_boxes, box_clamp, box_offset)
+    # With the +1 convention the last pixel of the input is at W*stride - 1.
+    limits = torch.tensor(
+        [width * stride - box_offset, height * stride - box_offset] * 2, device=order.device, dtype=torch.float32
+    )
     return torch.minimum(boxes.clamp(min=0), limits), c
 
 
@@ -68,6 +80,7 @@ def decode(
     score_threshold: float,
     top_n: int,
     box_clamp: float,
+    box_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Decode one FPN level.
 
@@ -89,7 +102,7 @@ def decode(
     top_scores = scores.gather(1, order)
     valid = candidates.gather(1, order)
 
-    boxes, c = candidate_boxes(order, box_deltas, anchors, stride, num_classes, box_clamp)
+    boxes, c = candidate_boxes(order, box_deltas, anchors, stride, num_classes, box_clamp, box_offset)
 
     out_scores = torch.zeros(batch, top_n, device=device, dtype=torch.float32)
     out_boxes = torch.zeros(batch, top_n, 4, device=device, dtype=torch.float32)
@@ -106,6 +119,7 @@ def nms(
     classes: Tensor,
     iou_threshold: float,
     detections: int,
+    box_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Greedy class-aware NMS per image: scores [B, N], boxes [B, N, 4], classes [B, N].
 
@@ -141,7 +155,7 @@ def nms(
         out_scores[:, k] = torch.where(has, s[rows, first], 0.0)
         out_boxes[:, k] = torch.where(has[:, None], kb, 0.0)
         out_classes[:, k] = torch.where(has, kc.to(torch.int32), -1)
-        iou = box_ops.box_iou(kb[:, None, :], b)[:, 0]  # [B, N]
+        iou = box_ops.box_iou(kb[:, None, :], b, box_offset)[:, 0]  # [B, N]
         alive &= ~((iou > iou_threshold) & (c == kc[:, None]))
         alive[rows, first] = False
     return out_scores.to(out_dtype), out_boxes.to(out_dtype), out_classes
