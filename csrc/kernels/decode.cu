@@ -19,6 +19,7 @@
 #include "kernels/decode.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include <cub/block/block_scan.cuh>
 
@@ -314,15 +315,44 @@ __global__ void __launch_bounds__(kRefineThreads)
   }
 }
 
+// One candidate's box from its anchor (centred on (0, 0)), the cell centre (cx, cy) and
+// its deltas d = (dx, dy, dw, dh), clipped to [0, xmax] x [0, ymax]: the float32
+// operations of ops/box.py decode(), in its order, rounded one by one (no FMA
+// contraction), so that results equal the reference's. `offset` is the box width
+// convention (1: a width counts both end pixels); with 0 its terms add and subtract
+// an exact zero, which changes no bit.
+__device__ __forceinline__ void decode_box(const float* __restrict__ anchor, float cx, float cy, float4 d, float clamp,
+                                           float offset, float xmax, float ymax, float box[4]) {
+  const float ax1 = __fadd_rn(anchor[0], cx);
+  const float ay1 = __fadd_rn(anchor[1], cy);
+  const float ax2 = __fadd_rn(anchor[2], cx);
+  const float ay2 = __fadd_rn(anchor[3], cy);
+  const float aw = __fadd_rn(__fsub_rn(ax2, ax1), offset);
+  const float ah = __fadd_rn(__fsub_rn(ay2, ay1), offset);
+  const float acx = __fadd_rn(ax1, __fmul_rn(0.5f, aw));
+  const float acy = __fadd_rn(ay1, __fmul_rn(0.5f, ah));
+  const float pcx = __fadd_rn(acx, __fmul_rn(d.x, aw));
+  const float pcy = __fadd_rn(acy, __fmul_rn(d.y, ah));
+  const float pw = __fmul_rn(aw, expf(detail::clamp_max(d.z, clamp)));
+  const float ph = __fmul_rn(ah, expf(detail::clamp_max(d.w, clamp)));
+  const float half_w = __fmul_rn(0.5f, pw);
+  const float half_h = __fmul_rn(0.5f, ph);
+  box[0] = detail::clamp_max(detail::clamp_min0(__fsub_rn(pcx, half_w)), xmax);
+  box[1] = detail::clamp_max(detail::clamp_min0(__fsub_rn(pcy, half_h)), ymax);
+  box[2] = detail::clamp_max(detail::clamp_min0(__fsub_rn(__fadd_rn(pcx, half_w), offset)), xmax);
+  box[3] = detail::clamp_max(detail::clamp_min0(__fsub_rn(__fadd_rn(pcy, half_h), offset)), ymax);
+}
+
 // Rank the collected keys (unique, so a key's rank is its output slot), decode
 // the top `count` of them and pad the rest of the image's top_n slots.
 // kRankSplit threads rank one key, each against a share of the keys.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     emit_kernel(const T* __restrict__ deltas, const float* __restrict__ anchors, int num_anchors, int num_classes,
-                int height, int width, float stride, float box_clamp, int top_n, const DecodeState* __restrict__ states,
-                const uint64_t* __restrict__ selected, const uint64_t* __restrict__ bucket, T* __restrict__ out_scores,
-                T* __restrict__ out_boxes, int32_t* __restrict__ out_classes) {
+                int height, int width, float stride, float box_clamp, float box_offset, int top_n,
+                const DecodeState* __restrict__ states, const uint64_t* __restrict__ selected,
+                const uint64_t* __restrict__ bucket, T* __restrict__ out_scores, T* __restrict__ out_boxes,
+                int32_t* __restrict__ out_classes) {
   constexpr int kPerBlock = kThreads / kRankSplit;
   __shared__ uint64_t tile[kRankTile];
   const int b = blockIdx.y;
@@ -371,31 +401,13 @@ __global__ void __launch_bounds__(kThreads)
     const float dw = detail::to_float(d[2 * hw]);
     const float dh = detail::to_float(d[3 * hw]);
 
-    // Same float32 operations, in the same order, as ops/box.py (no FMA contraction).
     const float cx = __fmul_rn(__fadd_rn(static_cast<float>(x), 0.5f), stride);
     const float cy = __fmul_rn(__fadd_rn(static_cast<float>(y), 0.5f), stride);
-    const float ax1 = __fadd_rn(anchors[4 * a + 0], cx);
-    const float ay1 = __fadd_rn(anchors[4 * a + 1], cy);
-    const float ax2 = __fadd_rn(anchors[4 * a + 2], cx);
-    const float ay2 = __fadd_rn(anchors[4 * a + 3], cy);
-    const float aw = __fsub_rn(ax2, ax1);
-    const float ah = __fsub_rn(ay2, ay1);
-    const float acx = __fadd_rn(ax1, __fmul_rn(0.5f, aw));
-    const float acy = __fadd_rn(ay1, __fmul_rn(0.5f, ah));
-    const float pcx = __fadd_rn(acx, __fmul_rn(dx, aw));
-    const float pcy = __fadd_rn(acy, __fmul_rn(dy, ah));
-    const float pw = __fmul_rn(aw, expf(detail::clamp_max(dw, box_clamp)));
-    const float ph = __fmul_rn(ah, expf(detail::clamp_max(dh, box_clamp)));
-    const float hw_ = __fmul_rn(0.5f, pw);
-    const float hh_ = __fmul_rn(0.5f, ph);
-    const float xmax = static_cast<float>(width) * stride;
-    const float ymax = static_cast<float>(height) * stride;
-    const float box[4] = {
-        detail::clamp_max(detail::clamp_min0(__fsub_rn(pcx, hw_)), xmax),
-        detail::clamp_max(detail::clamp_min0(__fsub_rn(pcy, hh_)), ymax),
-        detail::clamp_max(detail::clamp_min0(__fadd_rn(pcx, hw_)), xmax),
-        detail::clamp_max(detail::clamp_min0(__fadd_rn(pcy, hh_)), ymax),
-    };
+    // The level's extent; with the +1 convention its last pixel starts at extent - 1.
+    const float xmax = __fsub_rn(__fmul_rn(static_cast<float>(width), stride), box_offset);
+    const float ymax = __fsub_rn(__fmul_rn(static_cast<float>(height), stride), box_offset);
+    float box[4];
+    decode_box(anchors + 4 * a, cx, cy, make_float4(dx, dy, dw, dh), box_clamp, box_offset, xmax, ymax, box);
     const size_t slot = out + rank;
     out_scores[slot] = detail::from_float<T>(score);
 #pragma unroll
@@ -451,14 +463,14 @@ cudaError_t launch(const DecodeArgs& a, const T* scores, const T* deltas, const 
                                                                 coarse, hist, selected, bucket);
   const dim3 emit_grid(ceil_div(static_cast<long long>(a.top_n) + kBucketCapacity, kThreads / kRankSplit), a.batch);
   emit_kernel<T><<<emit_grid, kThreads, 0, stream>>>(deltas, anchors, a.num_anchors, a.num_classes, a.height, a.width,
-                                                     static_cast<float>(a.stride), a.box_clamp, a.top_n, states,
-                                                     selected, bucket, out_scores, out_boxes, out_classes);
+                                                     static_cast<float>(a.stride), a.box_clamp, a.box_offset, a.top_n,
+                                                     states, selected, bucket, out_scores, out_boxes, out_classes);
   return cudaGetLastError();
 }
 
 bool valid(const DecodeArgs& a) {
   if (a.batch < 0 || a.batch > 65535 || a.num_anchors <= 0 || a.num_classes <= 0 || a.height < 0 || a.width < 0 ||
-      a.top_n < 0 || a.stride <= 0)
+      a.top_n < 0 || a.stride <= 0 || !(std::isfinite(a.box_offset) && a.box_offset >= 0.f))
     return false;
   const size_t per_image = static_cast<size_t>(a.num_anchors) * a.num_classes * a.height * a.width;
   return per_image < (size_t(1) << 31) &&

@@ -2,7 +2,8 @@
 //
 // Behaviour is ops/reference.py's decode(): per image keep the scores above
 // score_threshold, take the top_n of them (score descending, ties by smaller
-// flat index), decode their boxes against the anchors and clip to the input.
+// flat index), decode their boxes against the anchors and clip to the input
+// ([0, W*stride - box_offset] x [0, H*stride - box_offset]).
 // Everything runs on `stream`: no host synchronisation, no host<->device
 // copies, no allocation, so a call can be captured in a CUDA graph.
 #pragma once
@@ -26,6 +27,9 @@ struct DecodeArgs {
   float score_threshold = 0.f;
   int top_n = 0;
   float box_clamp = 0.f;  // dw, dh are clamped to this before exp()
+  // Box width convention: 0 (x2 - x1) or 1 (x2 - x1 + 1, converted ODTK models). Any
+  // finite value >= 0 is accepted; see ops/reference.py for the formulas it enters.
+  float box_offset = 0.f;
 };
 
 // Bytes of device workspace that decode() needs for these arguments.

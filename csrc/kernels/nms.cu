@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cmath>
 
 #include <cub/device/device_segmented_radix_sort.cuh>
 
@@ -181,22 +182,25 @@ struct Box {
   int cls;
 };
 
-__device__ __forceinline__ Box load_box(const float4* boxes, const int* classes, size_t g) {
+// `offset` is the box width convention (1: x2 - x1 + 1); with 0 it adds an exact zero.
+__device__ __forceinline__ Box load_box(const float4* boxes, const int* classes, size_t g, float offset) {
   const float4 v = boxes[g];
   Box r;
   r.x1 = v.x;
   r.y1 = v.y;
   r.x2 = v.z;
   r.y2 = v.w;
-  r.area = __fmul_rn(detail::clamp_min0(__fsub_rn(r.x2, r.x1)), detail::clamp_min0(__fsub_rn(r.y2, r.y1)));
+  r.area = __fmul_rn(detail::clamp_min0(__fadd_rn(__fsub_rn(r.x2, r.x1), offset)),
+                     detail::clamp_min0(__fadd_rn(__fsub_rn(r.y2, r.y1), offset)));
   r.cls = classes[g];
   return r;
 }
 
-// IoU > threshold with the float32 operations of ops/box.py box_iou, in order.
-__device__ __forceinline__ bool overlaps(const Box& a, const Box& b, float threshold) {
-  const float w = detail::clamp_min0(__fsub_rn(fminf(a.x2, b.x2), fmaxf(a.x1, b.x1)));
-  const float h = detail::clamp_min0(__fsub_rn(fminf(a.y2, b.y2), fmaxf(a.y1, b.y1)));
+// IoU > threshold with the float32 operations of ops/box.py box_iou, in order (areas
+// from load_box with the same offset).
+__device__ __forceinline__ bool overlaps(const Box& a, const Box& b, float threshold, float offset) {
+  const float w = detail::clamp_min0(__fadd_rn(__fsub_rn(fminf(a.x2, b.x2), fmaxf(a.x1, b.x1)), offset));
+  const float h = detail::clamp_min0(__fadd_rn(__fsub_rn(fminf(a.y2, b.y2), fmaxf(a.y1, b.y1)), offset));
   const float inter = __fmul_rn(w, h);
   const float uni = __fsub_rn(__fadd_rn(a.area, b.area), inter);
   return __fdiv_rn(inter, fmaxf(uni, FLT_MIN)) > threshold;
@@ -207,7 +211,7 @@ __device__ __forceinline__ bool overlaps(const Box& a, const Box& b, float thres
 // its suppression word for the column block.
 __global__ void __launch_bounds__(kBlock)
     mask_kernel(const float4* __restrict__ boxes, const int* __restrict__ classes, int n, int nw, float threshold,
-                const int* __restrict__ counts, unsigned long long* __restrict__ mask) {
+                float offset, const int* __restrict__ counts, unsigned long long* __restrict__ mask) {
   const int b = blockIdx.y;
   const int pair = blockIdx.x;
   // Row r starts at pair r*nw - r*(r-1)/2; estimate r, then settle it exactly.
@@ -224,16 +228,16 @@ __global__ void __launch_bounds__(kBlock)
   const size_t base = static_cast<size_t>(b) * n;
   const int t = threadIdx.x;
   const int j = col * kBlock + t;
-  if (j < valid) cols[t] = load_box(boxes, classes, base + j);
+  if (j < valid) cols[t] = load_box(boxes, classes, base + j, offset);
   __syncthreads();
   const int i = row * kBlock + t;
   if (i >= valid) return;
-  const Box mine = load_box(boxes, classes, base + i);
+  const Box mine = load_box(boxes, classes, base + i, offset);
   const int ncols = min(kBlock, valid - col * kBlock);
   const int first = row == col ? t + 1 : 0;  // only later candidates can be suppressed
   unsigned long long bits = 0;
   for (int k = first; k < ncols; ++k)
-    if (cols[k].cls == mine.cls && overlaps(mine, cols[k], threshold)) bits |= 1ull << k;
+    if (cols[k].cls == mine.cls && overlaps(mine, cols[k], threshold, offset)) bits |= 1ull << k;
   mask[(base + i) * nw + col] = bits;
 }
 
@@ -372,7 +376,7 @@ cudaError_t launch(const NmsArgs& a, const T* scores, const T* boxes, const int3
   }
   if (n > 0)
     mask_kernel<<<dim3(nw * (nw + 1) / 2, a.batch), kBlock, 0, stream>>>(sorted_boxes, sorted_classes, n, nw,
-                                                                         a.iou_threshold, counts, mask);
+                                                                         a.iou_threshold, a.box_offset, counts, mask);
   const size_t removed_bytes = static_cast<size_t>(nw) * sizeof(unsigned long long);
   const bool in_shared = removed_bytes <= kMaxSharedRemoved;
   scan_kernel<T><<<a.batch, 32, in_shared ? removed_bytes : 0, stream>>>(scores, boxes, classes, n, nw, a.detections,
@@ -383,6 +387,7 @@ cudaError_t launch(const NmsArgs& a, const T* scores, const T* boxes, const int3
 
 bool valid(const NmsArgs& a) {
   return a.batch >= 0 && a.batch <= 65535 && a.num_candidates >= 0 && a.detections >= 0 &&
+         std::isfinite(a.box_offset) && a.box_offset >= 0.f &&
          static_cast<size_t>(a.batch) * a.num_candidates < (size_t(1) << 31) &&
          static_cast<long long>(words(a.num_candidates)) * (words(a.num_candidates) + 1) / 2 < (1ll << 31);
 }

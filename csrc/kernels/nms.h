@@ -21,6 +21,9 @@ struct NmsArgs {
   int num_candidates = 0;  // N per image
   float iou_threshold = 0.f;
   int detections = 0;  // D
+  // Box width convention: 0 (x2 - x1) or 1 (x2 - x1 + 1, converted ODTK models), in the
+  // areas and intersections of the IoU. Any finite value >= 0 is accepted.
+  float box_offset = 0.f;
 };
 
 // Bytes of device workspace that nms() needs for these arguments.

@@ -5,6 +5,8 @@
 // Python by ops/reference.py, which defines the behaviour.
 #include <Python.h>
 
+#include <cmath>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -70,9 +72,17 @@ void check_nms_shapes(const at::Tensor& scores, const at::Tensor& boxes, const a
               "retinanet::nms: classes must be integers");
 }
 
+// The kernels refuse any other offset (as float32); checked here too for a message that names it.
+void check_box_offset(const char* op, double box_offset) {
+  const float value = static_cast<float>(box_offset);
+  TORCH_CHECK(std::isfinite(value) && value >= 0.f, "retinanet::", op,
+              ": box_offset must be finite and >= 0 (0, or 1 for the +1 pixel box convention), got ", box_offset);
+}
+
 Outputs decode_cuda(const at::Tensor& cls_scores, const at::Tensor& box_deltas, const at::Tensor& anchors,
-                    int64_t stride, double score_threshold, int64_t top_n, double box_clamp) {
+                    int64_t stride, double score_threshold, int64_t top_n, double box_clamp, double box_offset) {
   check_decode_shapes(cls_scores, box_deltas, anchors);
+  check_box_offset("decode", box_offset);
   TORCH_CHECK(cls_scores.is_cuda() && box_deltas.device() == cls_scores.device(),
               "retinanet::decode: cls_scores and box_deltas must be on one CUDA device");
   TORCH_CHECK(top_n >= 0 && top_n < (int64_t(1) << 31), "retinanet::decode: bad top_n ", top_n);
@@ -93,6 +103,7 @@ Outputs decode_cuda(const at::Tensor& cls_scores, const at::Tensor& box_deltas, 
   args.score_threshold = static_cast<float>(score_threshold);
   args.top_n = static_cast<int>(top_n);
   args.box_clamp = static_cast<float>(box_clamp);
+  args.box_offset = static_cast<float>(box_offset);
 
   auto [out_scores, out_boxes, out_classes] = empty_outputs(args.batch, top_n, scores.options());
   const size_t ws_bytes = retinanet::decode_workspace_size(args);
@@ -109,8 +120,9 @@ Outputs decode_cuda(const at::Tensor& cls_scores, const at::Tensor& box_deltas, 
 }
 
 Outputs nms_cuda(const at::Tensor& scores_in, const at::Tensor& boxes_in, const at::Tensor& classes_in,
-                 double iou_threshold, int64_t detections) {
+                 double iou_threshold, int64_t detections, double box_offset) {
   check_nms_shapes(scores_in, boxes_in, classes_in);
+  check_box_offset("nms", box_offset);
   TORCH_CHECK(
       scores_in.is_cuda() && boxes_in.device() == scores_in.device() && classes_in.device() == scores_in.device(),
       "retinanet::nms: scores, boxes and classes must be on one CUDA device");
@@ -127,6 +139,7 @@ Outputs nms_cuda(const at::Tensor& scores_in, const at::Tensor& boxes_in, const 
   args.num_candidates = static_cast<int>(scores.size(1));
   args.iou_threshold = static_cast<float>(iou_threshold);
   args.detections = static_cast<int>(detections);
+  args.box_offset = static_cast<float>(box_offset);
 
   auto [out_scores, out_boxes, out_classes] = empty_outputs(args.batch, detections, scores.options());
   const size_t ws_bytes = retinanet::nms_workspace_size(args);
@@ -143,14 +156,15 @@ Outputs nms_cuda(const at::Tensor& scores_in, const at::Tensor& boxes_in, const 
 
 // Shapes only, for FakeTensor tracing (torch.compile, torch.export).
 Outputs decode_meta(const at::Tensor& cls_scores, const at::Tensor& box_deltas, const at::Tensor& anchors,
-                    int64_t /*stride*/, double /*score_threshold*/, int64_t top_n, double /*box_clamp*/) {
+                    int64_t /*stride*/, double /*score_threshold*/, int64_t top_n, double /*box_clamp*/,
+                    double /*box_offset*/) {
   TORCH_CHECK(cls_scores.dim() == 4 && box_deltas.dim() == 4 && anchors.dim() == 2,
               "retinanet::decode: expected [B, A*C, H, W], [B, A*4, H, W] and [A, 4]");
   return empty_outputs(cls_scores.sym_size(0), top_n, cls_scores.options());
 }
 
 Outputs nms_meta(const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& classes, double /*iou_threshold*/,
-                 int64_t detections) {
+                 int64_t detections, double /*box_offset*/) {
   TORCH_CHECK(scores.dim() == 2 && boxes.dim() == 3 && classes.dim() == 2,
               "retinanet::nms: expected [B, N], [B, N, 4] and [B, N]");
   return empty_outputs(scores.sym_size(0), detections, scores.options());
@@ -158,13 +172,14 @@ Outputs nms_meta(const at::Tensor& scores, const at::Tensor& boxes, const at::Te
 
 }  // namespace
 
+// box_offset last, with a default: callers written before it keep today's convention.
 TORCH_LIBRARY(retinanet, m) {
   m.def(
       "decode(Tensor cls_scores, Tensor box_deltas, Tensor anchors, int stride, float score_threshold, "
-      "int top_n, float box_clamp) -> (Tensor, Tensor, Tensor)");
+      "int top_n, float box_clamp, float box_offset=0.0) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "nms(Tensor scores, Tensor boxes, Tensor classes, float iou_threshold, int detections) -> "
-      "(Tensor, Tensor, Tensor)");
+      "nms(Tensor scores, Tensor boxes, Tensor classes, float iou_threshold, int detections, "
+      "float box_offset=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(retinanet, CUDA, m) {
