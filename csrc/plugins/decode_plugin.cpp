@@ -13,7 +13,8 @@ std::vector<FieldRef> DecodeParams::fields() {
           {"top_n", &top_n},
           {"box_clamp", &box_clamp},
           {"stride", &stride},
-          {"anchors", &anchors}};
+          {"anchors", &anchors},
+          FieldRef::optional("box_offset", &box_offset)};
 }
 
 std::string DecodeParams::check() const {
@@ -22,6 +23,7 @@ std::string DecodeParams::check() const {
   if (!(box_clamp > 0.f) || !std::isfinite(box_clamp)) return "box_clamp must be positive";
   if (stride <= 0) return "stride must be positive";
   if (anchors.empty() || anchors.size() % 4 != 0) return "anchors must hold A*4 floats, A > 0";
+  if (!(box_offset >= 0.f) || !std::isfinite(box_offset)) return "box_offset must be finite and >= 0 (0 or 1)";
   return {};
 }
 
@@ -49,6 +51,7 @@ bool DecodePlugin::make_args(nvinfer1::Dims const* inputs, DecodeArgs* args) con
   args->score_threshold = params_.score_threshold;
   args->top_n = params_.top_n;
   args->box_clamp = params_.box_clamp;
+  args->box_offset = params_.box_offset;
   return true;
 }
 

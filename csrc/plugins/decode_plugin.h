@@ -5,7 +5,8 @@
 // Outputs: 0 scores [B, top_n], 1 boxes [B, top_n, 4] (input type),
 //          2 classes [B, top_n] INT32. Padding: score 0, box 0, class -1.
 // Fields:  score_threshold (f32), top_n (i32), box_clamp (f32), stride (i32),
-//          anchors (f32 x A*4: the level's anchors centred on (0, 0)).
+//          anchors (f32 x A*4: the level's anchors centred on (0, 0)),
+//          box_offset (f32, optional: 0 when absent; 1 for the +1 pixel box convention).
 // The decode itself is csrc/kernels/decode.h, shared with the torch op.
 #pragma once
 
@@ -26,6 +27,7 @@ struct DecodeParams {
   float box_clamp = 0.f;
   int32_t stride = 0;
   std::vector<float> anchors;  // A*4
+  float box_offset = 0.f;      // optional field: files written before it decode as 0
 
   int num_anchors() const { return static_cast<int>(anchors.size() / 4); }
   // The plugin fields, in serialization order.

@@ -1,15 +1,20 @@
 #include "plugins/nms_plugin.h"
 
+#include <cmath>
+
 #include "plugins/plugin_common.h"
 
 namespace retinanet {
 namespace plugins {
 
-std::vector<FieldRef> NmsParams::fields() { return {{"nms_iou", &nms_iou}, {"detections", &detections}}; }
+std::vector<FieldRef> NmsParams::fields() {
+  return {{"nms_iou", &nms_iou}, {"detections", &detections}, FieldRef::optional("box_offset", &box_offset)};
+}
 
 std::string NmsParams::check() const {
   if (!(nms_iou >= 0.f && nms_iou <= 1.f)) return "nms_iou must be in [0, 1]";
   if (detections <= 0) return "detections must be positive";
+  if (!(box_offset >= 0.f) || !std::isfinite(box_offset)) return "box_offset must be finite and >= 0 (0 or 1)";
   return {};
 }
 
@@ -29,6 +34,7 @@ bool NmsPlugin::make_args(nvinfer1::Dims const* inputs, NmsArgs* args) const {
   args->num_candidates = static_cast<int>(scores.d[1]);
   args->iou_threshold = params_.nms_iou;
   args->detections = params_.detections;
+  args->box_offset = params_.box_offset;
   return true;
 }
 

@@ -3,7 +3,8 @@
 // Inputs:  0 scores [B, N], 1 boxes [B, N, 4] (FP32, FP16 or BF16, one type), 2 classes [B, N] INT32.
 // Outputs: 0 scores [B, D], 1 boxes [B, D, 4] (input type), 2 classes [B, D] INT32; D = detections.
 //          Padding: score 0, box 0, class -1.
-// Fields:  nms_iou (f32), detections (i32).
+// Fields:  nms_iou (f32), detections (i32),
+//          box_offset (f32, optional: 0 when absent; 1 for the +1 pixel box convention).
 // The NMS itself is csrc/kernels/nms.h, shared with the torch op.
 #pragma once
 
@@ -21,6 +22,7 @@ namespace plugins {
 struct NmsParams {
   float nms_iou = 0.f;
   int32_t detections = 0;
+  float box_offset = 0.f;  // optional field: files written before it measure IoU with 0
 
   // The plugin fields, in serialization order.
   std::vector<FieldRef> fields();

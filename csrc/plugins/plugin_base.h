@@ -20,7 +20,8 @@
 //   bool ready() const (prepare has succeeded).
 //
 // Params has `std::vector<FieldRef> fields()` (its fields in serialization order,
-// pointing into the object) and `std::string check() const`.
+// pointing into the object) and `std::string check() const`. Every field is required
+// unless marked FieldRef::optional: an absent optional field keeps the Params default.
 #pragma once
 
 #include <cstdint>
@@ -41,10 +42,20 @@ struct FieldRef {
   FieldRef(char const* n, int32_t* value) : name(n), scalar_int(value) {}
   FieldRef(char const* n, std::vector<float>* values) : name(n), float_list(values) {}
 
+  // A field that createPlugin may go without, keeping the member's default. Only for
+  // fields added to a plugin version after it shipped: ONNX files and serialised
+  // engines written before do not have them, and must keep loading as they did.
+  static FieldRef optional(char const* n, float* value) {
+    FieldRef ref(n, value);
+    ref.required = false;
+    return ref;
+  }
+
   char const* name;
   float* scalar_float = nullptr;
   int32_t* scalar_int = nullptr;
   std::vector<float>* float_list = nullptr;
+  bool required = true;
 
   nvinfer1::PluginField describe(bool with_data) const {
     using nvinfer1::PluginFieldType;
@@ -256,8 +267,9 @@ class PluginBase : public nvinfer1::IPluginV3,
   nvinfer1::PluginFieldCollection serialized_collection_{};
 };
 
-// The creator: advertises Params' fields, and builds a plugin once every field is
-// present with the right type and Params::check() passes (else logs why, returns null).
+// The creator: advertises Params' fields, and builds a plugin once every required field
+// is present, every field present has the right type and Params::check() passes (else
+// logs why, returns null).
 // Its constructor allocates: getCreators() builds the creators inside a try block.
 template <class Plugin, class Params>
 class PluginCreatorBase : public nvinfer1::IPluginCreatorV3One {
@@ -288,7 +300,8 @@ class PluginCreatorBase : public nvinfer1::IPluginCreatorV3One {
       }
       std::string problem;
       for (size_t k = 0; k < refs.size(); ++k) {
-        if (!seen[k]) problem += (problem.empty() ? "needs field " : ", ") + std::string(refs[k].name);
+        if (!seen[k] && refs[k].required)
+          problem += (problem.empty() ? "needs field " : ", ") + std::string(refs[k].name);
       }
       if (problem.empty()) problem = params.check();
       if (!problem.empty()) {
