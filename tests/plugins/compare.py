@@ -50,6 +50,52 @@ def _pyramid_cases(g, dtype, td):
     return out
 
 
+def torchvision_like_anchors(stride):
+    """The default anchors as torchvision lays them out (corners rounded to integers, centred
+    on the cell's top-left corner), shifted by -stride/2 because decode adds the cell centre:
+    the kind of table a converted checkpoint brings, with integer-width +1 boxes in mind."""
+    base = box.base_anchors(stride, [0.5, 1.0, 2.0], [4.0 * 2 ** (k / 3) for k in range(3)])
+    return base.round() - stride / 2
+
+
+def _box_offset_cases(g, dtype, td):
+    """box_offset 1 (the +1 pixel convention of converted ODTK models): decode at P3 (more
+    candidates than top_n) and P7 of PYRAMID_INPUT (boxes clipped to W*stride - 1), and NMS
+    on integer boxes, where the +1 in widths and intersections decides overlaps. One NMS
+    case passes box_offset 0 explicitly, which must equal leaving the field out."""
+    out = []
+    b, c = 2, 3
+    for stride, h, w in [pyramid_shapes(*PYRAMID_INPUT)[i] for i in (0, 4)]:
+        anchors = torchvision_like_anchors(stride)
+        a = anchors.shape[0]
+        scores = torch.rand(b, a * c, h, w, generator=g)
+        deltas = torch.randn(b, a * 4, h, w, generator=g) * 0.5
+        params = dict(stride=stride, score_threshold=0.05, top_n=300, box_clamp=CLAMP, box_offset=1.0)
+        inputs = dict(scores=scores.to(td), deltas=deltas.to(td), anchors=anchors)
+        name = f"decode_offset1_p{int(math.log2(stride))}_{dtype}"
+        out.append((name, "decode", dtype, td, inputs, (b, a, c, h, w), params))
+    for offset in (1.0, 0.0):
+        n = 300
+        centres = torch.rand(b, n, 2, generator=g) * 60
+        sizes = torch.rand(b, n, 2, generator=g) * 20 + 2
+        boxes = torch.cat([centres - sizes / 2, centres + sizes / 2], 2).round()
+        scores = torch.rand(b, n, generator=g)
+        scores[:, :10] = 0.75  # ties
+        classes = torch.randint(0, 3, (b, n), generator=g, dtype=torch.int32)
+        out.append(
+            (
+                f"nms_offset{int(offset)}_{dtype}",
+                "nms",
+                dtype,
+                td,
+                dict(scores=scores.to(td), boxes=boxes.to(td), classes=classes),
+                (b, n),
+                dict(iou=0.5, detections=100, box_offset=offset),
+            )
+        )
+    return out
+
+
 def cases():
     g = torch.Generator().manual_seed(0)
     out = []
@@ -98,6 +144,7 @@ def cases():
                 )
             )
         out += _pyramid_cases(torch.Generator().manual_seed(1), dtype, td)
+        out += _box_offset_cases(torch.Generator().manual_seed(2), dtype, td)
     return out
 
 
@@ -113,13 +160,16 @@ def write(case_dir):
             _save(t, os.path.join(case_dir, f"{name}.{k}.bin"))
         if kind == "decode":
             b, a, c, h, w = shape
-            lines.append(
+            line = (
                 f"{name} decode {dtype} {b} {a} {c} {h} {w} {p['stride']} {p['score_threshold']!r} "
                 f"{p['top_n']} {p['box_clamp']!r}"
             )
         else:
             b, n = shape
-            lines.append(f"{name} nms {dtype} {b} {n} {p['iou']!r} {p['detections']}")
+            line = f"{name} nms {dtype} {b} {n} {p['iou']!r} {p['detections']}"
+        # box_offset is an optional plugin field: cases without it run the plugins as files
+        # written before it existed do (the harness then leaves the field out).
+        lines.append(line + (f" {p['box_offset']!r}" if "box_offset" in p else ""))
     with open(os.path.join(case_dir, "cases.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -127,6 +177,7 @@ def write(case_dir):
 def check(case_dir, out_dir):
     bad = 0
     for name, kind, dtype, td, inputs, shape, p in cases():
+        offset = float(np.float32(p.get("box_offset", 0.0)))  # absent: the plugins' default
         if kind == "decode":
             # Parameters as the plugin sees them: float32 fields.
             ref = reference.decode(
@@ -137,11 +188,17 @@ def check(case_dir, out_dir):
                 float(np.float32(p["score_threshold"])),
                 p["top_n"],
                 float(np.float32(p["box_clamp"])),
+                box_offset=offset,
             )
             b, k = shape[0], p["top_n"]
         else:
             ref = reference.nms(
-                inputs["scores"], inputs["boxes"], inputs["classes"], float(np.float32(p["iou"])), p["detections"]
+                inputs["scores"],
+                inputs["boxes"],
+                inputs["classes"],
+                float(np.float32(p["iou"])),
+                p["detections"],
+                box_offset=offset,
             )
             b, k = shape[0], p["detections"]
         np_dtype = np.float32 if dtype == "f32" else np.float16

@@ -4,18 +4,22 @@
 //   plugin_harness CASE_DIR OUT_DIR
 //
 // CASE_DIR/cases.txt has one case per line:
-//   NAME decode f32|f16 B A C H W stride score_threshold top_n box_clamp
-//   NAME nms    f32|f16 B N nms_iou detections
+//   NAME decode f32|f16 B A C H W stride score_threshold top_n box_clamp [box_offset]
+//   NAME nms    f32|f16 B N nms_iou detections [box_offset]
+// box_offset is an optional field: a line without it creates the plugin without the
+// field, as from an ONNX file or engine written before the field existed.
 // Inputs are raw little-endian files CASE_DIR/NAME.<tensor>.bin (decode: scores,
 // deltas in the case's type, anchors f32; nms: scores, boxes in the case's type,
 // classes i32). Outputs go to OUT_DIR/NAME.{scores,boxes,classes}.bin.
-// Per case: creator lookup via getCreators(), createPlugin from PluginFields,
+// Per case: creator lookup via getCreators(), createPlugin from PluginFields (each
+// required field missing: refused; box_offset missing: 0; box_offset bad: refused),
 // interface checks (getNbOutputs, getOutputDataTypes, getOutputShapes through a
 // stand-in expression builder, supportsFormatCombination, configurePlugin,
 // getWorkspaceSize), getFieldsToSerialize -> createPlugin(kRUNTIME) with the
 // fields compared, attachToContext, onShapeChange, enqueue on device buffers.
 // tests/plugins/compare.py writes the cases and checks the outputs against
 // retinanet.ops.reference. Exit status 0 only if every check passed.
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <iostream>
@@ -188,40 +192,69 @@ struct Tensor {
   DataType type;
 };
 
-// Runs one plugin case end to end. `expected_fields` are the creator's field names in order.
-void run_case(std::string const& name, char const* plugin, std::vector<PluginField> const& fields,
-              std::vector<std::string> const& expected_fields, std::vector<Tensor> const& ins,
-              std::vector<Tensor> const& outs, std::vector<std::vector<char>> const& host_inputs,
-              std::string const& out_prefix) {
-  nvinfer1::IPluginCreatorV3One* creator = find_creator(plugin);
-  check(creator != nullptr, std::string("creator ") + plugin + " from getCreators()");
-  if (creator == nullptr) return;
+// Fields added to plugin version "1" after it shipped: createPlugin must take files without them.
+char const* const kOptionalField = "box_offset";
+
+using PluginPtr = std::unique_ptr<nvinfer1::IPluginV3>;
+
+PluginPtr create(nvinfer1::IPluginCreatorV3One* creator, char const* plugin, std::vector<PluginField> const& fields,
+                 nvinfer1::TensorRTPhase phase = nvinfer1::TensorRTPhase::kBUILD) {
+  nvinfer1::PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
+  return PluginPtr(creator->createPlugin(plugin, &fc, phase));
+}
+
+std::vector<PluginField> without(std::vector<PluginField> const& fields, std::string const& name) {
+  std::vector<PluginField> out;
+  for (PluginField const& f : fields) {
+    if (name != f.name) out.push_back(f);
+  }
+  return out;
+}
+
+nvinfer1::IPluginV3OneRuntime* runtime_of(nvinfer1::IPluginV3* plugin) {
+  return static_cast<nvinfer1::IPluginV3OneRuntime*>(
+      plugin->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
+}
+
+// The serialised single float field `name`; NaN when it is not there as one kFLOAT32.
+float serialized_float(nvinfer1::IPluginV3* plugin, char const* name) {
+  nvinfer1::PluginFieldCollection const* fc = runtime_of(plugin)->getFieldsToSerialize();
+  for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
+    PluginField const& f = fc->fields[i];
+    if (std::strcmp(f.name, name) == 0 && f.type == PluginFieldType::kFLOAT32 && f.length == 1) {
+      return *static_cast<float const*>(f.data);
+    }
+  }
+  return std::nanf("");
+}
+
+// The creator's fields: their names in order, each required one refused when missing; the
+// optional one taken when absent (as 0, serialised like the others) and refused when bad.
+void check_fields(nvinfer1::IPluginCreatorV3One* creator, char const* plugin, std::vector<PluginField> const& fields,
+                  std::vector<std::string> const& expected_fields) {
   nvinfer1::PluginFieldCollection const* names = creator->getFieldNames();
   check(names->nbFields == static_cast<int32_t>(expected_fields.size()), "getFieldNames count");
   for (int32_t i = 0; i < names->nbFields && i < static_cast<int32_t>(expected_fields.size()); ++i) {
     check(expected_fields[i] == names->fields[i].name, "field name " + expected_fields[i]);
   }
+  for (std::string const& name : expected_fields) {
+    if (name == kOptionalField) continue;
+    check(create(creator, plugin, without(fields, name)) == nullptr, "createPlugin refuses missing field " + name);
+  }
+  std::vector<PluginField> const legacy = without(fields, kOptionalField);
+  PluginPtr const plain = create(creator, plugin, legacy);
+  check(plain != nullptr, std::string("createPlugin without the optional ") + kOptionalField);
+  if (plain) check(serialized_float(plain.get(), kOptionalField) == 0.f, "an absent box_offset serialises as 0");
+  for (float bad : {-1.f, std::nanf(""), INFINITY}) {
+    std::vector<PluginField> with_bad = legacy;
+    with_bad.emplace_back(kOptionalField, &bad, PluginFieldType::kFLOAT32, 1);
+    check(create(creator, plugin, with_bad) == nullptr, "createPlugin refuses box_offset " + std::to_string(bad));
+  }
+}
 
-  // Missing fields -> no plugin.
-  nvinfer1::PluginFieldCollection partial{static_cast<int32_t>(fields.size()) - 1, fields.data()};
-  std::unique_ptr<nvinfer1::IPluginV3> bad(creator->createPlugin(plugin, &partial, nvinfer1::TensorRTPhase::kBUILD));
-  check(bad == nullptr, "createPlugin refuses a missing field");
-
-  nvinfer1::PluginFieldCollection fc{static_cast<int32_t>(fields.size()), fields.data()};
-  std::unique_ptr<nvinfer1::IPluginV3> built(creator->createPlugin(plugin, &fc, nvinfer1::TensorRTPhase::kBUILD));
-  check(built != nullptr, "createPlugin(kBUILD)");
-  if (!built) return;
-  auto* core =
-      static_cast<nvinfer1::IPluginV3OneCore*>(built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kCORE));
-  auto* build =
-      static_cast<nvinfer1::IPluginV3OneBuild*>(built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kBUILD));
-  auto* runtime = static_cast<nvinfer1::IPluginV3OneRuntime*>(
-      built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
-  check(std::strcmp(core->getPluginName(), plugin) == 0 && std::strcmp(core->getPluginVersion(), "1") == 0,
-        "core name/version");
-  check(std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0, "build capability kind");
-  check(std::strcmp(runtime->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0, "runtime capability kind");
-
+// Output types and shapes: the scores' type, batch passed through, the rest constants.
+void check_outputs(nvinfer1::IPluginV3OneBuild* build, std::vector<Tensor> const& ins,
+                   std::vector<Tensor> const& outs) {
   int32_t const nin = static_cast<int32_t>(ins.size()), nout = static_cast<int32_t>(outs.size());
   check(build->getNbOutputs() == nout, "getNbOutputs");
   std::vector<DataType> in_types, out_types(nout);
@@ -232,7 +265,6 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
   check(build->getOutputDataTypes(out_types.data(), nout, int_types.data(), nin) != 0,
         "getOutputDataTypes refuses INT32 scores");
 
-  // Output shapes: batch passed through, the rest constants.
   ExprBuilder exprs;
   std::vector<std::unique_ptr<Dimension>> in_dims;
   std::vector<nvinfer1::DimsExprs> in_exprs(nin), out_exprs(nout);
@@ -253,8 +285,13 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
     }
     check(ok, "output shape " + std::to_string(i));
   }
+}
 
-  // Format combinations: the case's types pass; INT32 scores, mixed types and non-linear formats do not.
+// Format combinations: the case's types pass; INT32 scores, mixed types and non-linear formats
+// do not. Then configurePlugin and the workspace; returns the workspace size.
+size_t check_formats(nvinfer1::IPluginV3OneBuild* build, std::vector<Tensor> const& ins,
+                     std::vector<Tensor> const& outs) {
+  int32_t const nin = static_cast<int32_t>(ins.size()), nout = static_cast<int32_t>(outs.size());
   int64_t const batch = ins[0].shape[0];
   std::vector<nvinfer1::DynamicPluginTensorDesc> io;
   for (auto const& t : ins) io.push_back(dyn(t.shape, t.type, 1));
@@ -296,22 +333,13 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
     check(build->getWorkspaceSize(smaller.data(), nin, smaller.data() + nin, nout) <= workspace,
           "workspace grows with batch");
   }
+  return workspace;
+}
 
-  // Serialise and recreate, as an engine does when it is deserialised.
-  std::string const serialized = field_bytes(runtime->getFieldsToSerialize());
-  std::unique_ptr<nvinfer1::IPluginV3> restored(
-      creator->createPlugin(plugin, runtime->getFieldsToSerialize(), nvinfer1::TensorRTPhase::kRUNTIME));
-  check(restored != nullptr, "createPlugin(kRUNTIME) from getFieldsToSerialize");
-  if (!restored) return;
-  auto* restored_rt = static_cast<nvinfer1::IPluginV3OneRuntime*>(
-      restored->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
-  check(field_bytes(restored_rt->getFieldsToSerialize()) == serialized, "serialised fields round-trip");
-  std::unique_ptr<nvinfer1::IPluginV3> context_plugin(restored_rt->attachToContext(nullptr));
-  check(context_plugin != nullptr, "attachToContext");
-  if (!context_plugin) return;
-  auto* rt = static_cast<nvinfer1::IPluginV3OneRuntime*>(
-      context_plugin->getCapabilityInterface(nvinfer1::PluginCapabilityType::kRUNTIME));
-
+// onShapeChange and enqueue on device buffers; writes the outputs to OUT_PREFIX.<output>.bin.
+void run_on_device(nvinfer1::IPluginV3OneRuntime* rt, std::vector<Tensor> const& ins, std::vector<Tensor> const& outs,
+                   std::vector<std::vector<char>> const& host_inputs, size_t workspace, std::string const& out_prefix) {
+  int32_t const nin = static_cast<int32_t>(ins.size()), nout = static_cast<int32_t>(outs.size());
   std::vector<nvinfer1::PluginTensorDesc> in_desc, out_desc;
   for (auto const& t : ins) in_desc.push_back(desc(t.shape, t.type));
   for (auto const& t : outs) out_desc.push_back(desc(t.shape, t.type));
@@ -346,6 +374,46 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
   for (void* p : d_out) cudaFree(p);
   cudaFree(d_workspace);
   cudaStreamDestroy(stream);
+}
+
+// Runs one plugin case end to end. `expected_fields` are the creator's field names in order;
+// `box_offset` is the value the case's fields give (0 when they leave it out).
+void run_case(std::string const& name, char const* plugin, std::vector<PluginField> const& fields,
+              std::vector<std::string> const& expected_fields, float box_offset, std::vector<Tensor> const& ins,
+              std::vector<Tensor> const& outs, std::vector<std::vector<char>> const& host_inputs,
+              std::string const& out_prefix) {
+  nvinfer1::IPluginCreatorV3One* creator = find_creator(plugin);
+  check(creator != nullptr, std::string("creator ") + plugin + " from getCreators()");
+  if (creator == nullptr) return;
+  check_fields(creator, plugin, fields, expected_fields);
+
+  PluginPtr const built = create(creator, plugin, fields);
+  check(built != nullptr, "createPlugin(kBUILD)");
+  if (!built) return;
+  check(serialized_float(built.get(), kOptionalField) == box_offset, "box_offset field as given");
+  auto* core =
+      static_cast<nvinfer1::IPluginV3OneCore*>(built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kCORE));
+  auto* build =
+      static_cast<nvinfer1::IPluginV3OneBuild*>(built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kBUILD));
+  auto* runtime = runtime_of(built.get());
+  check(std::strcmp(core->getPluginName(), plugin) == 0 && std::strcmp(core->getPluginVersion(), "1") == 0,
+        "core name/version");
+  check(std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0, "build capability kind");
+  check(std::strcmp(runtime->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0, "runtime capability kind");
+  check_outputs(build, ins, outs);
+  size_t const workspace = check_formats(build, ins, outs);
+
+  // Serialise and recreate, as an engine does when it is deserialised.
+  std::string const serialized = field_bytes(runtime->getFieldsToSerialize());
+  PluginPtr const restored(
+      creator->createPlugin(plugin, runtime->getFieldsToSerialize(), nvinfer1::TensorRTPhase::kRUNTIME));
+  check(restored != nullptr, "createPlugin(kRUNTIME) from getFieldsToSerialize");
+  if (!restored) return;
+  check(field_bytes(runtime_of(restored.get())->getFieldsToSerialize()) == serialized, "serialised fields round-trip");
+  PluginPtr const context_plugin(runtime_of(restored.get())->attachToContext(nullptr));
+  check(context_plugin != nullptr, "attachToContext");
+  if (!context_plugin) return;
+  run_on_device(runtime_of(context_plugin.get()), ins, outs, host_inputs, workspace, out_prefix);
   std::cout << "  " << name << ": workspace " << workspace << " bytes\n";
 }
 
@@ -353,6 +421,57 @@ DataType parse_type(std::string const& s) {
   if (s == "f32") return DataType::kFLOAT;
   if (s == "f16") return DataType::kHALF;
   throw std::runtime_error("unknown type " + s);
+}
+
+// The case line's optional last value: box_offset, passed as a field when the line has
+// it; lines without it stand for files written before the field existed.
+void read_box_offset(std::istringstream& in, float* offset, std::vector<PluginField>* fields) {
+  *offset = 0.f;
+  float value;
+  if (!(in >> value)) return;
+  *offset = value;
+  fields->emplace_back(kOptionalField, offset, PluginFieldType::kFLOAT32, 1);
+}
+
+void decode_case(std::istringstream& in, std::string const& name, DataType t, std::string const& prefix,
+                 std::string const& out_dir) {
+  int64_t b, a, c, h, w;
+  int32_t stride, top_n;
+  float threshold, clamp, offset;
+  in >> b >> a >> c >> h >> w >> stride >> threshold >> top_n >> clamp;
+  std::vector<char> anchors = read_file(prefix + ".anchors.bin");
+  std::vector<PluginField> fields = {
+      PluginField("score_threshold", &threshold, PluginFieldType::kFLOAT32, 1),
+      PluginField("top_n", &top_n, PluginFieldType::kINT32, 1),
+      PluginField("box_clamp", &clamp, PluginFieldType::kFLOAT32, 1),
+      PluginField("stride", &stride, PluginFieldType::kINT32, 1),
+      PluginField("plugin_version", "1", PluginFieldType::kCHAR, 1),  // the parser may pass it: ignored
+      PluginField("anchors", anchors.data(), PluginFieldType::kFLOAT32, static_cast<int32_t>(a * 4)),
+  };
+  read_box_offset(in, &offset, &fields);
+  run_case(name, "RetinaNetDecode", fields,
+           {"score_threshold", "top_n", "box_clamp", "stride", "anchors", kOptionalField}, offset,
+           {{{b, a * c, h, w}, t}, {{b, a * 4, h, w}, t}},
+           {{{b, top_n}, t}, {{b, top_n, 4}, t}, {{b, top_n}, DataType::kINT32}},
+           {read_file(prefix + ".scores.bin"), read_file(prefix + ".deltas.bin")}, out_dir + "/" + name);
+}
+
+void nms_case(std::istringstream& in, std::string const& name, DataType t, std::string const& prefix,
+              std::string const& out_dir) {
+  int64_t b, n;
+  float iou, offset;
+  int32_t detections;
+  in >> b >> n >> iou >> detections;
+  std::vector<PluginField> fields = {
+      PluginField("nms_iou", &iou, PluginFieldType::kFLOAT32, 1),
+      PluginField("detections", &detections, PluginFieldType::kINT32, 1),
+  };
+  read_box_offset(in, &offset, &fields);
+  run_case(name, "RetinaNetNMS", fields, {"nms_iou", "detections", kOptionalField}, offset,
+           {{{b, n}, t}, {{b, n, 4}, t}, {{b, n}, DataType::kINT32}},
+           {{{b, detections}, t}, {{b, detections, 4}, t}, {{b, detections}, DataType::kINT32}},
+           {read_file(prefix + ".scores.bin"), read_file(prefix + ".boxes.bin"), read_file(prefix + ".classes.bin")},
+           out_dir + "/" + name);
 }
 
 }  // namespace
@@ -380,38 +499,9 @@ int main(int argc, char** argv) {
       std::cout << name << " (" << kind << ", " << type_name << ")\n";
       int const failures_before = failures;
       if (kind == "decode") {
-        int64_t b, a, c, h, w;
-        int32_t stride, top_n;
-        float threshold, clamp;
-        in >> b >> a >> c >> h >> w >> stride >> threshold >> top_n >> clamp;
-        std::vector<char> anchors = read_file(prefix + ".anchors.bin");
-        std::vector<PluginField> fields = {
-            PluginField("score_threshold", &threshold, PluginFieldType::kFLOAT32, 1),
-            PluginField("top_n", &top_n, PluginFieldType::kINT32, 1),
-            PluginField("box_clamp", &clamp, PluginFieldType::kFLOAT32, 1),
-            PluginField("stride", &stride, PluginFieldType::kINT32, 1),
-            PluginField("plugin_version", "1", PluginFieldType::kCHAR, 1),  // the parser may pass it: ignored
-            PluginField("anchors", anchors.data(), PluginFieldType::kFLOAT32, static_cast<int32_t>(a * 4)),
-        };
-        run_case(name, "RetinaNetDecode", fields, {"score_threshold", "top_n", "box_clamp", "stride", "anchors"},
-                 {{{b, a * c, h, w}, t}, {{b, a * 4, h, w}, t}},
-                 {{{b, top_n}, t}, {{b, top_n, 4}, t}, {{b, top_n}, DataType::kINT32}},
-                 {read_file(prefix + ".scores.bin"), read_file(prefix + ".deltas.bin")}, out_dir + "/" + name);
+        decode_case(in, name, t, prefix, out_dir);
       } else if (kind == "nms") {
-        int64_t b, n;
-        float iou;
-        int32_t detections;
-        in >> b >> n >> iou >> detections;
-        std::vector<PluginField> fields = {
-            PluginField("nms_iou", &iou, PluginFieldType::kFLOAT32, 1),
-            PluginField("detections", &detections, PluginFieldType::kINT32, 1),
-        };
-        run_case(
-            name, "RetinaNetNMS", fields, {"nms_iou", "detections"},
-            {{{b, n}, t}, {{b, n, 4}, t}, {{b, n}, DataType::kINT32}},
-            {{{b, detections}, t}, {{b, detections, 4}, t}, {{b, detections}, DataType::kINT32}},
-            {read_file(prefix + ".scores.bin"), read_file(prefix + ".boxes.bin"), read_file(prefix + ".classes.bin")},
-            out_dir + "/" + name);
+        nms_case(in, name, t, prefix, out_dir);
       } else {
         throw std::runtime_error("unknown kind " + kind);
       }
