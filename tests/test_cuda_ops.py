@@ -58,6 +58,8 @@ def test_extension_meta_shapes():
         s, b, c = torch.ops.retinanet.decode(cls, deltas, anchors, 8, 0.05, 123, CLAMP)
         assert (s.shape, b.shape, c.shape) == ((3, 123), (3, 123, 4), (3, 123))
         assert s.dtype == b.dtype == dtype and c.dtype == torch.int32
+        s, b, c = torch.ops.retinanet.decode(cls, deltas, anchors, 8, 0.05, 123, CLAMP, box_offset=1.0)
+        assert (s.shape, b.shape, c.shape) == ((3, 123), (3, 123, 4), (3, 123))
         s, b, c = torch.ops.retinanet.nms(
             torch.empty(3, 500, device="meta", dtype=dtype),
             torch.empty(3, 500, 4, device="meta", dtype=dtype),
@@ -67,6 +69,26 @@ def test_extension_meta_shapes():
         )
         assert (s.shape, b.shape, c.shape) == ((3, 100), (3, 100, 4), (3, 100))
         assert s.dtype == b.dtype == dtype and c.dtype == torch.int32
+
+
+def test_extension_schema_box_offset_last_with_default():
+    """box_offset is the last argument of both ops, defaulting to 0: callers that predate it
+    keep today's boxes, and a traced call records the value it was given."""
+    if EXTENSION_ERROR is not None:
+        pytest.skip(f"retinanet._C not importable: {EXTENSION_ERROR}")
+    for op in (torch.ops.retinanet.decode, torch.ops.retinanet.nms):
+        last = op.default._schema.arguments[-1]
+        assert (last.name, str(last.type), last.default_value) == ("box_offset", "float", 0.0)
+
+    class Detect(torch.nn.Module):
+        def forward(self, cls, deltas, anchors):
+            s, b, c = torch.ops.retinanet.decode(cls, deltas, anchors, 8, 0.05, 100, CLAMP, 1.0)
+            return torch.ops.retinanet.nms(s, b, c, 0.5, 10, box_offset=1.0)
+
+    args = (torch.rand(2, 9 * 3, 6, 7), torch.rand(2, 36, 6, 7), torch.rand(9, 4))
+    ep = torch.export.export(Detect(), args)
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and str(n.target).startswith("retinanet.")]
+    assert [n.args[-1] for n in calls] == [1.0, 1.0]
 
 
 def test_extension_traces_with_torch_export():
@@ -269,9 +291,9 @@ def make_nms_inputs(gen, batch, n, classes, mode):
 TIE_EPS = 1e-6
 
 
-def greedy_nms_violation(scores, boxes, cls, out, threshold):
+def greedy_nms_violation(scores, boxes, cls, out, threshold, box_offset=0.0):
     """Why `out` (scores [D], boxes [D, 4], classes [D] of one image) is not a greedy
-    class-aware NMS of the candidates, or None when it is one.
+    class-aware NMS of the candidates (IoU with `box_offset`), or None when it is one.
 
     A same-class IoU within TIE_EPS of the threshold may be decided either way;
     every other decision must be the reference's. Each tie decided the other
@@ -309,7 +331,7 @@ def greedy_nms_violation(scores, boxes, cls, out, threshold):
             continue
         if suppressed[i]:
             return f"slot {slot}: keeps candidate {i}, which a kept box of its class suppresses"
-        iou = box_ops.box_iou(b[i][None], b)[0]
+        iou = box_ops.box_iou(b[i][None], b, box_offset)[0]
         near = (iou - threshold).abs() <= TIE_EPS
         suppressed |= (c == c[i]) & (iou > threshold) & ~near
         tie |= (c == c[i]) & near
@@ -322,7 +344,7 @@ def greedy_nms_violation(scores, boxes, cls, out, threshold):
     return None
 
 
-def assert_nms_equal(ours, ref, inputs, threshold):
+def assert_nms_equal(ours, ref, inputs, threshold, box_offset=0.0):
     """Equal to the reference, image by image; an image that differs must still be
     a greedy NMS of its own candidates, with only tie decisions taken otherwise."""
     s, b, c = ours
@@ -333,7 +355,7 @@ def assert_nms_equal(ours, ref, inputs, threshold):
     for i in range(s.shape[0]):
         if torch.equal(s[i], rs[i]) and torch.equal(b[i], rb[i]) and torch.equal(c[i], rc[i]):
             continue
-        why = greedy_nms_violation(scores[i], boxes[i], cls[i], (s[i], b[i], c[i]), threshold)
+        why = greedy_nms_violation(scores[i], boxes[i], cls[i], (s[i], b[i], c[i]), threshold, box_offset)
         assert why is None, f"image {i} differs from the reference: {why}"
 
 
@@ -586,3 +608,124 @@ def test_ops_under_torch_compile_equal_reference(backend):
     assert torch.equal(s, rs) and torch.equal(c, rc)
     torch.testing.assert_close(b.float(), rb.float(), rtol=2e-3, atol=0.1)
     assert (s[:, :10] > 0).all()  # the sparse scores do give detections
+
+
+# --------------------------------------------------------------------------- box_offset (the +1 box convention)
+
+
+def torchvision_like_anchors(stride, device):
+    """The default anchors with integer corners, centred on the cell's top-left corner as in
+    torchvision (decode adds the cell centre, hence -stride/2): the tables converted +1-convention
+    checkpoints bring. Any [A, 4] table is legal data."""
+    return level_anchors(stride, device).round() - stride / 2
+
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("box_offset", [0.0, 1.0])
+@pytest.mark.parametrize("table", ["default", "torchvision"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_box_offset_equals_reference(box_offset, table, dtype):
+    """Every level of an 800 x 1088 input (P7 reaches past it: boxes clipped to W*stride - offset),
+    images with very different candidate counts."""
+    g = torch.Generator().manual_seed(int(box_offset) + 2 * (table == "torchvision"))
+    for (h, w), stride in zip(LEVELS, STRIDES):
+        anchors = (torchvision_like_anchors if table == "torchvision" else level_anchors)(stride, "cuda")
+        scores = make_scores(g, (3, 9 * 5, h, w), "mixed", 0.05).to("cuda", dtype)
+        deltas = make_deltas(g, (3, 36, h, w)).to("cuda", dtype)
+        ours = torch.ops.retinanet.decode(scores, deltas, anchors, stride, 0.05, 1000, CLAMP, box_offset)
+        ref = reference.decode(scores, deltas, anchors, stride, 0.05, 1000, CLAMP, box_offset=box_offset)
+        assert_decode_equal(ours, ref, max(h, w) * stride)
+        limit = w * stride - box_offset
+        assert float(ours[1][..., 2].max()) <= limit and float(ref[1][..., 2].max()) <= limit
+
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("box_offset", [0.0, 1.0])
+@pytest.mark.parametrize("mode", ["plain", "grid"])
+@pytest.mark.parametrize("n", [63, 1000, 8193])
+def test_nms_box_offset_equals_reference(box_offset, mode, n):
+    """Integer boxes ('grid') are those of the +1 convention, where the +1 decides overlaps;
+    8193 candidates take the CUB sort."""
+    g = torch.Generator().manual_seed(3000 + n + int(box_offset))
+    for dtype in (torch.float32, torch.float16):
+        scores, boxes, cls = make_nms_inputs(g, 3, n, 3, mode)
+        scores, boxes, cls = scores.to("cuda", dtype), boxes.to("cuda", dtype), cls.cuda()
+        ours = torch.ops.retinanet.nms(scores, boxes, cls, 0.5, 300, box_offset)
+        ref = reference.nms(scores, boxes, cls, 0.5, 300, box_offset=box_offset)
+        assert_nms_equal(ours, ref, (scores, boxes, cls), 0.5, box_offset)
+
+
+@gpu
+@needs_extension
+def test_box_offset_zero_is_the_default_bit_for_bit():
+    g = torch.Generator().manual_seed(23)
+    ((scores, deltas),) = detect_inputs(g, 2, torch.float32, levels=[(25, 34)])
+    anchors = torchvision_like_anchors(32, "cuda")
+    plain = torch.ops.retinanet.decode(scores, deltas, anchors, 32, 0.05, 1000, CLAMP)
+    zero = torch.ops.retinanet.decode(scores, deltas, anchors, 32, 0.05, 1000, CLAMP, 0.0)
+    assert all(torch.equal(x, y) for x, y in zip(plain, zero))
+    kept = torch.ops.retinanet.nms(*plain, 0.5, 100)
+    assert all(torch.equal(x, y) for x, y in zip(kept, torch.ops.retinanet.nms(*plain, 0.5, 100, 0.0)))
+    one = torch.ops.retinanet.decode(scores, deltas, anchors, 32, 0.05, 1000, CLAMP, 1.0)
+    assert torch.equal(one[0], plain[0]) and not torch.equal(one[1], plain[1])  # same candidates, other boxes
+
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_box_offset_refused_unless_finite_and_non_negative(bad):
+    scores, deltas = torch.rand(1, 9, 4, 4, device="cuda"), torch.zeros(1, 36, 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="box_offset must be finite and >= 0"):
+        torch.ops.retinanet.decode(scores, deltas, level_anchors(8, "cuda"), 8, 0.05, 10, CLAMP, bad)
+    boxes, cls = torch.rand(1, 9, 4, device="cuda"), torch.zeros(1, 9, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="box_offset must be finite and >= 0"):
+        torch.ops.retinanet.nms(scores[:, :, 0, 0], boxes, cls, 0.5, 5, bad)
+
+
+@gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_detect_step_box_offset_equals_reference(dtype):
+    """retinanet.ops with box_offset 1 and torchvision-like tables (a converted model's
+    detection step) runs the extension and equals the reference."""
+    from retinanet import ops
+
+    g = torch.Generator().manual_seed(29)
+    anchors = [torchvision_like_anchors(s, "cuda") for s in STRIDES]
+    levels = detect_inputs(g, 3, dtype)
+
+    def step(decode, nms):
+        return detect_with_offset(levels, anchors, decode, nms, 1.0)
+
+    s, b, c = step(ops.decode, ops.nms)
+    direct = step(torch.ops.retinanet.decode, torch.ops.retinanet.nms)
+    assert all(torch.equal(x, y) for x, y in zip((s, b, c), direct))
+    rs, rb, rc = step(reference.decode, reference.nms)
+    assert torch.equal(s, rs) and torch.equal(c, rc)
+    torch.testing.assert_close(b.float(), rb.float(), rtol=1e-4 if dtype == torch.float32 else 2e-3, atol=0.1)
+    assert (s[:, :10] > 0).all()
+
+
+def detect_with_offset(levels, anchors, decode, nms, box_offset):
+    decoded = [
+        decode(s, d, a, stride, 0.05, 1000, CLAMP, box_offset) for (s, d), a, stride in zip(levels, anchors, STRIDES)
+    ]
+    scores, boxes, classes = (torch.cat([o[k] for o in decoded], dim=1) for k in range(3))
+    return nms(scores, boxes, classes, 0.5, 100, box_offset)
+
+
+def test_nms_check_measures_iou_with_the_box_offset():
+    """The tie-excusing check replays greedy NMS with the offset it is given: the reference
+    with box_offset 1 passes it with 1; on integer boxes, where the +1 changes overlaps,
+    the output of one offset is refused as that of the other."""
+    g = torch.Generator().manual_seed(31)
+    inputs = make_nms_inputs(g, 3, 300, 2, "grid")
+    one = reference.nms(*inputs, 0.5, 300, box_offset=1.0)
+    zero = reference.nms(*inputs, 0.5, 300)
+    assert_nms_equal(one, one, inputs, 0.5, box_offset=1.0)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        assert_nms_equal(one, zero, inputs, 0.5)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        assert_nms_equal(zero, one, inputs, 0.5, box_offset=1.0)
