@@ -1,6 +1,6 @@
 """Decode and class-aware NMS written for ONNX export: the portable form's tail.
 
-Same behaviour as ops/reference.py (the spec), expressed with operators that
+Same behaviour as ops/reference.py (the oracle), expressed with operators that
 map onto standard ONNX: TopK (ties: lower index first, which is the
 reference's "ties by smaller flat index / input position"), Gather, Where,
 and NonMaxSuppression. The box formula is ops/box.py's, traced, not repeated.
@@ -9,6 +9,11 @@ Only the NMS needs an ONNX operator with no torch counterpart. It is a torch
 custom op here (`retinanet_export::nms_keep`) that the exporter translates to
 NonMaxSuppression + ScatterND (NMS_TRANSLATION below); its eager kernel
 (torchvision's NMS) lets the module run in PyTorch too.
+
+config.box_offset (1: the "+1 pixel" widths of converted ODTK models) reaches
+decode through the reference's candidate_boxes. Neither NonMaxSuppression nor
+torchvision's NMS has such an option, so the boxes they compare are widened by
+it instead (nms_boxes): the IoU of the widened boxes is the reference's IoU.
 """
 
 from __future__ import annotations
@@ -74,7 +79,14 @@ NMS_TRANSLATION = {torch.ops.retinanet_export.nms_keep.default: _nms_keep_onnx}
 
 
 def decode_level(
-    scores: Tensor, deltas: Tensor, anchors: Tensor, stride: int, score_threshold: float, top_n: int, box_clamp: float
+    scores: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    stride: int,
+    score_threshold: float,
+    top_n: int,
+    box_clamp: float,
+    box_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reference.decode() for export: scores [B, A*C, H, W] (sigmoid applied), deltas [B, A*4, H, W].
 
@@ -95,7 +107,7 @@ def decode_level(
     top, order = torch.topk(ranked, k, dim=1, largest=True, sorted=True)
     valid = top >= 0  # ranked is -1 exactly for the non-candidates
 
-    boxes, c = candidate_boxes(order, deltas, anchors, stride, num_classes, box_clamp)
+    boxes, c = candidate_boxes(order, deltas, anchors, stride, num_classes, box_clamp, box_offset)
 
     zero = torch.zeros((), dtype=torch.float32)
     return (
@@ -105,8 +117,24 @@ def decode_level(
     )
 
 
+def nms_boxes(boxes: Tensor, box_offset: float) -> Tensor:
+    """The boxes NMS compares: (x1, y1, x2 + p, y2 + p) for box_offset p. Their plain widths,
+    intersections and areas are the reference's with the offset (x2 - x1 + p, min x2 - max x1 + p),
+    which lets NonMaxSuppression, which has no such option, measure the reference's IoU.
+    No node at all for p = 0, so that exports without the offset keep their graph."""
+    if not box_offset:
+        return boxes
+    return boxes + torch.tensor([0.0, 0.0, box_offset, box_offset], dtype=boxes.dtype)
+
+
 def class_aware_nms(
-    scores: Tensor, boxes: Tensor, classes: Tensor, num_classes: int, iou_threshold: float, detections: int
+    scores: Tensor,
+    boxes: Tensor,
+    classes: Tensor,
+    num_classes: int,
+    iou_threshold: float,
+    detections: int,
+    box_offset: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reference.nms() for export: the `detections` best survivors, padded."""
     n = scores.shape[1]
@@ -120,7 +148,7 @@ def class_aware_nms(
     zero = torch.zeros((), dtype=torch.float32)
     class_scores = torch.where(classes.unsqueeze(1) == class_ids, scores.unsqueeze(1), zero)
     # No class can place more than `detections` boxes among the best `detections`.
-    keep = torch.ops.retinanet_export.nms_keep(boxes, class_scores, detections, iou_threshold)
+    keep = torch.ops.retinanet_export.nms_keep(nms_boxes(boxes, box_offset), class_scores, detections, iou_threshold)
     kept = torch.where(keep, scores, torch.zeros((), dtype=torch.float32))
     top, order = torch.topk(kept, detections, dim=1, largest=True, sorted=True)  # ties: earlier input first
     valid = top > 0
@@ -147,7 +175,9 @@ class PortablePostprocess(nn.Module):
         c = self.config
         levels = len(c.strides)
         parts = [
-            decode_level(s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n, c.box_clamp)
+            decode_level(
+                s, d, getattr(self, f"anchors_{i}"), stride, c.score_threshold, c.top_n, c.box_clamp, c.box_offset
+            )
             for i, (s, d, stride) in enumerate(zip(heads[:levels], heads[levels:], c.strides))
         ]
         scores, boxes, classes = (torch.cat(p, dim=1) for p in zip(*parts))
@@ -156,7 +186,7 @@ class PortablePostprocess(nn.Module):
     def forward(self, *heads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.config
         scores, boxes, classes = self.candidates(heads)
-        return class_aware_nms(scores, boxes, classes, c.classes, c.nms_iou, c.detections)
+        return class_aware_nms(scores, boxes, classes, c.classes, c.nms_iou, c.detections, c.box_offset)
 
 
 class ClippingPostprocess(PortablePostprocess):
@@ -167,4 +197,5 @@ class ClippingPostprocess(PortablePostprocess):
         c = self.config
         *heads, sizes = inputs
         scores, boxes, classes = self.candidates(tuple(heads))
-        return class_aware_nms(scores, clip_boxes(boxes, sizes), classes, c.classes, c.nms_iou, c.detections)
+        boxes = clip_boxes(boxes, sizes)
+        return class_aware_nms(scores, boxes, classes, c.classes, c.nms_iou, c.detections, c.box_offset)
