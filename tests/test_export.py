@@ -26,9 +26,14 @@ from retinanet.formats import onnx as onnx_format
 SIZE = TINY_SIZE
 
 
-def run_ort(path, images):
+def run_ort(path, images, sizes=None):
+    """The portable export in ONNX Runtime; sizes [B, 2] int32: the image_sizes input of
+    GroupNorm-head models."""
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return session.run(["scores", "boxes", "classes"], {"images": images.numpy()})
+    feed = {"images": images.numpy()}
+    if sizes is not None:
+        feed["image_sizes"] = sizes.numpy()
+    return session.run(["scores", "boxes", "classes"], feed)
 
 
 def assert_same_detections(got, want, rtol=1e-3, score_tol=1e-4, min_matched=1.0):
@@ -123,11 +128,13 @@ def test_plugin_form_has_exactly_the_plugin_nodes_and_fields(tiny):
             "box_clamp",
             "stride",
             "anchors",
+            "box_offset",
         }
         assert attrs["plugin_version"] == b"1" and attrs["plugin_namespace"] == b""
         assert attrs["stride"] == stride and attrs["top_n"] == cfg.top_n
         assert attrs["score_threshold"] == pytest.approx(cfg.score_threshold)
         assert attrs["box_clamp"] == pytest.approx(cfg.box_clamp)
+        assert attrs["box_offset"] == cfg.box_offset == 0.0
         np.testing.assert_allclose(attrs["anchors"], base.flatten().numpy(), rtol=1e-6)
         assert list(node.input) == [f"scores_{i}", f"deltas_{i}"]
     nms = next(n for n in custom if n.op_type == "RetinaNetNMS")
@@ -137,6 +144,7 @@ def test_plugin_form_has_exactly_the_plugin_nodes_and_fields(tiny):
         "plugin_namespace": b"",
         "nms_iou": pytest.approx(cfg.nms_iou),
         "detections": cfg.detections,
+        "box_offset": 0.0,
     }
     assert list(nms.output) == ["scores", "boxes", "classes"]
     # The network runs in FP16; the plugins get float32 inputs.

@@ -67,35 +67,35 @@ def run_plugin(node, values: dict) -> list:
     a = attributes(node)
     args = [values[i] for i in node.input]
     assert (a.pop("plugin_version"), a.pop("plugin_namespace")) == (b"1", b""), node.name
+    offset = a.pop("box_offset", 0.0)  # optional field: the plugins read an absent one as 0
     if node.op_type == "RetinaNetDecode":
         anchors = torch.tensor(a.pop("anchors"), dtype=torch.float32).view(-1, 4)
         out = reference.decode(
-            *args, anchors, a.pop("stride"), a.pop("score_threshold"), a.pop("top_n"), a.pop("box_clamp")
+            *args, anchors, a.pop("stride"), a.pop("score_threshold"), a.pop("top_n"), a.pop("box_clamp"), offset
         )
     elif node.op_type == "RetinaNetNMS":
-        out = reference.nms(*args, a.pop("nms_iou"), a.pop("detections"))
+        out = reference.nms(*args, a.pop("nms_iou"), a.pop("detections"), offset)
     else:
         raise AssertionError(f"{node.op_type}: no such plugin in csrc/plugins")
     assert not a, f"{node.name}: attributes {sorted(a)} not used"  # every field means something
     return out
 
 
-def network_inputs(proto, images) -> dict:
-    values = {}
-    for i in proto.graph.input:  # GroupNorm-head models also take each image's valid (h, w)
-        values[i.name] = (
-            images if i.name == "images" else torch.tensor([list(TINY_SIZE)] * images.shape[0], dtype=torch.int32)
-        )
-    return values
+def network_inputs(proto, images, sizes=None) -> dict:
+    """The graph's inputs: images, and for GroupNorm-head models each image's valid (h, w):
+    `sizes` [B, 2] int32, by default the whole TINY_SIZE input."""
+    if sizes is None:
+        sizes = torch.tensor([list(TINY_SIZE)] * images.shape[0], dtype=torch.int32)
+    return {i.name: images if i.name == "images" else sizes for i in proto.graph.input}
 
 
-def run_plugin_form(path, images, change=None):
+def run_plugin_form(path, images, change=None, sizes=None):
     """The plugin form end to end: plugin nodes by the reference, everything else in ONNX Runtime."""
     proto = onnx.load(path)
     if change is not None:
         change(proto)
     proto = onnx.shape_inference.infer_shapes(proto)  # types of the Concat outputs, for the cut
-    values = network_inputs(proto, images)
+    values = network_inputs(proto, images, sizes)
     plugins = [n for n in proto.graph.node if n.domain == PLUGIN_DOMAIN]
     assert [n.op_type for n in plugins].count("RetinaNetNMS") == 1 and plugins[-1].op_type == "RetinaNetNMS"
     for node in plugins:
@@ -113,7 +113,8 @@ def test_fp32_plugin_form_gives_the_checkpoints_detections(forms, images, checkp
 
 
 def test_plugin_attributes_drive_the_result(forms, images, checkpoint_detections):
-    """The comparison above sees a wrong field: a stride or an IoU threshold off changes the detections."""
+    """The comparison above sees a wrong field: a stride, an IoU threshold or a box offset off
+    changes the detections."""
 
     def set_attribute(op_type, name, value):
         def change(proto):
@@ -123,7 +124,9 @@ def test_plugin_attributes_drive_the_result(forms, images, checkpoint_detections
 
         return change
 
-    for change in (set_attribute("RetinaNetDecode", "stride", 16), set_attribute("RetinaNetNMS", "nms_iou", 0.3)):
+    changes = [set_attribute("RetinaNetDecode", "stride", 16), set_attribute("RetinaNetNMS", "nms_iou", 0.3)]
+    changes += [set_attribute(op_type, "box_offset", 1.0) for op_type in ("RetinaNetDecode", "RetinaNetNMS")]
+    for change in changes:
         got = run_plugin_form(forms["fp32"], images, change)
         with pytest.raises(AssertionError):
             assert_same_detections(got, checkpoint_detections)

@@ -278,6 +278,9 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
                 box_clamp=float(config.box_clamp),
                 stride=int(stride),
                 anchors=[float(v) for v in anchors.flatten().tolist()],
+                # Always written, though the plugins read an absent one as 0: the graph says
+                # which box convention it was exported for.
+                box_offset=float(config.box_offset),
             )
         )
         infos += [
@@ -304,6 +307,7 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
             plugin_namespace="",
             nms_iou=float(config.nms_iou),
             detections=int(config.detections),
+            box_offset=float(config.box_offset),
         )
     )
     d = config.detections
