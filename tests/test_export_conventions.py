@@ -1,0 +1,178 @@
+"""Exports of the conventions that converted checkpoints bring (ModelConfig's box_offset,
+anchor_placement, p6_input, head_conv_bias): both forms give the checkpoint's detections.
+
+Each convention gets its own tiny random-weight model (conftest.export_model: classification
+bias raised, so that every image fills its 100 detections) and FP32 exports of both forms at
+TINY_SIZE (a dynamic-size network export takes four times as long; the dynamic form is
+checked once, for the setting that enters the clipping limits). The portable form runs in
+ONNX Runtime; the plugin form runs its plugin nodes by the reference from their attributes
+(test_plugin_form.run_plugin_form), which must carry the config's box_offset and the model's
+anchor tables. Either must give `model.detect`'s detections.
+"""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from conftest import TINY_SIZE, export_model, save_model
+from test_export import assert_same_detections, run_ort
+from test_plugin_form import attributes, run_plugin_form
+
+from retinanet.export import ExportOptions, export_onnx
+from retinanet.export import onnx as export_onnx_module
+from retinanet.export.postprocess import NMS_TRANSLATION, class_aware_nms
+from retinanet.ops import reference
+
+CONVENTIONS = {
+    "box_offset": dict(box_offset=1.0),  # ODTK's +1 pixel widths
+    "torchvision_anchors": dict(anchor_placement="torchvision"),
+    "p6_from_p5": dict(p6_input="P5"),  # torchvision's first RetinaNet
+    "groupnorm_towers_without_bias": dict(head_norm=True, head_conv_bias=False),  # torchvision v2
+    # No converted checkpoint has both, but GroupNorm heads are where both tails also clip
+    # the boxes to each image's size (model.detector.clip_boxes): with the offset, that clip
+    # must stay the model's in the plugin form's hand-built nodes as in the traced portable tail.
+    "groupnorm_with_box_offset": dict(head_norm=True, box_offset=1.0),
+}
+# The conventions that change data only (the anchor tables, the box formulas), not the
+# network: the same weights under the default conventions give other detections.
+DATA_ONLY = ("box_offset", "torchvision_anchors")
+
+# FP32 network in ONNX Runtime against PyTorch: the convolutions sum in another order, so
+# the outputs differ in the last bits. Measured: scores within 2e-7; boxes within 5e-7
+# relative (1.5e-5 px), except with GroupNorm towers: up to 5e-4 relative (3.1e-3 px), the
+# masked statistics of small levels (P7 of a 100 x 200 image: 1 x 2 cells, one channel per
+# group in this 32-channel model) magnifying the rounding. The bars leave 4x and more, and
+# stay below what the conventions move: a box_offset of 1 moves the clipped edges by a pixel
+# (4e-3 relative at 256 px, 5e-3 at an image edge of 200), the torchvision anchors by up to
+# half a stride.
+SCORE_TOL = 1e-6
+BOX_RTOL = {"groupnorm_towers_without_bias": 2e-3, "groupnorm_with_box_offset": 2e-3}
+DEFAULT_BOX_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> the convention's model and its portable and plugin-form FP32 exports at
+    TINY_SIZE, built on first use."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            work = tmp_path_factory.mktemp(name)
+            model = export_model(**CONVENTIONS[name])
+            path = save_model(model, work / "model.pth")
+            cache[name] = {"model": model}
+            for form, plugin in (("portable", False), ("plugin", True)):
+                options = ExportOptions(TINY_SIZE, "fp32", plugin_form=plugin)
+                cache[name][form] = export_onnx(path, str(work / f"{form}.onnx"), options)["output"]
+        return cache[name]
+
+    return get
+
+
+def inputs(size=TINY_SIZE, seed=1):
+    """Three images of `size` and their valid (h, w): the whole input, and two smaller images
+    placed top-left, whose GroupNorm heads normalise over less and whose boxes are clipped
+    to less."""
+    torch.manual_seed(seed)
+    h, w = size
+    images = torch.rand(3, 3, h, w) * 255
+    sizes = torch.tensor([[h, w], [h - 28, w - 56], [h, w - 106]], dtype=torch.int32)
+    return images, sizes
+
+
+def detections(model, images, sizes):
+    """model.detect, given the sizes only where the model takes them (GroupNorm heads)."""
+    want = [t.numpy() for t in model.detect(images, sizes if model.config.head_norm else None)]
+    assert (want[0] > 0).sum(axis=1).min() == 100  # NMS really had to cut to `detections`
+    return want
+
+
+@pytest.mark.parametrize("name", CONVENTIONS)
+def test_portable_export_gives_the_checkpoints_detections(exported, name):
+    e = exported(name)
+    images, sizes = inputs()
+    want = detections(e["model"], images, sizes)
+    got = run_ort(e["portable"], images, sizes if e["model"].config.head_norm else None)
+    assert_same_detections(got, want, rtol=BOX_RTOL.get(name, DEFAULT_BOX_RTOL), score_tol=SCORE_TOL)
+
+
+def test_dynamic_portable_export_with_box_offset_at_other_sizes(tmp_path):
+    """box_offset moves the clipping limits to W * stride - 1, W the level's width at run time:
+    the default dynamic export at sizes other than the traced 256 x 224, H and W swapped,
+    where P7's cells reach past the input (160 rows: 2 cells of 128)."""
+    model = export_model(**CONVENTIONS["box_offset"])
+    path = save_model(model, tmp_path / "model.pth")
+    dynamic = export_onnx(path, str(tmp_path / "dynamic.onnx"), ExportOptions(precision="fp32"))["output"]
+    for size in ((160, 224), (224, 160)):
+        images, sizes = inputs(size, seed=2)
+        assert_same_detections(run_ort(dynamic, images), detections(model, images, sizes), DEFAULT_BOX_RTOL, SCORE_TOL)
+
+
+@pytest.mark.parametrize("name", CONVENTIONS)
+def test_plugin_form_carries_the_convention_and_gives_the_checkpoints_detections(exported, name):
+    e = exported(name)
+    model, proto = e["model"], onnx.load(e["plugin"])
+    decodes = [n for n in proto.graph.node if n.op_type == "RetinaNetDecode"]
+    nms = next(n for n in proto.graph.node if n.op_type == "RetinaNetNMS")
+    assert len(decodes) == len(model.base_anchors())
+    for node, table in zip(decodes, model.base_anchors()):
+        fields = attributes(node)
+        assert fields["box_offset"] == model.config.box_offset
+        # Written as float32, the tables' own type: equal to the bit.
+        np.testing.assert_array_equal(np.float32(fields["anchors"]), table.flatten().numpy())
+    assert attributes(nms)["box_offset"] == model.config.box_offset
+    images, sizes = inputs()
+    got = run_plugin_form(e["plugin"], images, sizes=sizes)
+    want = detections(model, images, sizes)
+    assert_same_detections(got, want, rtol=BOX_RTOL.get(name, DEFAULT_BOX_RTOL), score_tol=SCORE_TOL)
+
+
+@pytest.mark.parametrize("name", DATA_ONLY)
+def test_the_comparisons_see_the_convention(exported, name):
+    """Both forms exported with the convention do not give the detections of the same weights
+    under the default conventions: an export that dropped the setting fails the tests above."""
+    e = exported(name)
+    default = export_model()  # same seed, same network: the same weights
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), e["model"].state_dict().values()))
+    images, sizes = inputs()
+    want = detections(default, images, sizes)
+    for got in (run_ort(e["portable"], images), run_plugin_form(e["plugin"], images)):
+        with pytest.raises(AssertionError):
+            assert_same_detections(got, want, rtol=DEFAULT_BOX_RTOL, score_tol=SCORE_TOL)
+
+
+class OneImageNms(nn.Module):
+    """class_aware_nms of two classes at IoU 0.4, three detections, as the portable tail runs it."""
+
+    def __init__(self, box_offset: float):
+        super().__init__()
+        self.box_offset = box_offset
+
+    def forward(self, scores, boxes, classes):
+        return class_aware_nms(scores, boxes, classes, 2, 0.4, 3, self.box_offset)
+
+
+def test_portable_nms_measures_iou_with_the_box_offset():
+    """Boxes 0 and 1 (class 0) overlap by IoU 1/3 in plain widths, 1/2 with +1 widths: at IoU 0.4
+    box 1 survives without the offset and is suppressed with it, which lets box 3 into the three
+    detections. NonMaxSuppression has no offset option; the graph must widen what it compares."""
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
+    boxes = torch.tensor([[[0.0, 0.0, 2.0, 2.0], [1.0, 0.0, 3.0, 2.0], [10.0, 10.0, 14.0, 14.0], [11, 10, 15, 14]]])
+    classes = torch.tensor([[0, 0, 1, 0]], dtype=torch.int32)
+    for offset, kept in ((0.0, [0.9, 0.8, 0.7]), (1.0, [0.9, 0.7, 0.6])):
+        want = reference.nms(scores, boxes, classes, 0.4, 3, offset)
+        assert want[0].flatten().tolist() == pytest.approx(kept)
+        module = OneImageNms(offset)
+        names = ["scores", "boxes", "classes"]
+        outputs = [f"kept_{n}" for n in names]
+        proto = export_onnx_module._torch_export(
+            module, (scores, boxes, classes), names, outputs, 19, False, NMS_TRANSLATION
+        )
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        in_onnx = session.run(None, dict(zip(names, (scores.numpy(), boxes.numpy(), classes.numpy()))))
+        for got in (in_onnx, module(scores, boxes, classes)):  # the graph, and the module in PyTorch
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g), w.numpy())
