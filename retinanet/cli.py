@@ -85,6 +85,7 @@ def build_parser() -> Parser:
     _train_flags(sub.add_parser("train", help="train or resume a model"))
     _infer_flags(sub.add_parser("infer", help="detect objects in images, optionally measure COCO mAP"))
     _export_flags(sub.add_parser("export", help="export a checkpoint to ONNX (portable or TensorRT form)"))
+    _convert_flags(sub.add_parser("convert", help="turn torchvision or ODTK RetinaNet weights into a checkpoint"))
     return p
 
 
@@ -277,6 +278,27 @@ def _export_flags(e: Parser) -> None:
     e.add_argument("--verbose", action="store_true", default=None, help="show the exporter's progress and warnings")
 
 
+def _convert_flags(c: Parser) -> None:
+    c.add_argument(
+        "source",
+        help="a torchvision RetinaNet state dict (.pth), an ODTK checkpoint (.pth), or "
+        "torchvision:retinanet_resnet50_fpn / torchvision:retinanet_resnet50_fpn_v2 (COCO weights "
+        "from torchvision's cache, else downloaded)",
+    )
+    c.add_argument("output", help="the checkpoint to write (.pth)")
+    c.add_argument(
+        "--format",
+        metavar="F",
+        help="torchvision-v1, torchvision-v2 or odtk [detected from the keys]",
+    )
+    c.add_argument(
+        "--categories",
+        metavar="JSON",
+        help="ODTK: a COCO JSON whose sorted category ids are the model's classes [the 80 COCO ids]",
+    )
+    c.add_argument("--override", action="store_true", help="replace an existing OUTPUT")
+
+
 def _timeout_flag(parser: Parser) -> None:
     from .distributed import DEFAULT_TIMEOUT_S
 
@@ -345,11 +367,26 @@ def run_export(ns: argparse.Namespace) -> None:
         print(f"wrote calibration table {result['table']} (calibration {result['calibration_s']:.1f} s)")
 
 
+def run_convert(ns: argparse.Namespace) -> None:
+    import time
+
+    from .convert import convert
+
+    start = time.perf_counter()
+    state = convert(ns.source, ns.output, ns.format, ns.categories, ns.override)
+    config = state["config"]
+    print(
+        f"wrote {ns.output}: {state['converted_from']['format']} {config['backbone']}, "
+        f"{config['classes']} classes, {time.perf_counter() - start:.1f} s"
+    )
+
+
 def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"  # one line per run, not per process
     try:
-        {"train": run_train, "infer": run_infer, "export": run_export}[ns.command](ns)
+        commands = {"train": run_train, "infer": run_infer, "export": run_export, "convert": run_convert}
+        commands[ns.command](ns)
     except UserError as e:
         if ns.debug:
             raise

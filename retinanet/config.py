@@ -79,11 +79,20 @@ class ModelConfig:
     top_n: int = 1000
     nms_iou: float = 0.5
     detections: int = 100
+    # Clip candidate boxes to each image (not the padded batch) before NMS, as
+    # torchvision does; GroupNorm-head models always do (model.RetinaNet). Off for
+    # the others: their exports then need no image-size input.
+    clip_to_image: bool = False
     # dw/dh are clamped here before exp() so a wild regression cannot overflow.
     box_clamp: float = math.log(1000.0 / 16)
     # Backbone BatchNorm is frozen when the backbone starts from trained weights;
     # from scratch it has to learn its statistics.
     freeze_bn: bool = True
+
+    @property
+    def takes_image_sizes(self) -> bool:
+        """Whether detections depend on each image's valid size within the padded batch."""
+        return self.head_norm or self.clip_to_image
 
     @property
     def num_anchors(self) -> int:

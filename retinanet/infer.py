@@ -65,8 +65,9 @@ def batch_records(detector: Detector, batch, outputs, event) -> list[dict]:
         event.synchronize()
     records = []
     dets = detector.to_original(*outputs, batch.scales, batch.sizes)
+    offset = detector.config.box_offset  # 1: x2 is the last pixel inside, the width counts it
     for image_id, d in zip(batch.image_ids, dets):
-        xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2]], dim=1)
+        xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2] + offset], dim=1)
         for box, score, cat in zip(xywh.tolist(), d.scores.tolist(), d.category_ids.tolist()):
             records.append(
                 {"image_id": image_id, "category_id": cat, "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
@@ -267,10 +268,12 @@ def infer(
     coco = None
     if annotations is not None:
         coco = CocoAnnotations(annotations, category_ids=None)
-        if sorted(coco.category_ids) != sorted(detector.category_ids.tolist()):
+        # A model may know more categories than a dataset has (torchvision's COCO models
+        # keep its 91-slot label space); evaluation covers the dataset's.
+        unknown = sorted(set(coco.category_ids) - set(detector.category_ids.tolist()))
+        if unknown:
             raise UserError(
-                f"{annotations}: categories {coco.category_ids} differ from the model's "
-                f"{detector.category_ids.tolist()}"
+                f"{annotations}: categories {unknown} are not among the model's {detector.category_ids.tolist()}"
             )
     main = distributed.rank() == 0
     quiet = quiet or not main

@@ -37,7 +37,8 @@ class RetinaNet(nn.Module):
     candidate boxes to the valid size before NMS, so that detections do not
     depend on how much padding the batch or the export size adds (up to the
     backbone's and FPN's convs seeing padded pixels near the border).
-    BatchNorm-head models ignore it: their cost and exports stay as they were."""
+    BatchNorm-head models ignore it (their cost and exports stay as they were),
+    unless config.clip_to_image asks for the clipping."""
 
     def __init__(self, config: ModelConfig, pretrained: bool = False, weights_file: str | None = None):
         super().__init__()
@@ -134,7 +135,7 @@ class RetinaNet(nn.Module):
             )
         ]
         scores, boxes, classes = (torch.cat(parts, dim=1) for parts in zip(*decoded))
-        if sizes is not None and c.head_norm:
+        if sizes is not None and c.takes_image_sizes:
             boxes = clip_boxes(boxes, sizes)
         return ops.nms(scores, boxes, classes, c.nms_iou, c.detections, c.box_offset)
 

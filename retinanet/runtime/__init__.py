@@ -70,10 +70,11 @@ class Detector:
             t.float().cpu() if t.is_floating_point() else t.cpu() for t in (scores, boxes, classes, scales)
         )
         out = []
+        last = self.config.box_offset  # the +1 convention's boxes end on the last pixel, w - 1
         for i, (h, w) in enumerate(sizes):
             keep = scores[i] > 0
             b = boxes[i][keep] / scales[i].repeat(2)
-            b = torch.minimum(b.clamp(min=0), torch.tensor([w, h, w, h], dtype=b.dtype))
+            b = torch.minimum(b.clamp(min=0), torch.tensor([w - last, h - last] * 2, dtype=b.dtype))
             out.append(Detections(b, scores[i][keep], self.category_ids[classes[i][keep].long()]))
         return out
 

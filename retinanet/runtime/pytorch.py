@@ -112,7 +112,7 @@ class TorchBackend:
     def __call__(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """sizes: [B, 2] valid (h, w) per image, used by GroupNorm-head models (RetinaNet)."""
         x = images.to(self.device, non_blocking=True).float()
-        if sizes is not None and self.config.head_norm:
+        if sizes is not None and self.config.takes_image_sizes:
             sizes = sizes.to(self.device, torch.int64, non_blocking=True)
         else:  # BatchNorm heads do not depend on it: their step stays as it was
             sizes = None
