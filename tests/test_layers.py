@@ -26,6 +26,7 @@ LAYERS = {
     "evaluate": 4,
     "runtime": 5,
     "export": 5,
+    "convert": 5,
     "infer": 6,
     "train": 7,
     "cli": 8,
