@@ -1,10 +1,10 @@
 """The user documentation agrees with the code.
 
-The flag tables of TRAINING.md (train) and INFERENCE.md (infer, export) list
-exactly the flags of `retinanet train/infer/export --help`, and every default
-they show is the one the code uses: the ModelConfig, TrainConfig, InferOptions
-or ExportOptions field behind the flag, the demo presets, or the argparse
-default where no dataclass holds one. No tracked file points outside the repository for its
+The flag tables of TRAINING.md (train) and INFERENCE.md (infer, export,
+convert) list exactly the flags of `retinanet train/infer/export/convert --help`,
+and every default they show is the one the code uses: the ModelConfig,
+TrainConfig, InferOptions or ExportOptions field behind the flag, the demo
+presets, or the argparse default where no dataclass holds one. No tracked file points outside the repository for its
 design or at numbered tickets.
 
 Table conventions (the docs say them in words too): the Default (and Demo)
@@ -38,11 +38,14 @@ TABLES = {
     "train": ("TRAINING.md", "Flags"),
     "infer": ("INFERENCE.md", "Inference flags"),
     "export": ("INFERENCE.md", "Export flags"),
+    "convert": ("INFERENCE.md", "Convert flags"),
 }
 # Defaults that are a rule rather than a value, and why.
 DESCRIBED = {
     ("train", "--classes"): "the category count of --annotations",
     ("train", "--amp-dtype"): "bf16 where the GPU supports it (TrainConfig.amp_dtype 'auto')",
+    ("convert", "--format"): "detected from the source's keys",
+    ("convert", "--categories"): "the 80 COCO ids for an 80-class ODTK model; torchvision's labels are ids",
 }
 
 
@@ -179,6 +182,8 @@ def settings_classes(command: str) -> list[type]:
         return [ModelConfig, TrainConfig] + ([train.DataPaths] if hasattr(train, "DataPaths") else [])
     if command == "export":
         return [ExportOptions]
+    if command == "convert":  # no settings dataclass: the source decides the model's config
+        return []
     from retinanet import infer
 
     return [infer.InferOptions] if hasattr(infer, "InferOptions") else []
