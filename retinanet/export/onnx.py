@@ -156,7 +156,7 @@ def _torch_export(
     import onnx  # noqa: F401  (fail early with the install hint)
 
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    shapes = tuple({0: batch, **(axes[i] if axes else {})} for i in range(len(args)))
+    shapes: tuple = tuple({0: batch, **(axes[i] if axes else {})} for i in range(len(args)))
     if varargs:  # forward(*tensors): one positional entry holding them all
         shapes = (shapes,)
     with _quiet(verbose), torch.no_grad():
@@ -173,6 +173,7 @@ def _torch_export(
             verbose=verbose,
             optimize=True,
         )
+    assert program is not None  # None comes only from the TorchScript exporter (dynamo=False)
     return program.model_proto
 
 
@@ -201,7 +202,7 @@ def export_network(model: RetinaNet, size: InputSize, dtype: torch.dtype, opset:
     """The network part alone as an ONNX ModelProto: images (, image_sizes) -> scores_i, deltas_i."""
     inputs = input_names(model.config)
     h, w = example_size(size)
-    args = (torch.full((EXAMPLE_BATCH, 3, h, w), 114.0),)
+    args: tuple[torch.Tensor, ...] = (torch.full((EXAMPLE_BATCH, 3, h, w), 114.0),)
     if IMAGE_SIZES in inputs:
         args += (torch.tensor([[h, w]] * EXAMPLE_BATCH, dtype=torch.int32),)
     names = head_names(len(model.config.strides))
@@ -238,6 +239,7 @@ def _portable_tail(model: RetinaNet, net, size: InputSize, opset: int, verbose: 
 
     names = head_names(len(model.config.strides))
     example, axes = _tail_example(model.config, net, size)
+    tail: PortablePostprocess
     if IMAGE_SIZES in input_names(model.config):
         tail = ClippingPostprocess(model.config, model.base_anchors())
         h, w = example_size(size)
@@ -261,7 +263,7 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
 
     batch = net.graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
     nodes, infos = [], []
-    parts = {"scores": [], "boxes": [], "classes": []}
+    parts: dict[str, list[str]] = {"scores": [], "boxes": [], "classes": []}
     for i, (stride, anchors) in enumerate(zip(config.strides, base_anchors)):
         outs = [f"decode_{k}_{i}" for k in ("scores", "boxes", "classes")]
         nodes.append(
@@ -468,7 +470,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
     model, state = checkpoint.load_model(model_path)
     size = parse_size(options.size, model.config)
     digest = model_hash(state)
-    result = {"output": output, "table": None, "calibration_s": None, "input": describe(size)}
+    result: dict = {"output": output, "table": None, "calibration_s": None, "input": describe(size)}
     table = quantize.read_table(options.calibration_table, digest, size) if options.calibration_table else None
 
     start = time.perf_counter()
@@ -476,6 +478,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
     net = export_network(model, size, dtype, options.opset, options.verbose)
     if options.precision == "int8":
         if table is None:
+            assert options.calibration_images  # check_options: INT8 without a table has images
             t0 = time.perf_counter()
             table = quantize.calibrate(
                 net,
@@ -495,7 +498,7 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:  # a bug here, not a user error: keep the details
         raise RuntimeError(f"exported graph fails onnx.checker: {e}") from None
-    if result["table"]:  # written only for a model that passed the checker
+    if result["table"] and table is not None:  # written only for a model that passed the checker
         quantize.write_table(result["table"], table)
     write_bytes(output, proto.SerializeToString())
     result["export_s"] = time.perf_counter() - start

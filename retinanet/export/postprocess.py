@@ -18,6 +18,8 @@ it instead (nms_boxes): the IoU of the widened boxes is the reference's IoU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -56,7 +58,11 @@ def _nms_keep_onnx(boxes, class_scores, max_per_class: int, iou_threshold: float
     """ONNX translation of nms_keep: NonMaxSuppression, then its [K, 3] selection
     (image, class, box) scattered into a [B, N] mask."""
     import onnx
-    from onnxscript import opset18 as op
+    from onnxscript import opset18
+
+    # onnxscript's stubs give Constant's output every tensor type, which the typed inputs of
+    # the ops below refuse; the graph is checked by onnx.checker and ONNX Runtime instead.
+    op: Any = opset18
 
     # Score threshold 0: padding (score 0) never enters NMS, as in the reference.
     selected = op.NonMaxSuppression(

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import Any
 
 import numpy as np
 
@@ -212,7 +213,9 @@ def insert_qdq(net, table: dict):
     scales = table["scales"]
     where = table.get("path", "calibration table")
     inits = {i.name: i for i in net.graph.initializer}
-    new_nodes, new_inits, done = [], [], {}
+    new_nodes: list = []
+    new_inits: list = []
+    done: dict[str, str] = {}
 
     def qdq(tensor: str, scale: np.ndarray, axis: int | None) -> str:
         if tensor in done:
@@ -222,7 +225,7 @@ def insert_qdq(net, table: dict):
         )
         z = helper.make_tensor(f"{tensor}_qdq_zero_point", TensorProto.INT8, list(scale.shape), [0] * int(scale.size))
         new_inits.extend([s, z])
-        attrs = {} if axis is None else {"axis": axis}
+        attrs: dict[str, Any] = {} if axis is None else {"axis": axis}
         q, dq = f"{tensor}_quantized", f"{tensor}_dequantized"
         new_nodes.append(
             helper.make_node("QuantizeLinear", [tensor, s.name, z.name], [q], name=f"{tensor}_QuantizeLinear", **attrs)

@@ -45,6 +45,7 @@ def profile_shapes(
     A fixed-size export has its one H x W. A dynamic one spans its range, min to max, and is
     tuned (opt) for a landscape image resized to `resize` (the model's; None: the largest
     input): H = resize rounded up to the multiple, W = the largest (max_size rounded up)."""
+    spatial: dict[str, tuple[int, ...]]
     if isinstance(input_size, DynamicSize):
         m, (lo_h, lo_w), (hi_h, hi_w) = input_size.multiple, input_size.min, input_size.max
         opt_h = hi_h if resize is None else min(max(-(-resize // m) * m, lo_h), hi_h)
