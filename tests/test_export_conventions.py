@@ -1,5 +1,6 @@
 """Exports of the conventions that converted checkpoints bring (ModelConfig's box_offset,
-anchor_placement, p6_input, head_conv_bias): both forms give the checkpoint's detections.
+anchor_placement, p6_input, head_conv_bias, clip_to_image): both forms give the checkpoint's
+detections.
 
 Each convention gets its own tiny random-weight model (conftest.export_model: classification
 bias raised, so that every image fills its 100 detections) and FP32 exports of both forms at
@@ -30,6 +31,9 @@ CONVENTIONS = {
     "torchvision_anchors": dict(anchor_placement="torchvision"),
     "p6_from_p5": dict(p6_input="P5"),  # torchvision's first RetinaNet
     "groupnorm_towers_without_bias": dict(head_norm=True, head_conv_bias=False),  # torchvision v2
+    # torchvision clips the candidates to each image before NMS: a BatchNorm-head model that
+    # takes image_sizes, its network unchanged.
+    "clip_to_image": dict(clip_to_image=True),
     # No converted checkpoint has both, but GroupNorm heads are where both tails also clip
     # the boxes to each image's size (model.detector.clip_boxes): with the offset, that clip
     # must stay the model's in the plugin form's hand-built nodes as in the traced portable tail.
@@ -37,7 +41,7 @@ CONVENTIONS = {
 }
 # The conventions that change data only (the anchor tables, the box formulas), not the
 # network: the same weights under the default conventions give other detections.
-DATA_ONLY = ("box_offset", "torchvision_anchors")
+DATA_ONLY = ("box_offset", "torchvision_anchors", "clip_to_image")
 
 # FP32 network in ONNX Runtime against PyTorch: the convolutions sum in another order, so
 # the outputs differ in the last bits. Measured: scores within 2e-7; boxes within 5e-7
@@ -83,9 +87,14 @@ def inputs(size=TINY_SIZE, seed=1):
     return images, sizes
 
 
+def taken(model, sizes):
+    """`sizes` where the model takes each image's size (GroupNorm heads, clip_to_image), else None."""
+    return sizes if model.config.takes_image_sizes else None
+
+
 def detections(model, images, sizes):
-    """model.detect, given the sizes only where the model takes them (GroupNorm heads)."""
-    want = [t.numpy() for t in model.detect(images, sizes if model.config.head_norm else None)]
+    """model.detect, given the sizes where the model takes them."""
+    want = [t.numpy() for t in model.detect(images, taken(model, sizes))]
     assert (want[0] > 0).sum(axis=1).min() == 100  # NMS really had to cut to `detections`
     return want
 
@@ -95,7 +104,7 @@ def test_portable_export_gives_the_checkpoints_detections(exported, name):
     e = exported(name)
     images, sizes = inputs()
     want = detections(e["model"], images, sizes)
-    got = run_ort(e["portable"], images, sizes if e["model"].config.head_norm else None)
+    got = run_ort(e["portable"], images, taken(e["model"], sizes))
     assert_same_detections(got, want, rtol=BOX_RTOL.get(name, DEFAULT_BOX_RTOL), score_tol=SCORE_TOL)
 
 
@@ -139,7 +148,8 @@ def test_the_comparisons_see_the_convention(exported, name):
     assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), e["model"].state_dict().values()))
     images, sizes = inputs()
     want = detections(default, images, sizes)
-    for got in (run_ort(e["portable"], images), run_plugin_form(e["plugin"], images)):
+    portable = run_ort(e["portable"], images, taken(e["model"], sizes))
+    for got in (portable, run_plugin_form(e["plugin"], images, sizes=sizes)):
         with pytest.raises(AssertionError):
             assert_same_detections(got, want, rtol=DEFAULT_BOX_RTOL, score_tol=SCORE_TOL)
 

@@ -25,12 +25,14 @@ any multiples of the pad multiple up to the model's max_size rounded up
 for every such size; the head shapes, the candidates' cell positions (and so
 the anchors, centred on their cells) and the clipping limits come from the
 runtime shapes inside the graph. ``--size`` exports one fixed H x W instead.
-Models with GroupNorm heads (config.head_norm) take a second input ``image_sizes`` int32 [batch, 2]: each
-image's (h, w) before padding, in input pixels. The heads normalise over that
-region only, scores outside it are 0 and candidate boxes are clipped to it
-before NMS (model.RetinaNet), so that detections do not depend on H x W beyond
-the backbone's border effects. The inputs are listed in METADATA_INPUTS;
-BatchNorm-head models keep the one input. Outputs ``scores`` float32 [batch, D],
+Models whose detections depend on each image's size within the padded batch
+(config.takes_image_sizes: GroupNorm heads, or config.clip_to_image as in converted
+torchvision models) take a second input ``image_sizes`` int32 [batch, 2]: each
+image's (h, w) before padding, in input pixels. Candidate boxes are clipped to it
+before NMS, and GroupNorm heads normalise over that region only and give the cells
+outside it score 0 (model.RetinaNet), so that detections do not depend on H x W
+beyond the backbone's border effects. The inputs are listed in METADATA_INPUTS;
+the other models keep the one input. Outputs ``scores`` float32 [batch, D],
 ``boxes`` float32 [batch, D, 4] (x1, y1, x2, y2 in input pixels), ``classes``
 int32 [batch, D]; padding has score 0, box 0, class -1. The batch axis is
 dynamic. metadata_props carry what a runtime needs (METADATA_* keys), the input
@@ -92,7 +94,7 @@ def model_hash(state: dict) -> str:
 
 
 class NetworkForExport(nn.Module):
-    """images float32 [B, 3, H, W] 0..255 (and, for GroupNorm heads, image_sizes
+    """images float32 [B, 3, H, W] 0..255 (and, where config.takes_image_sizes, image_sizes
     int32 [B, 2]) -> sigmoid scores then box deltas per level, float32.
 
     Normalisation stays float32; the backbone/FPN/heads run in `dtype`; the
@@ -121,8 +123,9 @@ class NetworkForExport(nn.Module):
 
 
 def input_names(config: ModelConfig) -> list[str]:
-    """The exported model's inputs: image_sizes only where the heads depend on the padding."""
-    return [IMAGES, IMAGE_SIZES] if config.head_norm else [IMAGES]
+    """The exported model's inputs: image_sizes only where the detections depend on the padding
+    (the heads' statistics, or the clipping to each image)."""
+    return [IMAGES, IMAGE_SIZES] if config.takes_image_sizes else [IMAGES]
 
 
 def head_names(levels: int) -> list[str]:
@@ -292,7 +295,7 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
         ]
         for k, name in zip(parts, outs):
             parts[k].append(name)
-    clip = len(net.graph.input) > 1  # image_sizes: GroupNorm heads
+    clip = len(net.graph.input) > 1  # image_sizes: config.takes_image_sizes
     for k, names in parts.items():
         out = "candidate_boxes_unclipped" if clip and k == "boxes" else f"candidate_{k}"
         nodes.append(helper.make_node("Concat", names, [out], name=f"Concat_{k}", axis=1))

@@ -196,8 +196,9 @@ class PortablePostprocess(nn.Module):
 
 
 class ClippingPostprocess(PortablePostprocess):
-    """The tail of GroupNorm-head models: inputs heads..., image_sizes; the candidates' boxes
-    are clipped to each image's valid size before NMS, as RetinaNet.postprocess does with sizes."""
+    """The tail of models that take image_sizes (GroupNorm heads, clip_to_image): inputs heads...,
+    image_sizes; the candidates' boxes are clipped to each image's valid size before NMS, as
+    RetinaNet.postprocess does with sizes."""
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = self.config

@@ -41,10 +41,11 @@ def profile_shapes(
     input_size: InputSize, batch_opts, names=("images",), resize: int | None = None
 ) -> dict[str, dict[str, tuple]]:
     """The optimisation profile: min/opt/max shape of each input, `images` [B, 3, H, W] and, for
-    GroupNorm-head models, `image_sizes` [B, 2] (export/onnx.py). The batch takes batch_opts.
-    A fixed-size export has its one H x W. A dynamic one spans its range, min to max, and is
-    tuned (opt) for a landscape image resized to `resize` (the model's; None: the largest
-    input): H = resize rounded up to the multiple, W = the largest (max_size rounded up)."""
+    models that take each image's size (GroupNorm heads, clip_to_image), `image_sizes` [B, 2]
+    (export/onnx.py). The batch takes batch_opts. A fixed-size export has its one H x W. A
+    dynamic one spans its range, min to max, and is tuned (opt) for a landscape image resized
+    to `resize` (the model's; None: the largest input): H = resize rounded up to the multiple,
+    W = the largest (max_size rounded up)."""
     spatial: dict[str, tuple[int, ...]]
     if isinstance(input_size, DynamicSize):
         m, (lo_h, lo_w), (hi_h, hi_w) = input_size.multiple, input_size.min, input_size.max

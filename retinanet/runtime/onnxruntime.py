@@ -51,7 +51,7 @@ class OnnxRuntimeBackend:
         self.device = self.preprocess_device = torch.device("cpu")
         inputs = [i.name for i in self.session.get_inputs()]
         self.input_name = inputs[0]
-        # GroupNorm-head models also take each image's valid (h, w) (export/onnx.py).
+        # GroupNorm-head and clip_to_image models also take each image's valid (h, w) (export/onnx.py).
         self.sizes_name = inputs[1] if len(inputs) > 1 else None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
