@@ -94,3 +94,15 @@ def test_torchvision_name_without_cache_or_network(tmp_path, capsys, monkeypatch
     assert "retinanet_resnet50_fpn_v2_coco" in line and "hub cache" in line and "SOURCE" in line
     line = run(capsys, "torchvision:retinanet_resnet999", tmp_path / "out.pth")
     assert "unknown torchvision model" in line and "retinanet_resnet50_fpn_v2" in line
+
+
+def test_forced_format_and_damaged_checkpoints(sources, tmp_path, capsys):
+    """--format does not make another detector convertible; a checkpoint with its parts of the
+    wrong kind gets a line, not a traceback."""
+    line = run(capsys, sources / "fcos.pth", tmp_path / "out.pth", "--format", "torchvision-v1")
+    assert "fcos.pth" in line and "FCOS" in line
+    damaged = {"backbone": ["ResNet18FPN"], "classes": "many", "ratios": [1.0], "scales": [4.0]}
+    torch.save({**damaged, "state_dict": {"cls_head.8.weight": torch.zeros(1)}}, tmp_path / "odtk.pth")
+    line = run(capsys, tmp_path / "odtk.pth", tmp_path / "out.pth")
+    assert "odtk.pth" in line and "incomplete or damaged odtk checkpoint" in line
+    assert not (tmp_path / "out.pth").exists()

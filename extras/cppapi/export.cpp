@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
   nvinfer1::IOptimizationProfile* profile = builder->createOptimizationProfile();
   nvinfer1::OptProfileSelector const selectors[3] = {
       nvinfer1::OptProfileSelector::kMIN, nvinfer1::OptProfileSelector::kOPT, nvinfer1::OptProfileSelector::kMAX};
-  // images [-1, 3, H, W], and for GroupNorm-head models image_sizes [-1, 2]: only the batch varies.
+  // images [-1, 3, H, W], and for models that take image sizes image_sizes [-1, 2]: only the batch varies.
   for (int32_t i = 0; i < network->getNbInputs(); ++i) {
     nvinfer1::ITensor* input = network->getInput(i);
     nvinfer1::Dims const dims = input->getDimensions();

@@ -7,8 +7,9 @@
 // at the top left of the engine's input and the rest is filled with the model's
 // mean colour (the ONNX model normalises pixels itself). Boxes are printed in
 // the input's pixels, classes as the model's contiguous class indices. Engines of
-// GroupNorm-head models have a second input, image_sizes int32 [batch, 2]: the
-// image's (height, width) in the input, so that the heads ignore the padding.
+// models that take image sizes (GroupNorm heads; converted torchvision models,
+// which clip to the image) have a second input, image_sizes int32 [batch, 2]:
+// the image's (height, width) in the input, so that the padding is ignored.
 #include <chrono>
 #include <cstdlib>
 #include <cstring>

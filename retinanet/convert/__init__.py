@@ -36,6 +36,9 @@ def convert(
         raise UserError(f"--format {format}: unknown format; choose one of {', '.join(FORMATS)}")
     check_output(output, override)
     loaded = _load_source(source)
+    other = _other_detector(loaded)
+    if other:  # also when --format names one: their keys overlap RetinaNet's
+        raise UserError(f"{source}: {other}; convert takes RetinaNets (torchvision's or ODTK's)")
     fmt = format or _detect(loaded, source)
     try:
         if fmt == "odtk":
@@ -48,6 +51,8 @@ def convert(
             ids, names = from_torchvision.categories(config.classes)
     except ConversionError as e:
         raise UserError(f"{source}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a part missing or of the wrong kind
+        raise UserError(f"{source}: an incomplete or damaged {fmt} checkpoint ({type(e).__name__}: {e})") from None
     state = _checkpoint(config, state_dict, ids, source)
     state["category_names"] = names
     state["converted_from"] = {"source": source, "format": fmt}
@@ -82,15 +87,12 @@ def _torchvision_weights(source: str) -> dict:
 
 
 def _detect(loaded: object, source: str) -> str:
-    if isinstance(loaded, dict) and from_torchvision.is_torchvision(loaded) and not _other_detector(loaded):
+    if from_torchvision.is_torchvision(loaded):
         return from_torchvision.detect_version(loaded)
     if from_odtk.is_odtk(loaded):
         return "odtk"
     if isinstance(loaded, dict) and all(k in loaded for k in checkpoint.REQUIRED):
         raise UserError(f"{source}: is already a retinanet checkpoint; nothing to convert")
-    other = _other_detector(loaded)
-    if other:
-        raise UserError(f"{source}: {other}; convert takes RetinaNets (torchvision's or ODTK's)")
     keys = list(loaded)[:3] if isinstance(loaded, dict) else []
     seen = f" (its first keys: {', '.join(map(str, keys))})" if keys else ""
     raise UserError(

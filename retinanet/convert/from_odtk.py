@@ -20,7 +20,6 @@ from .layout import ConversionError, backbone_name, strip_batchnorm_counters
 MARKER = "cls_head.8.weight"
 REQUIRED = ("backbone", "classes", "state_dict", "ratios", "scales")
 _FPN = {"lateral3", "lateral4", "lateral5", "smooth3", "smooth4", "smooth5", "pyramid6", "pyramid7"}
-_HEADS = {"cls_head": "cls_head", "box_head": "box_head"}
 _MOBILENET_C5 = 17  # ODTK's MobileNetV2 C5 is features[17]; 18 and the classifier are unused
 
 

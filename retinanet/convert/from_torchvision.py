@@ -26,17 +26,17 @@ _HEADS = {"classification_head": "cls_head", "regression_head": "box_head"}
 _LEVELS = ("3", "4", "5")
 
 
-def is_torchvision(state: dict) -> bool:
-    return MARKER in state
+def is_torchvision(state: object) -> bool:
+    return isinstance(state, dict) and MARKER in state
 
 
 def detect_version(state: dict) -> str:
     return "torchvision-v2" if V2_MARKER in state else "torchvision-v1"
 
 
-def convert(state: dict, version: str) -> tuple[ModelConfig, dict[str, Tensor]]:
+def convert(state: object, version: str) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Our config and state dict for torchvision's `state`; ConversionError naming what is off."""
-    if not is_torchvision(state):
+    if not isinstance(state, dict) or not is_torchvision(state):
         raise ConversionError(f"not a torchvision RetinaNet state dict (no {MARKER})")
     if detect_version(state) != version:
         found = detect_version(state)

@@ -30,7 +30,7 @@ class Batch:
     skipped: int = 0  # corrupt images dropped from this batch (training)
     errors: list[str] = field(default_factory=list)  # unreadable images (inference)
     # int32 [B, 2]: each image's (h, w) in `images` before padding, which
-    # GroupNorm-head models need to ignore the padding (model.RetinaNet).
+    # models with config.takes_image_sizes need to ignore the padding (model.RetinaNet).
     valid: Tensor | None = None
 
     def pin_memory(self):

@@ -58,8 +58,9 @@ class Detector:
         """Padded uint8 batch [B, 3, H, W] -> scores [B, D], boxes [B, D, 4], classes [B, D].
 
         sizes: [B, 2] each image's (h, w) before padding (Batch.valid); None
-        takes the whole [H, W] as image. GroupNorm-head models need it for
-        detections that do not depend on the padding (model.RetinaNet)."""
+        takes the whole [H, W] as image. Models with config.takes_image_sizes
+        (GroupNorm heads, clipping to the image) need it for detections that do
+        not depend on the padding (model.RetinaNet)."""
         return self.backend(images, sizes)
 
     def to_original(

@@ -110,11 +110,12 @@ class TorchBackend:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """sizes: [B, 2] valid (h, w) per image, used by GroupNorm-head models (RetinaNet)."""
+        """sizes: [B, 2] valid (h, w) per image, used by models with config.takes_image_sizes
+        (GroupNorm heads, clipping to the image: model.RetinaNet)."""
         x = images.to(self.device, non_blocking=True).float()
         if sizes is not None and self.config.takes_image_sizes:
             sizes = sizes.to(self.device, torch.int64, non_blocking=True)
-        else:  # BatchNorm heads do not depend on it: their step stays as it was
+        else:  # the others do not depend on it: their step stays as it was
             sizes = None
         key = (tuple(x.shape), sizes is None)
         if self.cuda_graphs and (key in self._graphs or len(self._graphs) < self.MAX_GRAPHS):

@@ -97,7 +97,7 @@ class TensorRTBackend:
         check_batch(self.path, images.shape[0], self.batch_opts)
         batch = pad_to(images.to(self.device), self.input_size, self.fill)
         feed = {IMAGES: batch}
-        if IMAGE_SIZES in self.inputs:  # GroupNorm-head models (export/onnx.py)
+        if IMAGE_SIZES in self.inputs:  # config.takes_image_sizes models (export/onnx.py)
             feed[IMAGE_SIZES] = valid_sizes(images, sizes, self.device)
         bound = []  # the inputs stay allocated, so the outputs below cannot take their memory
         for name, value in feed.items():
