@@ -123,6 +123,7 @@ def main():
 
         cmdclass["build_ext"] = BuildWithPlugins
 
+    VIDEO = ["av>=18.1,<19; python_version < '3.12'", "av>=18.1; python_version >= '3.12'"]
     setup(
         name="retinanet",
         version=read_version(),
@@ -135,6 +136,9 @@ def main():
             "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
             # --with-dali: DALI 2.x for CUDA 13 (its CPU pipelines also run without a GPU).
             "dali": ["nvidia-dali-cuda130>=2.0"],
+            # --video and --draw OUT.mp4: PyAV's wheels bundle FFmpeg with libx264 (GPL).
+            # av 19 needs Python 3.12; 18.1 is the last for 3.11.
+            "video": VIDEO,
             "test": [
                 "pytest>=7",
                 "tensorboard",
@@ -142,6 +146,7 @@ def main():
                 "onnxscript>=0.5",
                 "onnxruntime>=1.20",
                 "nvidia-dali-cuda130>=2.0",
+                *VIDEO,
                 # The style checks (tests/test_style.py): pinned, since formatters change between versions.
                 "ruff==0.17.6",
                 "mypy==2.4.1",

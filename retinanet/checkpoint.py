@@ -39,9 +39,11 @@ def load(path: str) -> dict:
     return state
 
 
-def model_state(config: ModelConfig, model: torch.nn.Module, category_ids: list[int]) -> dict:
+def model_state(
+    config: ModelConfig, model: torch.nn.Module, category_ids: list[int], category_names: list[str] | None = None
+) -> dict:
     """The model part of a checkpoint (what inference needs)."""
-    return {
+    state = {
         "format_version": FORMAT_VERSION,
         "backbone": config.backbone,
         "classes": config.classes,
@@ -49,6 +51,18 @@ def model_state(config: ModelConfig, model: torch.nn.Module, category_ids: list[
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "category_ids": list(category_ids),
     }
+    if category_names is not None:
+        state["category_names"] = list(category_names)
+    return state
+
+
+def category_names(state: dict) -> list[str] | None:
+    """The checkpoint's class names, aligned with category_ids; None for checkpoints without
+    them (written before names were stored), whose drawings show ids."""
+    names = state.get("category_names")
+    if not isinstance(names, list) or len(names) != len(state["category_ids"]):
+        return None
+    return [str(n) for n in names]
 
 
 def load_model(path: str):

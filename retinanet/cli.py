@@ -218,7 +218,26 @@ def _infer_flags(i: Parser) -> None:
         default=None,
         help="decode and resize with NVIDIA DALI (on the GPU; on the CPU without one)",
     )
-    i.add_argument("--override", action="store_true", help="replace an existing --output file")
+    i.add_argument(
+        "--draw",
+        metavar="OUT",
+        help="also write each image with its detections drawn into folder OUT (with --video: OUT.mp4, H.264)",
+    )
+    i.add_argument(
+        "--draw-threshold", type=unit, metavar="S", help=f"lowest score drawn {default(o, 'draw_threshold')}"
+    )
+    i.add_argument(
+        "--video",
+        metavar="SOURCE",
+        help="detect in a video instead of images: a file, an rtsp:// or http:// URL, or a camera /dev/videoN",
+    )
+    i.add_argument(
+        "--video-timeout",
+        type=positive_float,
+        metavar="S",
+        help=f"seconds a video URL or camera may stay silent {default(o, 'video_timeout', unit=' s')}",
+    )
+    i.add_argument("--override", action="store_true", help="replace an existing --output file (and --draw output)")
     _timeout_flag(i)
 
 

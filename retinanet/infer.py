@@ -11,14 +11,16 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import distributed, evaluate, runtime
+from . import distributed, evaluate, infer_video, runtime
 from .data.batch import Collate
 from .data.coco import CocoAnnotations, DetectionDataset
 from .data.gpu import GpuBatches
+from .draw import DRAW_THRESHOLD, draw
 from .errors import UserError
 from .files import atomic_write, check_output
-from .images import mean_pixel
-from .runtime import Detector
+from .images import CorruptImage, list_images, mean_pixel, read_image
+from .runtime import Detections, Detector
+from .video import VIDEO_TIMEOUT
 
 
 def detection_records(detector: Detector, loader, log=None, timing: dict | None = None) -> list[dict]:
@@ -210,6 +212,10 @@ class InferOptions:
     with_dali: bool = False
     full_precision: bool = False
     compile: bool = False
+    draw: str | None = None  # folder of annotated images, or OUT.mp4 with video
+    draw_threshold: float = DRAW_THRESHOLD
+    video: str | None = None  # a video file, rtsp/http URL or camera instead of --images
+    video_timeout: float = VIDEO_TIMEOUT
 
 
 def launch(
@@ -217,6 +223,7 @@ def launch(
 ) -> list[float] | None:
     """infer() in this process, or in the process group torchrun set up (images sharded over it)."""
     check_output(output, override, "--output file")  # before the model is even loaded
+    check_inputs(options, override)
     place = distributed.from_env()
     device = None
     if place is not None and place.world > 1:
@@ -226,6 +233,19 @@ def launch(
         detector = runtime.load(
             model_path, device=device, full_precision=options.full_precision, compile=options.compile
         )
+        if options.video is not None:
+            batch = options.batch or distributed.default_batch()
+            infer_video.infer_video(
+                detector,
+                options.video,
+                output,
+                batch,
+                options.draw,
+                options.draw_threshold,
+                options.video_timeout,
+                override,
+            )
+            return None
         return infer(
             detector,
             options.images,
@@ -237,6 +257,8 @@ def launch(
             workers=options.workers,
             override=override,
             with_dali=options.with_dali,
+            drawn=options.draw,
+            draw_threshold=options.draw_threshold,
         )
     finally:
         distributed.shutdown()
@@ -254,6 +276,8 @@ def infer(
     override: bool = False,
     quiet: bool = False,
     with_dali: bool = False,
+    drawn: str | None = None,
+    draw_threshold: float = DRAW_THRESHOLD,
 ) -> list[float] | None:
     """Write COCO result records to `output`; return the 12 stats when annotated.
 
@@ -261,6 +285,8 @@ def infer(
     gathered; rank 0 writes the file and prints. `batch` is per process.
     """
     check_output(output, override, "--output file")
+    if drawn is not None:
+        check_draw_folder(drawn, images, override)
     if with_dali:
         from .data.dali import require_dali
 
@@ -296,6 +322,10 @@ def infer(
         return None
     with atomic_write(output, "w") as f:
         f.write(json.dumps(records))  # dumps: the C encoder; dump() encodes in Python, chunk by chunk
+    if drawn is not None:
+        names = draw_images(records, images, coco, drawn, draw_threshold, detector)
+        if not quiet:
+            print(f"drew {names} images into {drawn}")
     if not quiet:
         print(f"wrote {len(records)} detections to {output}")
         print(speed_line(timing, process_start()), file=sys.stderr)
@@ -305,3 +335,68 @@ def infer(
     if not quiet:
         print(evaluate.format_stats(stats))
     return stats
+
+
+def check_inputs(options: InferOptions, override: bool) -> None:
+    """Flags that exclude each other, and the --draw output, before the model is loaded."""
+    if options.video is not None:
+        if options.annotations is not None or options.images != InferOptions.images:
+            raise UserError("--video reads a video: it takes neither --images nor --annotations")
+        if options.with_dali:
+            raise UserError("--with-dali reads image folders; --video decodes with PyAV")
+        if distributed.world_size() > 1:
+            raise UserError("--video runs in one process: start it without torchrun")
+        infer_video.check_drawn_video(options.draw, override)
+    elif options.draw is not None:
+        check_draw_folder(options.draw, options.images, override)
+
+
+def check_draw_folder(folder: str, images: str, override: bool) -> None:
+    """--draw OUT for images: a writable folder other than the image folder."""
+    if folder.lower().endswith(".mp4"):
+        raise UserError(f"{folder}: a .mp4 --draw output is for --video; for images give a folder")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{folder}: --draw needs a folder, and this is a file")
+    if os.path.isdir(images) and os.path.exists(folder) and os.path.samefile(folder, images):
+        raise UserError(f"{folder}: --draw must not be the image folder (the images would be replaced)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the --draw folder ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{folder}: the --draw folder is not writable")
+    if not override and os.listdir(folder):
+        raise UserError(f"{folder}: --draw folder is not empty; pass --override to replace its drawings")
+
+
+def draw_images(records, images: str, coco: CocoAnnotations | None, folder: str, threshold: float, detector) -> int:
+    """Each inferred image with its detections drawn, under its own name in `folder`."""
+    from PIL import Image
+
+    files = [(r.id, r.file_name) for r in coco.images] if coco is not None else list(enumerate(list_images(images)))
+    by_image: dict[int, list[dict]] = {}
+    for r in records:
+        by_image.setdefault(r["image_id"], []).append(r)
+    for image_id, name in files:
+        path = os.path.join(images, name)
+        try:
+            rgb = read_image(path).permute(1, 2, 0).numpy()
+        except CorruptImage as e:
+            raise UserError(str(e)) from None
+        out = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with atomic_write(out, "wb") as f:
+            Image.fromarray(draw(rgb, _detections(by_image.get(image_id, []), detector), threshold)).save(
+                f, format=Image.registered_extensions().get(os.path.splitext(name)[1].lower(), "PNG")
+            )
+    return len(files)
+
+
+def _detections(records: list[dict], detector) -> Detections:
+    """Records (x, y, w, h) back to boxes (x1, y1, x2, y2)."""
+    offset = detector.config.box_offset
+    xywh = torch.tensor([r["bbox"] for r in records], dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:] - offset], dim=1)
+    scores = torch.tensor([r["score"] for r in records], dtype=torch.float32)
+    ids = torch.tensor([r["category_id"] for r in records], dtype=torch.long)
+    return Detections(boxes, scores, ids, detector.category_names)

@@ -682,7 +682,8 @@ class Trainer:
                 f"{self.s.model_path}: weights became non-finite at iteration {self.iteration} "
                 f"({bad[0]}); not saving them, the checkpoint keeps its last finite state"
             )
-        state = checkpoint.model_state(self.s.model_cfg, self.net, self.s.coco.category_ids)
+        coco = self.s.coco
+        state = checkpoint.model_state(self.s.model_cfg, self.net, coco.category_ids, coco.category_names)
         state.update(
             iteration=self.iteration,
             optimizer=self.optimizer.state_dict(),

@@ -53,8 +53,7 @@ def convert(
         raise UserError(f"{source}: {e}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # a part missing or of the wrong kind
         raise UserError(f"{source}: an incomplete or damaged {fmt} checkpoint ({type(e).__name__}: {e})") from None
-    state = _checkpoint(config, state_dict, ids, source)
-    state["category_names"] = names
+    state = _checkpoint(config, state_dict, ids, names, source)
     state["converted_from"] = {"source": source, "format": fmt}
     checkpoint.save(output, state)
     return state
@@ -142,7 +141,7 @@ def _read_categories(path: str) -> dict[int, str]:
     return out
 
 
-def _checkpoint(config: ModelConfig, state_dict: dict, ids: list[int], source: str) -> dict:
+def _checkpoint(config: ModelConfig, state_dict: dict, ids: list[int], names: list[str], source: str) -> dict:
     """The checkpoint, once the weights are known to fit the model exactly (key for key, shape for shape)."""
     from ..model import RetinaNet
 
@@ -151,7 +150,7 @@ def _checkpoint(config: ModelConfig, state_dict: dict, ids: list[int], source: s
     except RuntimeError as e:
         first = str(e).splitlines()[0][:200]
         raise UserError(f"{source}: weights do not fit a {config.backbone} RetinaNet ({first})") from None
-    return checkpoint.model_state(config, model, ids)
+    return checkpoint.model_state(config, model, ids, names)
 
 
 __all__ = ["FORMATS", "convert", "ConversionError"]

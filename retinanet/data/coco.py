@@ -102,6 +102,9 @@ class CocoAnnotations:
                 raise UserError(f"{name}: {key} must be a list, got {type(doc[key]).__name__}")
         ids = self._categories(doc["categories"])
         self.category_ids = list(sorted(ids) if category_ids is None else category_ids)
+        # Names are what drawn detections show; a category without one shows its id.
+        named = {c["id"]: str(c.get("name", c["id"])) for c in doc["categories"]}
+        self.category_names = [named.get(i, str(i)) for i in self.category_ids]
         self.images: list[ImageRecord] = []
         by_id: dict[int, ImageRecord] = {}
         for i, im in enumerate(doc["images"]):

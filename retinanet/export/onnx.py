@@ -62,6 +62,7 @@ from ..formats.onnx import (
     IMAGE_SIZES,
     IMAGES,
     METADATA_CATEGORY_IDS,
+    METADATA_CATEGORY_NAMES,
     METADATA_CONFIG,
     METADATA_FORM,
     METADATA_FORMAT_VERSION,
@@ -447,7 +448,7 @@ def _graph_with_tail(model: RetinaNet, net, size: InputSize, options: ExportOpti
 
 
 def _metadata(config: ModelConfig, state: dict, size, options: ExportOptions, digest: str) -> dict:
-    return {
+    meta = {
         METADATA_CONFIG: config.to_dict(),
         METADATA_CATEGORY_IDS: list(state["category_ids"]),
         METADATA_INPUT_SIZE: to_json(size),
@@ -457,6 +458,10 @@ def _metadata(config: ModelConfig, state: dict, size, options: ExportOptions, di
         METADATA_FORMAT_VERSION: FORMAT_VERSION,
         METADATA_INPUTS: input_names(config),
     }
+    names = checkpoint.category_names(state)
+    if names is not None:
+        meta[METADATA_CATEGORY_NAMES] = names
+    return meta
 
 
 def export_onnx(model_path: str, output: str, options: ExportOptions, log=print) -> dict:

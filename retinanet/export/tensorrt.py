@@ -173,6 +173,7 @@ def build_engine(
         {
             "config": onnx_metadata["retinanet.config"],
             "category_ids": onnx_metadata["retinanet.category_ids"],
+            "category_names": onnx_metadata.get("retinanet.category_names"),
             "input_size": to_json(input_size),
             "precision": onnx_metadata.get("retinanet.precision"),
             "model_sha256": onnx_metadata.get("retinanet.model_sha256"),

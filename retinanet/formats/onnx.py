@@ -22,6 +22,7 @@ from .input import InputSize, from_json
 
 METADATA_CONFIG = "retinanet.config"
 METADATA_CATEGORY_IDS = "retinanet.category_ids"
+METADATA_CATEGORY_NAMES = "retinanet.category_names"  # optional: files of earlier versions lack it
 METADATA_INPUT_SIZE = "retinanet.input_size"  # [H, W], or a dynamic range (format version 2)
 METADATA_PRECISION = "retinanet.precision"  # "fp32" | "fp16" | "int8"
 METADATA_FORM = "retinanet.form"  # "portable" | "tensorrt"
@@ -110,6 +111,19 @@ def read_model_metadata(path: str, props: dict) -> tuple[ModelConfig, InputSize,
             f"for a model of {config.classes} classes"
         )
     return config, size, category_ids
+
+
+def category_names(props: dict, count: int) -> list[str] | None:
+    """The class names an export's metadata_props carry, or None: drawings then show
+    category ids. Names that are unreadable or do not fit the class count are ignored, not
+    fatal: they only label drawings."""
+    try:
+        names = json.loads(props.get(METADATA_CATEGORY_NAMES, "null"))
+    except ValueError:
+        return None
+    if not isinstance(names, list) or len(names) != count:
+        return None
+    return [str(n) for n in names]
 
 
 def _count(value, low: int = 1) -> int:

@@ -26,6 +26,7 @@ class Detections:
     boxes: Tensor  # [N, 4] x1 y1 x2 y2 in the image's pixels
     scores: Tensor  # [N]
     category_ids: Tensor  # [N] original category ids
+    names: dict[int, str] | None = None  # category id -> class name (what retinanet.draw shows)
 
 
 class Backend(Protocol):
@@ -33,6 +34,7 @@ class Backend(Protocol):
 
     config: ModelConfig  # the model's settings (resize/max_size fitted to an export's input)
     category_ids: list[int]  # original category id of each class
+    category_names: list[str] | None  # the class names, where the model file has them
     device: torch.device  # where outputs come back; the loader pins batches when it is a GPU
     preprocess_device: torch.device  # where images are decoded, resized and padded
 
@@ -49,6 +51,8 @@ class Detector:
         self.config = config
         self.category_ids = torch.tensor(category_ids, dtype=torch.long)
         self.fill = mean_pixel(config.mean)
+        names = getattr(backend, "category_names", None) or [str(i) for i in category_ids]
+        self.category_names = dict(zip(category_ids, names))  # category id -> name (drawings)
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +80,7 @@ class Detector:
             keep = scores[i] > 0
             b = boxes[i][keep] / scales[i].repeat(2)
             b = torch.minimum(b.clamp(min=0), torch.tensor([w - last, h - last] * 2, dtype=b.dtype))
-            out.append(Detections(b, scores[i][keep], self.category_ids[classes[i][keep].long()]))
+            out.append(Detections(b, scores[i][keep], self.category_ids[classes[i][keep].long()], self.category_names))
         return out
 
     def __call__(self, images, resize: int | None = None, max_size: int | None = None):
@@ -99,6 +103,31 @@ class Detector:
         valid = torch.tensor(valid, dtype=torch.int32)
         dets = self.to_original(*self.run(batch, valid), torch.tensor(scales), sizes)
         return dets[0] if single else dets
+
+    def stream(self, source: str, batch: int = 8, timeout: float | None = None, decode: str = "auto"):
+        """Detect objects in every frame of a video file, an rtsp/http URL or a camera (/dev/videoN).
+
+        Yields (index, timestamp in seconds, frame, detections) per frame, in order; the
+        frame is a uint8 [3, H, W] tensor on the detector's device. Frames are decoded
+        in a background thread while the detector runs, `batch` at a time. decode:
+        "gpu" (NVDEC; frames stay on the GPU), "cpu", or "auto" (the GPU for a detector
+        on one). `timeout`: seconds a URL or camera may stay silent (default 10)."""
+        reader = self.open_video(source, timeout, decode)
+        try:
+            yield from self.detect_frames(reader, batch)
+        finally:
+            reader.close()
+
+    def open_video(self, source: str, timeout: float | None = None, decode: str = "auto"):
+        """A video.VideoReader decoding `source` for this detector (see stream)."""
+        from ..video import VIDEO_TIMEOUT, VideoReader
+
+        return VideoReader(source, self.backend.preprocess_device, timeout or VIDEO_TIMEOUT, decode)
+
+    def detect_frames(self, reader, batch: int):
+        for frames in reader.batches(batch):
+            for frame, dets in zip(frames, self([f.image for f in frames])):
+                yield frame.index, frame.time, frame.image, dets
 
 
 def _as_chw_uint8(item, device: torch.device) -> Tensor:

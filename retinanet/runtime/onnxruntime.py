@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..formats.input import fit_config, pad_to, valid_sizes
-from ..formats.onnx import providers_for, read_model_metadata, session_options
+from ..formats.onnx import category_names, providers_for, read_model_metadata, session_options
 from ..images import mean_pixel
 
 
@@ -41,9 +41,9 @@ class OnnxRuntimeBackend:
                     f"form (export without --plugin-form) or build a TensorRT engine from it"
                 ) from None
             raise UserError(f"{path}: ONNX Runtime cannot load the model ({text})") from None
-        config, self.input_size, self.category_ids = read_model_metadata(
-            path, self.session.get_modelmeta().custom_metadata_map
-        )
+        values = self.session.get_modelmeta().custom_metadata_map
+        config, self.input_size, self.category_ids = read_model_metadata(path, values)
+        self.category_names = category_names(values, config.classes)
         self.config = fit_config(config, self.input_size)
         self.fill = mean_pixel(config.mean)
         self.providers = self.session.get_providers()

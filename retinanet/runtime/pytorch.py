@@ -37,6 +37,7 @@ class TorchBackend:
         cuda_graphs: bool | None = None,
         compile: bool = False,
         owned: bool = False,
+        category_names: list[str] | None = None,
     ):
         """owned: `model` is this backend's to change (no one else holds it): no copy is made."""
         self.device = torch.device(device) if device is not None else default_device()
@@ -52,6 +53,7 @@ class TorchBackend:
         self.model.to(self.device)
         self.config = model.config
         self.category_ids = category_ids
+        self.category_names = category_names
         self.half = self.device.type == "cuda" and not full_precision
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -70,7 +72,10 @@ class TorchBackend:
         cls, path: str, device=None, full_precision: bool = False, compile: bool = False
     ) -> TorchBackend:
         model, state = checkpoint.load_model(path)
-        return cls(model, state["category_ids"], device, full_precision, compile=compile, owned=True)
+        names = checkpoint.category_names(state)
+        return cls(
+            model, state["category_ids"], device, full_precision, compile=compile, owned=True, category_names=names
+        )
 
     @property
     def preprocess_device(self) -> torch.device:

@@ -67,6 +67,9 @@ class TensorRTBackend:
     def __init__(self, path: str, device=None):
         meta = read_metadata(path)
         config, self.input_size, self.category_ids, self.batch_opts = settings(path, meta)
+        names = meta.get("category_names")
+        fits = isinstance(names, list) and len(names) == len(self.category_ids)
+        self.category_names = [str(n) for n in names] if fits else None  # only labels drawings
         trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise UserError(f"{path}: TensorRT engines need a CUDA GPU")
