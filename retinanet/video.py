@@ -139,12 +139,14 @@ class VideoReader:
         self._queue: queue.Queue = queue.Queue(READ_AHEAD)
         self._stop = threading.Event()
         self._notified = not gpu
+        self.decoder = "nvdec" if gpu else "cpu"  # "cpu" once a frame comes from the CPU decoder
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _image(self, frame) -> Tensor:
         image = gpu_image(frame, self.device) if self.device.type == "cuda" else None
         if image is None:
+            self.decoder = "cpu"
             if not self._notified:
                 self._notified = True
                 print(f"{self.source}: NVDEC does not decode this stream here; decoding on the CPU", file=sys.stderr)
