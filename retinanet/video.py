@@ -52,7 +52,10 @@ def is_live(source: str) -> bool:
 
 
 def open_source(source: str, timeout: float = VIDEO_TIMEOUT, hwaccel=None):
-    """The PyAV container of a file, URL or camera with a video stream; one line if not."""
+    """The PyAV container of a file, URL or camera with a video stream; one line if not.
+
+    With `hwaccel`, a source that the hardware decoder cannot open is opened for the CPU
+    decoder instead."""
     av = require_av()
     if not is_live(source) and not os.path.isfile(source):
         raise UserError(f"{source}: video file not found")
@@ -68,6 +71,8 @@ def open_source(source: str, timeout: float = VIDEO_TIMEOUT, hwaccel=None):
         # FFmpeg reports a timeout as "exit requested", or (RTSP) as bad data
         if isinstance(e, av.error.ExitError) or time.monotonic() - start >= timeout:
             raise UserError(f"{source}: no answer within {timeout:g} s (--video-timeout)") from None
+        if hwaccel is not None:  # the reader gives the notice when CPU-decoded frames arrive
+            return open_source(source, timeout)
         raise UserError(f"{source}: cannot read video ({e.strerror or e})") from None
     if not container.streams.video:
         container.close()
@@ -101,8 +106,8 @@ def gpu_image(frame, device: torch.device) -> Tensor | None:
     """RGB of an NVDEC frame kept on the GPU; None for frames in another layout.
 
     The planes come through DLPack without a stream handshake (PyAV refuses one):
-    FFmpeg copies the decoded surface on the legacy default stream of the primary
-    context, which every kernel queued here on the default stream follows."""
+    FFmpeg copies the decoded surface on the legacy default stream of torch's context,
+    which every kernel queued here on the default stream follows."""
     if getattr(frame.format, "name", "") != "cuda" or getattr(frame, "sw_format", None) is None:
         return None
     if frame.sw_format.name != "nv12":
@@ -197,9 +202,13 @@ def _hwaccel(device: torch.device):
     from av.codec.hwaccel import HWAccel
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    # primary_ctx: decode in the context torch uses, so its kernels can read the frames.
+    # current_ctx: FFmpeg decodes in the CUDA context current on this thread, torch's (made
+    # current here), so torch's kernels can read the frames. FFmpeg's own primary_ctx
+    # option refuses a primary context that torch already made with other flags.
+    torch.cuda.set_device(index)
+    torch.empty(0, device=device)
     return HWAccel(
-        "cuda", device=str(index), allow_software_fallback=True, is_hw_owned=True, options={"primary_ctx": "1"}
+        "cuda", device=str(index), allow_software_fallback=True, is_hw_owned=True, options={"current_ctx": "1"}
     )
 
 
