@@ -1,9 +1,13 @@
-"""extras/cppapi: what `infer --draw` draws, checked pixel by pixel; no GPU, no TensorRT.
+"""extras/cppapi: what `infer --draw` draws, checked pixel by pixel, and infer's options; no GPU.
 
 tests/cppapi/draw_driver.cpp is built with g++ -Werror and draws detections from a text file onto a
 PPM with draw.h, as infer does after a run. The rules (draw.h's top comment) are written again here
 in numpy, so that every output image is compared whole with what they give; the glyphs and the
 palette come from the driver (they are a choice, not a rule), the geometry is this file's own.
+
+With TensorRT headers (TENSORRT_INCLUDE) and CUDA's, infer.cpp itself is built with -Werror and
+linked with tests/cppapi/trt_stub.cpp (a runtime factory that returns null) to check its options and
+image reading. tests/test_build.py compiles it with scripts/check_plugins.sh's flags as well.
 """
 
 import math
@@ -35,6 +39,41 @@ def driver(tmp_path_factory):
     # _GLIBCXX_ASSERTIONS: a write outside the image (a clipping bug) aborts instead of passing unseen.
     flags = ["-std=c++17", "-O1", "-D_GLIBCXX_ASSERTIONS", "-Wall", "-Wextra", "-Werror", f"-I{CPPAPI}"]
     proc = subprocess.run([cxx, *flags, str(DRIVER_SOURCE), "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return exe
+
+
+def cuda_include():
+    """CUDA's include folder: $CUDA_HOME, else beside the real nvcc (a wrapper script's exec line
+    names it), else /usr/local/cuda; None if none has cuda_runtime_api.h."""
+    homes = [os.environ.get("CUDA_HOME")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(nvcc).resolve()
+        head = real.read_bytes()[:4096]
+        if head.startswith(b"#!"):  # a script: the first absolute path ending in bin/nvcc it runs
+            found = re.search(rb"(/\S+)/bin/nvcc\b", head)
+            homes.append(found and found.group(1).decode())
+        homes.append(str(real.parent.parent))
+    homes.append("/usr/local/cuda")
+    return next((f"{h}/include" for h in homes if h and os.path.isfile(f"{h}/include/cuda_runtime_api.h")), None)
+
+
+@pytest.fixture(scope="module")
+def infer(tmp_path_factory):
+    """infer.cpp linked with the stand-in TensorRT and CUDA entry points."""
+    trt, cuda = os.environ.get("TENSORRT_INCLUDE"), cuda_include()
+    if not trt or not os.path.isfile(os.path.join(trt, "NvInferRuntime.h")):
+        pytest.skip(f"no TensorRT headers: set TENSORRT_INCLUDE to a folder with NvInferRuntime.h (is {trt!r})")
+    if cuda is None:
+        pytest.skip("no CUDA headers: set CUDA_HOME to a toolkit with include/cuda_runtime_api.h")
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.skip("no C++ compiler: g++ (or $CXX) is not on PATH")
+    exe = tmp_path_factory.mktemp("cppapi") / "infer"
+    flags = ["-std=c++17", "-Wall", "-Wextra", "-Werror", "-isystem", trt, "-isystem", cuda]
+    sources = [str(CPPAPI / "infer.cpp"), str(DRIVER_SOURCE.parent / "trt_stub.cpp")]
+    proc = subprocess.run([cxx, *flags, *sources, "-o", str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return exe
 
@@ -312,3 +351,51 @@ def test_unreadable_image_is_refused(driver, tmp_path, data):
     args = [tmp_path / "bad.ppm", tmp_path / "dets.txt", "0.3", tmp_path / "out.ppm"]
     proc = subprocess.run([str(driver), *map(str, args)], capture_output=True, text=True)
     assert proc.returncode == 1 and "not a binary 8-bit PPM" in proc.stderr
+
+
+NO_RUNTIME = "cannot create the TensorRT runtime"  # where infer stops with the stand-ins: options and image passed
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ([], "needs ENGINE.plan and IMAGE.ppm"),
+        (["e.plan", "IMAGE"], "needs --plugins LIB.so"),
+        (["e.plan", "IMAGE", "--plugins", "p.so", "--runs", "3x"], "--runs wants a whole number >= 0, not 3x"),
+        (["e.plan", "IMAGE", "--plugins", "p.so", "--runs", "-1"], "--runs wants a whole number >= 0, not -1"),
+        (["e.plan", "IMAGE", "--plugins", "p.so", "--draw-threshold", "high"], "--draw-threshold wants a number"),
+        (["e.plan", "IMAGE", "--plugins", "p.so", "--draw"], "--draw needs a value"),
+        (["e.plan", "IMAGE", "--plugins", "p.so", "--size", "800"], "unknown argument --size"),
+    ],
+)
+def test_infer_refuses_bad_options_with_the_usage(infer, tmp_path, image, options, message):
+    write_ppm(tmp_path / "in.ppm", image)
+    options = [str(tmp_path / "in.ppm") if o == "IMAGE" else o for o in options]
+    proc = subprocess.run([str(infer), *options], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "usage: infer ENGINE.plan IMAGE.ppm --plugins LIB.so" in proc.stderr and "[--draw OUT.ppm]" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--plugins", "p.so"],
+        ["--plugins", "p.so", "--runs", "5"],
+        ["--draw", "OUT", "--draw-threshold", "0.5", "--runs", "0", "--plugins", "p.so"],
+        ["--plugins", "p.so", "--draw", "OUT", "--draw-threshold", "-1"],
+    ],
+)
+def test_infer_takes_its_options_in_any_order(infer, tmp_path, image, options):
+    write_ppm(tmp_path / "in.ppm", image)
+    options = [str(tmp_path / "out.ppm") if o == "OUT" else o for o in options]
+    proc = subprocess.run([str(infer), "e.plan", str(tmp_path / "in.ppm"), *options], capture_output=True, text=True)
+    assert proc.returncode == 1 and NO_RUNTIME in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.ppm").exists(), "nothing is drawn without a run"
+
+
+def test_infer_refuses_an_image_that_is_not_a_binary_ppm(infer, tmp_path):
+    (tmp_path / "in.ppm").write_bytes(b"P3\n1 1\n255\n0 0 0\n")
+    proc = subprocess.run(
+        [str(infer), "e.plan", str(tmp_path / "in.ppm"), "--plugins", "p.so"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1 and "is not a binary 8-bit PPM" in proc.stderr and NO_RUNTIME not in proc.stderr
