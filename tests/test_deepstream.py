@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +414,97 @@ def test_image_sizes_input_holds_the_network_size(built):
     assert not results["image_sizes_float"]["ok"]
     lines = stderr.splitlines()
     assert len(lines) == 3 and all(line.startswith("NvDsInferInitializeInputLayers: ") for line in lines), stderr
+
+
+# --- the files beside the parser ----------------------------------------------------------
+
+
+def key_file(path: Path) -> dict[str, dict[str, str]]:
+    """A GLib key file as {group: {key: value}}. GLib has no inline comments: a '#' after a value
+    would be part of it, so none may appear there."""
+    groups, current = {}, None
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = groups.setdefault(line.strip("[]"), {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current is not None and "#" not in value, f"{path.name}:{n}: {line}"
+        current[key.strip()] = value.strip()
+    return groups
+
+
+def test_configs_match_the_parser_and_the_export():
+    infer = key_file(DS_DIR / "config_infer_primary_retinanet.txt")
+    prop = infer["property"]
+    source = (DS_DIR / "nvdsparsebbox_retinanet.cpp").read_text()
+    assert f'extern "C" bool {prop["parse-bbox-func-name"]}(' in source
+    assert prop["custom-lib-path"] == LIBRARY and LIBRARY in (DS_DIR / "Makefile").read_text()
+    assert prop["output-blob-names"] == "scores;boxes;classes"
+    expected = {
+        "network-type": "0",
+        "cluster-mode": "4",
+        "net-scale-factor": "1.0",
+        "model-color-format": "0",
+        "maintain-aspect-ratio": "1",
+        "symmetric-padding": "0",
+        "crop-objects-to-roi-boundary": "1",
+    }
+    assert {k: prop.get(k) for k in expected} == expected
+    assert "offsets" not in prop, "the model normalises itself"
+    # infer-dims is the fixed size of the export the README's command writes.
+    c, h, w = (int(v) for v in prop["infer-dims"].split(";"))
+    assert c == 3 and h % 32 == 0 and w % 32 == 0
+    readme = (DS_DIR / "README.md").read_text()
+    assert f"--size {h} {w}" in readme and f"infer-dims={c};{h};{w}" in readme
+    assert "pre-cluster-threshold" in infer["class-attrs-all"]
+
+    app = key_file(DS_DIR / "deepstream_app_config.txt")
+    assert (DS_DIR / app["primary-gie"]["config-file"]).is_file()
+    assert app["primary-gie"]["batch-size"] == prop["batch-size"] == app["streammux"]["batch-size"]
+    assert app["sink0"]["type"] == "3" and app["osd"]["enable"] == "1" and app["source0"]["uri"].startswith("file://")
+
+
+def test_labels_file_from_export_metadata(tmp_path):
+    """labels.py writes one non-empty line per class index, names where the metadata has them
+    (';' and line breaks would split or shift nvinfer's labels), ids otherwise."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    def export(path, **props):
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        )
+        model = helper.make_model(graph)
+        for key, value in props.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = f"retinanet.{key}", value
+        onnx.save(model, str(path))
+        return path
+
+    def run(model):
+        out = tmp_path / "labels.txt"
+        proc = subprocess.run(
+            [sys.executable, str(DS_DIR / "labels.py"), str(model), str(out)], capture_output=True, text=True
+        )
+        return proc, out
+
+    named = export(
+        tmp_path / "named.onnx", category_ids="[1, 3, 7, 9]", category_names='["person", "a;b", "  ", "x\\ny"]'
+    )
+    proc, out = run(named)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == "person\na,b\n7\nx y\n" and "num-detected-classes=4" in proc.stdout
+
+    proc, out = run(export(tmp_path / "ids.onnx", category_ids="[1, 2, 90]"))
+    assert proc.returncode == 0 and out.read_text() == "1\n2\n90\n"
+    proc, out = run(export(tmp_path / "bad_names.onnx", category_ids="[5, 6]", category_names='["one"]'))
+    assert proc.returncode == 0 and out.read_text() == "5\n6\n"
+
+    proc, _ = run(export(tmp_path / "other.onnx", producer="x"))
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "category_ids" in proc.stderr
