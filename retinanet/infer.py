@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed, evaluate, infer_video, runtime
 from .data.batch import Collate
-from .data.coco import CocoAnnotations, DetectionDataset
+from .data.coco import CocoAnnotations, DetectionDataset, folder_records
 from .data.gpu import GpuBatches
 from .draw import DRAW_THRESHOLD, draw
 from .errors import UserError
 from .files import atomic_write, check_output
-from .images import CorruptImage, list_images, mean_pixel, read_image
+from .images import CorruptImage, mean_pixel, read_image
 from .runtime import Detections, Detector
 from .video import VIDEO_TIMEOUT
 
@@ -373,7 +373,7 @@ def draw_images(records, images: str, coco: CocoAnnotations | None, folder: str,
     """Each inferred image with its detections drawn, under its own name in `folder`."""
     from PIL import Image
 
-    files = [(r.id, r.file_name) for r in coco.images] if coco is not None else list(enumerate(list_images(images)))
+    files = [(r.id, r.file_name) for r in (coco.images if coco is not None else folder_records(images))]
     by_image: dict[int, list[dict]] = {}
     for r in records:
         by_image.setdefault(r["image_id"], []).append(r)
@@ -385,10 +385,11 @@ def draw_images(records, images: str, coco: CocoAnnotations | None, folder: str,
             raise UserError(str(e)) from None
         out = os.path.join(folder, name)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        drawn = Image.fromarray(draw(rgb, _detections(by_image.get(image_id, []), detector), threshold))
+        kind = Image.registered_extensions().get(os.path.splitext(name)[1].lower(), "PNG")
         with atomic_write(out, "wb") as f:
-            Image.fromarray(draw(rgb, _detections(by_image.get(image_id, []), detector), threshold)).save(
-                f, format=Image.registered_extensions().get(os.path.splitext(name)[1].lower(), "PNG")
-            )
+            # no chroma subsampling: it smears thin coloured lines and text
+            drawn.save(f, format=kind, **({"quality": 95, "subsampling": 0} if kind == "JPEG" else {}))
     return len(files)
 
 

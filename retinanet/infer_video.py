@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from . import draw
+from .draw import DRAW_THRESHOLD, layout, render
 from .errors import UserError
 from .files import atomic_write, check_output
 from .runtime import Detections, Detector
@@ -56,7 +56,7 @@ class Annotator:
             try:
                 frame, dets = item
                 rgb = frame.permute(1, 2, 0).cpu().numpy()
-                self.writer.write(draw.render(rgb, draw.layout(dets, rgb.shape[0], rgb.shape[1], self.threshold)))
+                self.writer.write(render(rgb, layout(dets, rgb.shape[0], rgb.shape[1], self.threshold)))
             except BaseException as e:  # reported on the main thread
                 self.error = e
 
@@ -87,7 +87,7 @@ def infer_video(
     output: str,
     batch: int,
     drawn: str | None = None,
-    threshold: float = draw.DRAW_THRESHOLD,
+    threshold: float = DRAW_THRESHOLD,
     timeout: float | None = None,
     override: bool = False,
 ) -> int:

@@ -140,6 +140,7 @@ TINY_TRAIN = ["--backbone", "ResNet18FPN", "--no-pretrained", "--resize", "96", 
 TINY_TRAIN += ["--jitter", "96", "96", "--workers", "0"]
 TINY = dict(backbone="ResNet18FPN", classes=3, channels=32, resize=128, max_size=128, freeze_bn=False)
 TINY_IDS = [1, 3, 7]  # non-contiguous category ids, as the demo's
+TINY_NAMES = ["square", "disc", "triangle"]
 # Classification output convs (weight std, bias) that make a random model detect
 # plenty: many candidates above the score threshold, so NMS, `detections` and
 # the mapping back to the image have work to do. BUSY spreads the scores widely.
@@ -168,12 +169,15 @@ def tiny_model(busy=None, **changes):
     return model
 
 
-def save_model(model, path, ids=None):
-    """`model` as a checkpoint (category ids TINY_IDS, or the first ones of it); returns the path."""
+def save_model(model, path, ids=None, names=None):
+    """`model` as a checkpoint (category ids TINY_IDS, or the first ones of it, named TINY_NAMES
+    when the ids are those); returns the path."""
     from retinanet import checkpoint
 
     ids = ids or TINY_IDS[: model.config.classes]
-    checkpoint.save(str(path), checkpoint.model_state(model.config, model, ids))
+    if names is None and ids == TINY_IDS[: len(ids)]:
+        names = TINY_NAMES[: len(ids)]
+    checkpoint.save(str(path), checkpoint.model_state(model.config, model, ids, names))
     return str(path)
 
 

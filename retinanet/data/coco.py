@@ -200,6 +200,11 @@ def check_decoded_size(rec: ImageRecord, height: int, width: int, path: str) -> 
     return None
 
 
+def folder_records(images_dir: str) -> list[ImageRecord]:
+    """The images of a folder inferred without annotations: ids 1, 2, ... in name order."""
+    return [ImageRecord(i + 1, f) for i, f in enumerate(list_images(images_dir))]
+
+
 class DetectionDataset(Dataset):
     """Images (with their annotations when given), resized and augmented.
 
@@ -240,8 +245,7 @@ class DetectionDataset(Dataset):
         if annotations is not None:
             self.records = annotations.images
         else:
-            files = list_images(images_dir)
-            self.records = [ImageRecord(i + 1, f) for i, f in enumerate(files)]
+            self.records = folder_records(images_dir)
 
     def __len__(self) -> int:
         return len(self.records)
