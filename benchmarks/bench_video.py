@@ -158,6 +158,10 @@ def main() -> None:
         print("bench_video: PyAV is not installed (pip install 'retinanet[video]'), skipped")
         return
     cuda = torch.cuda.is_available()
+    if cuda:
+        from retinanet.video import prepare_nvdec
+
+        print(f"NVDEC shares torch's CUDA context: {prepare_nvdec()}")  # before CUDA is first used
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = True
     work = tempfile.mkdtemp()

@@ -224,6 +224,10 @@ def launch(
     """infer() in this process, or in the process group torchrun set up (images sharded over it)."""
     check_output(output, override, "--output file")  # before the model is even loaded
     check_inputs(options, override)
+    if options.video is not None and torch.cuda.is_available():
+        from .video import prepare_nvdec
+
+        prepare_nvdec()  # before the model makes the CUDA context: NVDEC decodes into it
     place = distributed.from_env()
     device = None
     if place is not None and place.world > 1:

@@ -8,6 +8,7 @@ NV12 to RGB there; elsewhere FFmpeg decodes on the CPU with its frame threads.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import sys
@@ -106,8 +107,8 @@ def gpu_image(frame, device: torch.device) -> Tensor | None:
     """RGB of an NVDEC frame kept on the GPU; None for frames in another layout.
 
     The planes come through DLPack without a stream handshake (PyAV refuses one):
-    FFmpeg copies the decoded surface on the legacy default stream of torch's context,
-    which every kernel queued here on the default stream follows."""
+    FFmpeg copies the decoded surface on the legacy default stream of the primary
+    context, torch's, which every kernel queued here on the default stream follows."""
     if getattr(frame.format, "name", "") != "cuda" or getattr(frame, "sw_format", None) is None:
         return None
     if frame.sw_format.name != "nv12":
@@ -133,8 +134,10 @@ class VideoReader:
         if decode not in DECODE_CHOICES:
             raise UserError(f"decode must be one of {', '.join(DECODE_CHOICES)}, not {decode!r}")
         self.source, self.device, self.timeout = source, torch.device(device), timeout
-        gpu = self.device.type == "cuda" and decode in ("auto", "gpu")
-        self.container = open_source(source, timeout, _hwaccel(self.device) if gpu else None)
+        gpu = self.device.type == "cuda" and decode != "cpu"
+        hwaccel = _hwaccel(self.device) if gpu else None
+        self._why = "" if hwaccel is not None else " (CUDA was set up before retinanet.video.prepare_nvdec())"
+        self.container = open_source(source, timeout, hwaccel)
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = "AUTO"  # frame and slice threads for CPU decoding
         ctx = self.stream.codec_context
@@ -154,7 +157,7 @@ class VideoReader:
             self.decoder = "cpu"
             if not self._notified:
                 self._notified = True
-                print(f"{self.source}: NVDEC does not decode this stream here; decoding on the CPU", file=sys.stderr)
+                print(f"{self.source}: no NVDEC decoding here{self._why}; decoding on the CPU", file=sys.stderr)
             image = cpu_image(frame)
             if self.device.type == "cuda":
                 image = image.to(self.device)
@@ -198,17 +201,42 @@ class VideoReader:
         self.container.close()
 
 
+CU_CTX_SCHED_BLOCKING_SYNC = 4
+
+
+def prepare_nvdec(index: int = 0) -> bool:
+    """Make NVDEC able to decode into the CUDA context torch uses; True where it can.
+
+    FFmpeg (through PyAV) decodes in the device's primary context, the one torch uses,
+    so that torch reads the frames in place; but it refuses that context unless it was
+    made with blocking synchronisation, and torch makes it with the driver's default.
+    Called before CUDA is first used in the process, this sets that flag (measured on
+    the H200: without it, opening NVDEC fails with "Operation not supported" once a
+    model is on the GPU). `retinanet infer --video` calls it before loading the model;
+    Python API users call it first, else frames are decoded on the CPU."""
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    if cu.cuInit(0) or cu.cuDeviceGet(ctypes.byref(dev), index):
+        return False
+    if cu.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active)):
+        return False
+    if active.value:
+        return flags.value & 7 == CU_CTX_SCHED_BLOCKING_SYNC
+    return cu.cuDevicePrimaryCtxSetFlags(dev, CU_CTX_SCHED_BLOCKING_SYNC) == 0
+
+
 def _hwaccel(device: torch.device):
+    """NVDEC settings for `device`, or None where it cannot share torch's context."""
     from av.codec.hwaccel import HWAccel
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    # current_ctx: FFmpeg decodes in the CUDA context current on this thread, torch's (made
-    # current here), so torch's kernels can read the frames. FFmpeg's own primary_ctx
-    # option refuses a primary context that torch already made with other flags.
-    torch.cuda.set_device(index)
-    torch.empty(0, device=device)
+    if not prepare_nvdec(index):
+        return None
     return HWAccel(
-        "cuda", device=str(index), allow_software_fallback=True, is_hw_owned=True, options={"current_ctx": "1"}
+        "cuda", device=str(index), allow_software_fallback=True, is_hw_owned=True, options={"primary_ctx": "1"}
     )
 
 

@@ -125,9 +125,37 @@ class Detector:
         return VideoReader(source, self.backend.preprocess_device, timeout or VIDEO_TIMEOUT, decode)
 
     def detect_frames(self, reader, batch: int):
+        """(index, time, frame, detections) of each frame of a video.VideoReader, one batch in
+        flight: batch k's detections come back while the device runs batch k + 1."""
+        pending = None
         for frames in reader.batches(batch):
-            for frame, dets in zip(frames, self([f.image for f in frames])):
-                yield frame.index, frame.time, frame.image, dets
+            launched = (frames, *self._launch([f.image for f in frames]))
+            if pending is not None:
+                yield from self._finish(*pending)
+            pending = launched
+        if pending is not None:
+            yield from self._finish(*pending)
+
+    def _launch(self, images: list[Tensor]):
+        """Resize and pad same-size frames as one batch and start the network, without waiting."""
+        stack = torch.stack(images).to(self.backend.preprocess_device)
+        h, w = stack.shape[-2:]
+        resized, scale = T.resize_image(stack, self.config.resize, self.config.max_size)
+        valid = tuple(resized.shape[-2:])
+        padded = pad_images(resized, padded_size([valid], self.config.pad_multiple), self.fill)
+        outputs = self.run(padded, torch.tensor([valid] * len(images), dtype=torch.int32))
+        on_gpu = outputs[0].is_cuda
+        outputs = [t.to("cpu", non_blocking=on_gpu) for t in outputs]  # pinned, when from a GPU
+        event = torch.cuda.Event() if on_gpu else None
+        if event is not None:
+            event.record()
+        return outputs, event, torch.tensor([scale] * len(images)), [(int(h), int(w))] * len(images)
+
+    def _finish(self, frames, outputs, event, scales, sizes):
+        if event is not None:
+            event.synchronize()
+        for frame, dets in zip(frames, self.to_original(*outputs, scales, sizes)):
+            yield frame.index, frame.time, frame.image, dets
 
 
 def _as_chw_uint8(item, device: torch.device) -> Tensor:
