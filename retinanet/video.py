@@ -147,20 +147,30 @@ class VideoReader:
         self._queue: queue.Queue = queue.Queue(READ_AHEAD)
         self._stop = threading.Event()
         self._notified = not gpu
+        self._upload = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.decoder = "nvdec" if gpu else "cpu"  # "cpu" once a frame comes from the CPU decoder
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _image(self, frame) -> Tensor:
+        """The frame's RGB on the detector's device, ready: the GPU work is done on return.
+
+        NVDEC frames are converted on the legacy default stream, after FFmpeg's copy of
+        the surface; CPU frames are uploaded on a stream of their own. The detector runs on
+        another non-blocking stream (Detector.detect_frames), so neither waits for it."""
         image = gpu_image(frame, self.device) if self.device.type == "cuda" else None
-        if image is None:
-            self.decoder = "cpu"
-            if not self._notified:
-                self._notified = True
-                print(f"{self.source}: no NVDEC decoding here{self._why}; decoding on the CPU", file=sys.stderr)
-            image = cpu_image(frame)
-            if self.device.type == "cuda":
+        if image is not None:
+            torch.cuda.default_stream(self.device).synchronize()
+            return image
+        self.decoder = "cpu"
+        if not self._notified:
+            self._notified = True
+            print(f"{self.source}: no NVDEC decoding here{self._why}; decoding on the CPU", file=sys.stderr)
+        image = cpu_image(frame)
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self._upload):
                 image = image.to(self.device)
+            self._upload.synchronize()
         return image
 
     def _read(self) -> None:

@@ -6,6 +6,7 @@ model format behaves alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -127,9 +128,13 @@ class Detector:
     def detect_frames(self, reader, batch: int):
         """(index, time, frame, detections) of each frame of a video.VideoReader, one batch in
         flight: batch k's detections come back while the device runs batch k + 1."""
+        # A non-blocking stream: on the legacy default one, the network would wait for
+        # FFmpeg's copies of decoded frames (and they for it), serialising decode and network.
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         pending = None
         for frames in reader.batches(batch):
-            launched = (frames, *self._launch([f.image for f in frames]))
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                launched = (frames, *self._launch([f.image for f in frames]))
             if pending is not None:
                 yield from self._finish(*pending)
             pending = launched
