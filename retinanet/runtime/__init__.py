@@ -111,8 +111,9 @@ class Detector:
         Yields (index, timestamp in seconds, frame, detections) per frame, in order; the
         frame is a uint8 [3, H, W] tensor on the detector's device. Frames are decoded
         in a background thread while the detector runs, `batch` at a time. decode:
-        "gpu" (NVDEC; frames stay on the GPU), "cpu", or "auto" (the GPU for a detector
-        on one). `timeout`: seconds a URL or camera may stay silent (default 10)."""
+        "gpu" (NVDEC; frames stay on the GPU: call retinanet.video.prepare_nvdec() before
+        loading the model), "cpu", or "auto" (NVDEC on machines of few CPU cores, see
+        video.VideoReader). `timeout`: seconds a URL or camera may stay silent (default 10)."""
         reader = self.open_video(source, timeout, decode)
         try:
             yield from self.detect_frames(reader, batch)
