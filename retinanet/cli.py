@@ -358,6 +358,8 @@ def run_train(ns: argparse.Namespace) -> None:
 def run_infer(ns: argparse.Namespace) -> None:
     from . import infer
 
+    if ns.video is not None and (ns.images is not None or ns.annotations is not None):
+        raise UserError("--video reads a video: it takes neither --images nor --annotations")
     options = infer.InferOptions(**given(ns))
     infer.launch(ns.model, ns.output, options, override=ns.override, timeout_s=ns.dist_timeout)
 

@@ -344,7 +344,7 @@ def infer(
 def check_inputs(options: InferOptions, override: bool) -> None:
     """Flags that exclude each other, and the --draw output, before the model is loaded."""
     if options.video is not None:
-        if options.annotations is not None or options.images != InferOptions.images:
+        if options.annotations is not None:
             raise UserError("--video reads a video: it takes neither --images nor --annotations")
         if options.with_dali:
             raise UserError("--with-dali reads image folders; --video decodes with PyAV")

@@ -128,6 +128,10 @@ def cpu_image(frame) -> Tensor:
     return torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
 
 
+class _Stopped(Exception):
+    """close() was called while frames were still being read."""
+
+
 class VideoReader:
     """Frames of a source, decoded in a background thread, `READ_AHEAD` at most waiting.
 
@@ -154,6 +158,7 @@ class VideoReader:
         self._queue: queue.Queue = queue.Queue(READ_AHEAD)
         self._stop = threading.Event()
         self._notified = not gpu
+        self._count = 0  # frames read so far
         self._upload = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.decoder = "nvdec" if gpu else "cpu"  # "cpu" once a frame comes from the CPU decoder
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -183,17 +188,34 @@ class VideoReader:
     def _read(self) -> None:
         av = require_av()
         try:
-            for index, frame in enumerate(self.container.decode(self.stream)):
-                if self._stop.is_set():
-                    break
-                at = float(frame.time) if frame.time is not None else index / float(self.rate)
-                self._queue.put(Frame(index, at, self._image(frame)))
+            try:
+                for packet in self.container.demux(self.stream):
+                    self._put(packet.decode())
+            except av.error.OSError:
+                # A live stream that closes its connection ends with an I/O error, not an
+                # EOF: take the frames still inside the decoder (its threads hold some).
+                if not (is_live(self.source) and self._count):
+                    raise
+                self._put(self.stream.codec_context.decode(None))
+        except _Stopped:
+            pass
         except av.error.ExitError:
             self.error = f"{self.source}: no data for {self.timeout:g} s (--video-timeout); stopped there"
+        except av.error.OSError as e:
+            self.error = f"{self.source}: cannot read video ({e.strerror or e})"
         except (av.error.FFmpegError, RuntimeError) as e:
             self.error = f"{self.source}: cannot decode video ({str(e).splitlines()[0][:160]})"
         finally:
             self._queue.put(None)
+
+    def _put(self, frames) -> None:
+        for frame in frames:
+            if self._stop.is_set():
+                raise _Stopped
+            index = self._count
+            at = float(frame.time) if frame.time is not None else index / float(self.rate)
+            self._queue.put(Frame(index, at, self._image(frame)))
+            self._count += 1
 
     def batches(self, size: int) -> Iterator[list[Frame]]:
         """Lists of `size` frames (the last one shorter) until the source ends."""
