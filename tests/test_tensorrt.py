@@ -234,6 +234,7 @@ def test_engine_export_writes_its_files_beside_the_plan(tiny, tmp_path, fake_bui
     assert meta == {
         "config": tiny["model"].config.to_dict(),
         "category_ids": [1, 3, 7],
+        "category_names": ["square", "disc", "triangle"],
         "input_size": list(TINY_SIZE),
         "precision": "int8",
         "model_sha256": digest,
