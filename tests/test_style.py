@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
-CXX_FOLDERS = ("csrc", "extras", "tests/plugins")
+CXX_FOLDERS = ("csrc", "extras", "tests/plugins", "tests/deepstream", "tests/cppapi")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
