@@ -106,6 +106,24 @@ def detect_encode(detector, clip: str, batch: int, decode: str, out: str) -> int
     return count
 
 
+def encode_only(clip: str, frames: int, out: str):
+    """fn encoding `frames` frames (120 distinct decoded ones, cycled) with our writer: libx264's own rate."""
+    import av
+
+    from retinanet.video import VideoWriter
+
+    with av.open(clip) as c:
+        images = [f.to_ndarray(format="rgb24") for _, f in zip(range(120), c.decode(video=0))]
+
+    def run():
+        writer = VideoWriter(out, images[0].shape[1], images[0].shape[0], 30)
+        for i in range(frames):
+            writer.write(images[i % len(images)])
+        writer.close()
+
+    return run
+
+
 def network_only(detector, frames: int, batch: int, width: int, height: int, device: torch.device):
     """fn running the network over `frames` frames in batches already resized and padded on the device."""
     from retinanet.data import transforms as T
@@ -173,6 +191,8 @@ def main() -> None:
     print(f"clip: {width}x{height} H.264, {a.frames} frames, made in {made:.1f} s; {name}, batch {a.batch}, {device}")
     net, net_frames = network_only(detector, a.frames, a.batch, width, height, device)
     rows = [("network alone (bench_infer's path)", net_frames, timed(net, device, a.repeat))]
+    encode = encode_only(clip, a.frames, os.path.join(work, "encoded.mp4"))
+    rows.append(("encode alone (libx264, from decoded frames)", a.frames, timed(encode, device, a.repeat)))
     for decode in ("gpu", "cpu") if cuda else ("cpu",):
         rows.append(
             (f"decode ({decode})", a.frames, timed(lambda d=decode: decode_only(clip, device, d), device, a.repeat))

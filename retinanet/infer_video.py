@@ -122,7 +122,7 @@ def infer_video(
     with atomic_write(output, "w") as f:
         f.write(json.dumps(records))
     print(f"wrote {len(records)} detections of {frames} frames to {output}" + (f" and {drawn}" if drawn else ""))
-    print(f"infer: {frames} frames in {seconds:.2f} s ({frames / max(seconds, 1e-9):.1f} frames/s)", file=sys.stderr)
-    if stopped is not None:
+    if stopped is not None:  # the error is the one line on stderr
         raise stopped
+    print(f"infer: {frames} frames in {seconds:.2f} s ({frames / max(seconds, 1e-9):.1f} frames/s)", file=sys.stderr)
     return frames

@@ -191,6 +191,9 @@ class VideoReader:
             try:
                 for packet in self.container.demux(self.stream):
                     self._put(packet.decode())
+            except av.error.ExitError:
+                self._put(self.stream.codec_context.decode(None))  # what was read before the silence
+                raise
             except av.error.OSError:
                 # A live stream that closes its connection ends with an I/O error, not an
                 # EOF: take the frames still inside the decoder (its threads hold some).

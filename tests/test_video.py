@@ -197,6 +197,57 @@ def test_a_live_stream_is_read_until_it_ends(tiny):
         assert len(dets.scores) == 100
 
 
+class StallingStream(LiveStream):
+    """Sends some frames, then keeps the connection open and silent."""
+
+    frames = 20
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp2t")
+        self.end_headers()
+        out = av.open(self.wfile, "w", format="mpegts")
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"tune": "zerolatency"}
+        for i in range(self.frames):
+            f = av.VideoFrame.from_ndarray(frame(i, W, H), format="rgb24")
+            f.pts = i
+            for packet in stream.encode(f):
+                out.mux(packet)
+        self.wfile.flush()
+        time.sleep(20)  # silent, the connection still open
+
+
+def test_a_source_that_goes_silent_stops_with_what_was_detected(tiny, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StallingStream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/live.ts"
+        proc = run_cli(
+            "infer",
+            tiny,
+            "--video",
+            url,
+            "--video-timeout",
+            "1",
+            "--output",
+            "d.json",
+            "--draw",
+            "out.mp4",
+            cwd=tmp_path,
+            check=False,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+    assert_user_error(proc, url, "no data for 1 s", "--video-timeout")
+    frames = sorted({r["frame"] for r in json.loads((tmp_path / "d.json").read_text())})
+    assert frames == list(range(len(frames))) and len(frames) >= StallingStream.frames - 3
+    with av.open(str(tmp_path / "out.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == len(frames)
+
+
 def silent_server():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
