@@ -17,7 +17,7 @@ from .runtime import Detections, Detector
 from .video import VideoWriter
 
 
-def frame_records(index: int, timestamp: float, dets: Detections, box_offset: int) -> list[dict]:
+def frame_records(index: int, timestamp: float, dets: Detections, box_offset: float) -> list[dict]:
     """COCO-style result records of one frame: image_id is the frame index."""
     xywh = dets.boxes.clone()
     xywh[:, 2:] -= xywh[:, :2] - box_offset

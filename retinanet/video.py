@@ -179,7 +179,7 @@ class VideoReader:
             self._notified = True
             print(f"{self.source}: no NVDEC decoding here{self._why}; decoding on the CPU", file=sys.stderr)
         image = cpu_image(frame)
-        if self.device.type == "cuda":
+        if self._upload is not None:
             with torch.cuda.stream(self._upload):
                 image = image.to(self.device)
             self._upload.synchronize()
