@@ -2,12 +2,11 @@
 
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import BUSY, TINY_NAMES, assert_user_error, demo_subset, run_cli, save_model, tiny_model
+from conftest import BUSY, TINY_NAMES, demo_subset, run_cli, save_model, tiny_model
 from PIL import Image
 
 import retinanet
@@ -175,8 +174,11 @@ def test_infer_draws_each_image(tmp_path, demo_root):
     assert touched == len(names)
 
 
-def test_draw_folder_errors(tmp_path, demo_root):
+def test_draw_folder_errors(tmp_path, demo_root, capsys, monkeypatch):
+    from test_video import in_process
+
     images, _, model = drawn_folder(tmp_path, demo_root, count=1)
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.jpg").write_bytes(b"mine")
     (tmp_path / "file").write_text("x")
@@ -188,10 +190,8 @@ def test_draw_folder_errors(tmp_path, demo_root):
         "out.mp4": "for --video",
     }
     for out, words in cases.items():
-        proc = run_cli(
-            "infer", model, "--images", images, "--output", "d.json", "--draw", out, cwd=tmp_path, check=False
-        )
-        assert_user_error(proc, out, words)
+        code, lines = in_process(capsys, "infer", model, "--images", images, "--output", "d.json", "--draw", out)
+        assert code == 2 and len(lines) == 1, (out, lines)
+        assert out in lines[0] and words in lines[0], lines[0]
         assert not (tmp_path / "d.json").exists()
     assert (tmp_path / "full" / "keep.jpg").read_bytes() == b"mine"
-    shutil.rmtree(tmp_path / "full")
