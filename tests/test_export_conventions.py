@@ -80,14 +80,16 @@ def convention_model(**changes):
 
 @contextlib.contextmanager
 def network_traced_once():
-    """export_onnx traces the network anew for every form, the same graph for both forms of one
-    checkpoint at one size and precision (the exports are deterministic to the byte:
-    test_export.test_calibration_table_round_trip_is_byte_identical). Here the second form gets a
-    copy of the first's trace and the tails are each form's own; half the network tracing."""
+    """export_onnx traces the network anew for every export, the same graph for every form of one
+    checkpoint at one size and network precision (the exports are deterministic to the byte:
+    test_export.test_calibration_table_round_trip_is_byte_identical). Within this context a
+    second export gets a copy of the first's trace and appends its own tail (and Q/DQ): half the
+    network tracing for two forms."""
     real, traced = export_onnx_module.export_network, {}
 
     def once(model, size, dtype, opset, verbose=False):
-        key = (size, dtype, opset)
+        weights = export_onnx_module.model_hash({"config": model.config, "state_dict": model.state_dict()})
+        key = (weights, size, dtype, opset)
         if key not in traced:
             traced[key] = real(model, size, dtype, opset, verbose)
         copy = onnx.ModelProto()
