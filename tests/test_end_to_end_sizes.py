@@ -8,6 +8,7 @@ fast; its heads are set so that it detects plenty (conftest.tiny_pth).
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from conftest import run_cli
 from test_gpu_backend import Recording, assert_same_detections, rows_of
 
 import retinanet
+from retinanet.cli import main
 from retinanet.data import transforms as T
 from retinanet.images import mean_pixel
 
@@ -99,44 +101,41 @@ def assert_mapped_back(detections, raw, fill):
         assert (boxes[i][keep][:, 2] > rw).any() or (boxes[i][keep][:, 3] > rh).any()
 
 
+def infer_cli(model, folder, batch, output, cwd):
+    """`retinanet infer` at RESIZE and MAX_SIZE, in a thread: the future of its process. A CLI run
+    spends some 5 s importing on one core, the test works beside it on the other."""
+    args = ["infer", model, "--images", str(folder), "--resize", str(RESIZE), "--max-size", str(MAX_SIZE)]
+    args += ["--batch", str(batch), "--workers", "0", "--output", output]
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(run_cli, *args, cwd=cwd, env=CPU)
+    pool.shutdown(wait=False)  # the thread ends with the run
+    return future
+
+
 def test_infer_cli_equals_python_api_in_original_pixels(tmp_path, tiny_pth, images):
     folder, paths = images
-    det = retinanet.load(tiny_pth, device="cpu")
     ids = list(range(1, len(paths) + 1))  # the CLI numbers an annotation-less folder's files in name order
-    for batch in (1, len(paths)):  # each image padded to its own multiple of 32; all to 160 x 160 together
-        run_cli(
-            "infer",
-            tiny_pth,
-            "--images",
-            str(folder),
-            "--resize",
-            str(RESIZE),
-            "--max-size",
-            str(MAX_SIZE),
-            "--batch",
-            str(batch),
-            "--workers",
-            "0",
-            "--output",
-            f"b{batch}.json",
-            cwd=tmp_path,
-            env=CPU,
-        )
+    # Each image padded to its own multiple of 32; all to 160 x 160 together.
+    runs = {batch: infer_cli(tiny_pth, folder, batch, f"b{batch}.json", tmp_path) for batch in (1, len(paths))}
+    det = retinanet.load(tiny_pth, device="cpu")
+    api = {1: [det(p, resize=RESIZE, max_size=MAX_SIZE) for p in paths]}
+    det.backend = raw = Recording(det.backend)
+    api[len(paths)] = det(paths, resize=RESIZE, max_size=MAX_SIZE)
+    assert_mapped_back(api[len(paths)], raw, mean_pixel(det.config.mean))
+    for batch, run in runs.items():
+        run.result()
         written = json.loads((tmp_path / f"b{batch}.json").read_text())
-        if batch == 1:
-            api = [det(p, resize=RESIZE, max_size=MAX_SIZE) for p in paths]
-        else:
-            det.backend = raw = Recording(det.backend)
-            api = det(paths, resize=RESIZE, max_size=MAX_SIZE)
-            assert_mapped_back(api, raw, mean_pixel(det.config.mean))
-        assert_same_records(written, as_records(api, ids), ids)
+        assert_same_records(written, as_records(api[batch], ids), ids)
 
 
-def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, tiny_pth, images):
+def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, tiny_pth, images, monkeypatch):
     from retinanet.formats.input import pad_to
 
     folder, paths = images
-    run_cli("export", tiny_pth, "m.onnx", "--size", *map(str, EXPORT_SIZE), "--full-precision", cwd=tmp_path, env=CPU)
+    monkeypatch.chdir(tmp_path)
+    # The export in this process (a subprocess adds 5 s of imports): on the CPU on any machine.
+    assert main(["export", tiny_pth, "m.onnx", "--size", *map(str, EXPORT_SIZE), "--full-precision"]) == 0
+    cli = infer_cli("m.onnx", folder, len(paths), "onnx.json", tmp_path)
     ort_det = retinanet.load(str(tmp_path / "m.onnx"), device="cpu")
     torch_det = retinanet.load(tiny_pth, device="cpu")
     ort_det.backend = ort_raw = Recording(ort_det.backend)
@@ -161,24 +160,7 @@ def test_onnx_export_larger_than_the_images_equals_pytorch(tmp_path, tiny_pth, i
     # counterpart within 1e-4 in score. So the fixed-size export is held to
     # PyTorch on its own input size (above) only.
     # `retinanet infer` with the ONNX model writes what the API gives.
-    run_cli(
-        "infer",
-        "m.onnx",
-        "--images",
-        str(folder),
-        "--resize",
-        str(RESIZE),
-        "--max-size",
-        str(MAX_SIZE),
-        "--batch",
-        str(len(paths)),
-        "--workers",
-        "0",
-        "--output",
-        "onnx.json",
-        cwd=tmp_path,
-        env=CPU,
-    )
+    cli.result()
     ids = list(range(1, len(paths) + 1))
     assert_same_records(json.loads((tmp_path / "onnx.json").read_text()), as_records(got, ids), ids)
 
