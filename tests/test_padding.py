@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from matching import assert_same_detections
 from PIL import Image
 from test_export_conventions import network_traced_once
 
@@ -103,24 +104,6 @@ def random_image(h: int, w: int, seed: int) -> np.ndarray:
 # 90x140 resizes to 128x199 (padded alone to 128x224); 300x100 to 256x85, so
 # that together they pad the first image to 256x224.
 SMALL, LARGE = random_image(90, 140, 1), random_image(300, 100, 2)
-
-
-def assert_same_detections(got, want, score_tol: float, box_tol: float):
-    """One Detections against another: the same count, and each detection of
-    `want` matched by its own detection of `got` with the same category, score
-    within score_tol and every box coordinate within box_tol pixels."""
-    assert len(got.scores) == len(want.scores), (len(got.scores), len(want.scores))
-    free = list(range(len(got.scores)))
-    for i in range(len(want.scores)):
-        hits = [
-            j
-            for j in free
-            if got.category_ids[j] == want.category_ids[i]
-            and abs(float(got.scores[j] - want.scores[i])) <= score_tol
-            and float((got.boxes[j] - want.boxes[i]).abs().max()) <= box_tol
-        ]
-        assert hits, f"no match for {int(want.category_ids[i])} {float(want.scores[i]):.5f} {want.boxes[i].tolist()}"
-        free.remove(hits[0])
 
 
 # --- the valid region and the heads --------------------------------------------------------------
