@@ -141,6 +141,8 @@ def main():
             "video": VIDEO,
             "test": [
                 "pytest>=7",
+                # The oracle of the rotated-box IoU (tests/test_rotated_ops.py).
+                "shapely>=2.0",
                 "tensorboard",
                 "onnx>=1.17",
                 "onnxscript>=0.5",
