@@ -14,7 +14,7 @@ from ..images import pad_images, padded_size
 @dataclass
 class Sample:
     image: Tensor  # uint8 [3, h, w], resized
-    targets: Tensor  # [M, 5] x1 y1 x2 y2 label, resized coordinates
+    targets: Tensor  # [M, 5] x1 y1 x2 y2 label, or rotated [M, 6] cx cy w h θ label; resized coordinates
     image_id: int
     scale: tuple[float, float]  # resized / original, per axis (x, y)
     size: tuple[int, int]  # original (height, width)
@@ -23,7 +23,7 @@ class Sample:
 @dataclass
 class Batch:
     images: Tensor  # uint8 [B, 3, H, W], padded to the multiple with the mean pixel
-    targets: Tensor  # [B, M, 5], rows padded with label LABEL_PAD
+    targets: Tensor  # [B, M, 5] (rotated: [B, M, 6]), rows padded with label LABEL_PAD
     image_ids: list[int]
     scales: Tensor  # [B, 2]
     sizes: list[tuple[int, int]]
@@ -42,11 +42,16 @@ class Batch:
 
 
 class Collate:
-    """Pads images to a common size (a multiple of `multiple`) and stacks targets."""
+    """Pads images to a common size (a multiple of `multiple`) and stacks targets.
 
-    def __init__(self, multiple: int, fill: tuple[int, int, int]):
+    `columns`: the width of a target row (5, or 6 for rotated boxes), for the
+    targets of a batch left without samples.
+    """
+
+    def __init__(self, multiple: int, fill: tuple[int, int, int], columns: int = 5):
         self.multiple = multiple
         self.fill = fill
+        self.columns = columns
 
     def __call__(self, samples: list[Sample | str | None]) -> Batch:
         skipped = sum(s is None for s in samples)
@@ -55,7 +60,7 @@ class Collate:
         if not samples:
             return Batch(
                 torch.zeros(0, 3, self.multiple, self.multiple, dtype=torch.uint8),
-                torch.zeros(0, 0, 5),
+                torch.zeros(0, 0, self.columns),
                 [],
                 torch.zeros(0, 2),
                 [],
@@ -73,10 +78,13 @@ class Collate:
         )
 
 
-def stack_targets(targets: list[Tensor]) -> Tensor:
-    """[B, M, 5] from per-image [M_i, 5]; missing rows get label LABEL_PAD."""
-    out = torch.zeros(len(targets), max((t.shape[0] for t in targets), default=0), 5)
-    out[..., 4] = LABEL_PAD
+def stack_targets(targets: list[Tensor], columns: int | None = None) -> Tensor:
+    """[B, M, C] from per-image [M_i, C] (C = 5, or 6 for rotated boxes; by
+    default the first's, 5 for none); missing rows get label LABEL_PAD, in the
+    last column."""
+    columns = columns or (targets[0].shape[1] if targets else 5)
+    out = torch.zeros(len(targets), max((t.shape[0] for t in targets), default=0), columns)
+    out[..., -1] = LABEL_PAD
     for i, t in enumerate(targets):
         out[i, : t.shape[0]] = t
     return out

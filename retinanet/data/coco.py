@@ -29,7 +29,10 @@ class ImageRecord:
     file_name: str
     width: int | None = None
     height: int | None = None
-    boxes: list[list[float]] = field(default_factory=list)  # x1, y1, x2, y2
+    boxes: list[list[float]] = field(default_factory=list)  # x1, y1, x2, y2 (of the unrotated rectangle)
+    # Each box's θ: radians, anti-clockwise on screen, about the box's centre
+    # (docs/rotated.md); 0 for a 4-value bbox.
+    angles: list[float] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)  # contiguous, or LABEL_CROWD
     # Where each box came from, for messages about checks that need the
     # decoded image: the annotation file's name, annotations[i] and their ids.
@@ -74,6 +77,46 @@ def _outside(x1: float, y1: float, x2: float, y2: float, width: int, height: int
     return x1 < -EDGE_TOLERANCE or y1 < -EDGE_TOLERANCE or x2 > width + EDGE_TOLERANCE or y2 > height + EDGE_TOLERANCE
 
 
+def _extent(x1: float, y1: float, x2: float, y2: float, theta: float) -> tuple[float, float, float, float]:
+    """The axis-aligned extent of the rectangle turned by `theta` about its centre."""
+    if theta == 0:  # exactly the rectangle, free of the trigonometry's rounding
+        return x1, y1, x2, y2
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    cos, sin = abs(math.cos(theta)), abs(math.sin(theta))
+    half_w = ((x2 - x1) * cos + (y2 - y1) * sin) / 2
+    half_h = ((x2 - x1) * sin + (y2 - y1) * cos) / 2
+    return cx - half_w, cy - half_h, cx + half_w, cy + half_h
+
+
+def _finite_numbers(values) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    )
+
+
+def _bbox(bbox, where: str) -> tuple[float, float, float, float, float]:
+    """x, y, w, h, θ of a validated 4- or 5-value bbox (θ 0 for 4 values)."""
+    if isinstance(bbox, list) and len(bbox) == 5:
+        if not _finite_numbers(bbox[:4]):
+            raise UserError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] or 5 [x, y, w, h, θ], got {bbox!r}")
+        theta = bbox[4]
+        if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and -math.pi < theta <= math.pi):
+            # NaN fails the comparison too. An angle out of range is refused, not
+            # wrapped: it is more likely degrees or another convention than a turn.
+            raise UserError(f"{where}: bbox {bbox!r} has θ {theta!r}; θ must be radians within (−π, π]")
+    elif not _finite_numbers(bbox) or len(bbox) != 4:
+        raise UserError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox[:4])
+    if w <= 0 or h <= 0:
+        raise UserError(f"{where}: bbox {bbox} has width or height <= 0")
+    return x, y, w, h, float(bbox[4]) if len(bbox) == 5 else 0.0
+
+
+def angles(rec: ImageRecord) -> list[float]:
+    """Each box's θ; 0 for boxes of a record built without angles."""
+    return rec.angles + [0.0] * (len(rec.boxes) - len(rec.angles))
+
+
 def _load_json(path: str):
     try:
         with open(path) as f:
@@ -90,6 +133,9 @@ class CocoAnnotations:
     """A validated COCO JSON: images, their boxes and the category-id map.
 
     ``category_ids[i]`` is the original id of contiguous class i (sorted ids).
+    ``first_rotated``: where the first 5-value (rotated) bbox is, as the start
+    of a message ("file: annotations[i] (id n)"); None when every bbox has 4
+    values.
     """
 
     def __init__(self, path: str, category_ids: list[int] | None = None):
@@ -106,6 +152,7 @@ class CocoAnnotations:
         named = {c["id"]: str(c.get("name", c["id"])) for c in doc["categories"]}
         self.category_names = [named.get(i, str(i)) for i in self.category_ids]
         self.images: list[ImageRecord] = []
+        self.first_rotated: str | None = None
         by_id: dict[int, ImageRecord] = {}
         for i, im in enumerate(doc["images"]):
             where = f"{name}: images[{i}]"
@@ -146,21 +193,17 @@ class CocoAnnotations:
                 raise UserError(f"{where}: unknown image_id {a['image_id']}")
             if _id(a["category_id"], where, "category_id") not in to_label:
                 raise UserError(f"{where}: unknown category_id {a['category_id']}")
+            x, y, w, h, theta = _bbox(a["bbox"], where)
+            if len(a["bbox"]) == 5 and self.first_rotated is None:
+                self.first_rotated = where
             bbox = a["bbox"]
-            if (
-                not isinstance(bbox, list)
-                or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
-            ):
-                raise UserError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
-            x, y, w, h = (float(v) for v in bbox)
-            if w <= 0 or h <= 0:
-                raise UserError(f"{where}: bbox {bbox} has width or height <= 0")
-            if rec.width is not None and rec.height is not None and _outside(x, y, x + w, y + h, rec.width, rec.height):
-                raise UserError(
-                    f"{where}: bbox {bbox} lies outside image {rec.id} ({rec.width}x{rec.height}, {rec.file_name})"
-                )
+            if rec.width is not None and rec.height is not None:
+                if _outside(*_extent(x, y, x + w, y + h, theta), rec.width, rec.height):
+                    raise UserError(
+                        f"{where}: bbox {bbox} lies outside image {rec.id} ({rec.width}x{rec.height}, {rec.file_name})"
+                    )
             rec.boxes.append([x, y, x + w, y + h])
+            rec.angles.append(theta)
             rec.labels.append(LABEL_CROWD if a.get("iscrowd", 0) else to_label[a["category_id"]])
             rec.annotation_index.append(i)
             rec.annotation_ids.append(a["id"])
@@ -168,6 +211,22 @@ class CocoAnnotations:
     @property
     def classes(self) -> int:
         return len(self.category_ids)
+
+    @property
+    def rotated(self) -> bool:
+        """Whether any bbox has 5 values [x, y, w, h, θ]."""
+        return self.first_rotated is not None
+
+
+def check_box_form(coco: CocoAnnotations, rotated: bool) -> None:
+    """UserError when `coco` holds rotated boxes and the model is not a rotated
+    one: trained axis-aligned, their angles would silently be dropped. A
+    rotated model takes 4-value boxes (θ = 0)."""
+    if coco.first_rotated is not None and not rotated:
+        raise UserError(
+            f"{coco.first_rotated}: bbox has 5 values [x, y, w, h, θ]: a rotated-box annotation; "
+            "train with --rotated-bbox"
+        )
 
 
 def check_decoded_size(rec: ImageRecord, height: int, width: int, path: str) -> str | None:
@@ -190,9 +249,9 @@ def check_decoded_size(rec: ImageRecord, height: int, width: int, path: str) -> 
         )
     if rec.width is not None and rec.height is not None:
         return None
-    for k, (x1, y1, x2, y2) in enumerate(rec.boxes):
-        if _outside(x1, y1, x2, y2, width, height):
-            bbox = [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)]
+    for k, ((x1, y1, x2, y2), theta) in enumerate(zip(rec.boxes, angles(rec))):
+        if _outside(*_extent(x1, y1, x2, y2, theta), width, height):
+            bbox = [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)] + ([round(theta, 4)] if theta else [])
             return (
                 f"{rec.source}: annotations[{rec.annotation_index[k]}] (id {rec.annotation_ids[k]}): bbox "
                 f"{bbox} lies outside image {rec.id} ({width}x{height} as decoded from {path})"
@@ -220,6 +279,10 @@ class DetectionDataset(Dataset):
     (seed, epoch, index), so they depend neither on which loader worker reads
     it nor on where a run was interrupted and resumed: set `epoch` before
     each epoch's loader is created.
+
+    `rotated`: targets are rotated boxes [M, 6] (cx, cy, w, h, θ, label)
+    instead of [M, 5] (x1, y1, x2, y2, label); the crop augmentation cannot
+    take them (ValueError).
     """
 
     def __init__(
@@ -233,6 +296,7 @@ class DetectionDataset(Dataset):
         augment: T.Augment | None = None,
         seed: int = 0,
         fill: tuple[int, int, int] | None = None,
+        rotated: bool = False,
     ):
         self.images_dir = images_dir
         self.seed, self.epoch = seed, 0
@@ -241,6 +305,10 @@ class DetectionDataset(Dataset):
         self.training = training
         self.jitter = jitter
         self.augment = augment or T.Augment()
+        self.rotated = rotated
+        if rotated and training and self.augment.crop:
+            # Here rather than in a loader worker, where it would come wrapped in its traceback.
+            raise ValueError("the random crop augmentation does not support rotated boxes")
         self.fill = fill  # behind transparent pixels; None: the default mean pixel
         if annotations is not None:
             self.records = annotations.images
@@ -264,11 +332,12 @@ class DetectionDataset(Dataset):
         error = check_decoded_size(rec, height, width, path)
         if error is not None:
             return error
-        targets = self.targets(rec)
+        targets = self.targets(rec, self.rotated)
         rng = self.rng(index)
         short = rng.randint(*self.jitter) if self.training and self.jitter is not None else self.resize
         if self.training:
-            objects = targets[targets[:, 4] >= 0, :4]
+            objects = targets[targets[:, -1] >= 0]
+            objects = T.rotated_extents(objects) if self.rotated else objects[:, :4]
             g = self.augment.geometry(rng, short, objects, height, width)
         else:
             g = T.Geometry(short)
@@ -279,10 +348,19 @@ class DetectionDataset(Dataset):
         return Sample(image, targets, rec.id, scale, (height, width))
 
     @staticmethod
-    def targets(rec: ImageRecord) -> Tensor:
-        """[M, 5]: x1 y1 x2 y2 in original pixels, contiguous label (or LABEL_CROWD)."""
-        boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
+    def targets(rec: ImageRecord, rotated: bool = False) -> Tensor:
+        """[M, 5]: x1 y1 x2 y2 in original pixels, contiguous label (or LABEL_CROWD).
+
+        Rotated: [M, 6], cx cy w h θ in original pixels, the label.
+        """
         labels = torch.tensor(rec.labels, dtype=torch.float32).reshape(-1, 1)
+        if not rotated:
+            boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
+            return torch.cat([boxes, labels], dim=1)
+        # In float64 from the records: a centre from float32 corners would round twice.
+        xyxy = torch.tensor(rec.boxes, dtype=torch.float64).reshape(-1, 4)
+        theta = torch.tensor(angles(rec), dtype=torch.float64).reshape(-1, 1)
+        boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2], theta], dim=1).float()
         return torch.cat([boxes, labels], dim=1)
 
     def rng(self, index: int) -> random.Random:

@@ -5,6 +5,10 @@ once as a `Geometry`; `transform_targets` maps boxes through it and
 `transform_image` maps pixels. The DALI pipelines draw the same parameters on
 their side, report them, and the boxes go through `transform_targets` too, so
 both loaders give identical boxes for identical parameters.
+
+Targets are rows (x1, y1, x2, y2, label) or, for rotated boxes, (cx, cy, w,
+h, θ, label) with θ anti-clockwise on screen (docs/rotated.md); the label is
+the last column of both.
 """
 
 from __future__ import annotations
@@ -59,6 +63,37 @@ def rotate90_boxes(boxes: Tensor, width: int, height: int, k: int) -> Tensor:
     return boxes
 
 
+def wrap_turn(theta: Tensor) -> Tensor:
+    """Angles wrapped into (−π, π], the range annotations are given in."""
+    return theta - 2 * math.pi * torch.ceil((theta - math.pi) / (2 * math.pi))
+
+
+def hflip_rotated(boxes: Tensor, width: int) -> Tensor:
+    """Rotated boxes [M, 5] of a horizontally flipped image: the mirror turns
+    the other way, and its (w, h) corners are the mirrored ones."""
+    theta = wrap_turn(-boxes[:, 4])
+    return torch.stack([width - boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], theta], dim=1)
+
+
+def rotate90_rotated(boxes: Tensor, width: int, height: int, k: int) -> Tensor:
+    """Rotated boxes [M, 5] of an image rotated anti-clockwise by k * 90 degrees:
+    centres map as points, each box turns with the image, w and h stay."""
+    for _ in range(k % 4):
+        theta = wrap_turn(boxes[:, 4] + math.pi / 2)
+        boxes = torch.stack([boxes[:, 1], width - boxes[:, 0], boxes[:, 2], boxes[:, 3], theta], dim=1)
+        width, height = height, width
+    return boxes
+
+
+def rotated_extents(boxes: Tensor) -> Tensor:
+    """[M, 4] x1 y1 x2 y2: the axis-aligned extent of rotated boxes [M, 5+]."""
+    cos, sin = torch.cos(boxes[:, 4]).abs(), torch.sin(boxes[:, 4]).abs()
+    half_w = (boxes[:, 2] * cos + boxes[:, 3] * sin) / 2
+    half_h = (boxes[:, 2] * sin + boxes[:, 3] * cos) / 2
+    cx, cy = boxes[:, 0], boxes[:, 1]
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
+
+
 def crop_targets(targets: Tensor, x0: int, y0: int, width: int, height: int) -> Tensor:
     """Targets [M, 5] of the window: boxes whose centre lies inside, clipped and shifted."""
     cx = (targets[:, 0] + targets[:, 2]) / 2
@@ -107,22 +142,35 @@ class Geometry:
 def transform_targets(
     targets: Tensor, g: Geometry, height: int, width: int, max_size: int
 ) -> tuple[Tensor, tuple[int, int], tuple[float, float]]:
-    """Targets [M, 5] (original pixels) through `g`.
+    """Targets [M, 5] or rotated [M, 6] (original pixels) through `g`.
 
     Returns the targets, the final image size (h, w) and the resize scale
-    (x, y) of the (cropped) image.
+    (x, y) of the (cropped) image. Rotated targets cannot be cropped (a crop
+    clipping a rotated box has no rotated-box answer): ValueError.
     """
+    rotated = targets.shape[1] == 6
     if g.crop is not None:
+        if rotated:
+            raise ValueError("the random crop augmentation does not support rotated boxes")
         x0, y0, width, height = g.crop
         targets = crop_targets(targets, x0, y0, width, height)
     nh, nw = resized_shape(height, width, g.short, max_size)
     sx, sy = nw / width, nh / height
-    boxes = targets[:, :4] * torch.tensor([sx, sy, sx, sy])
-    if g.flip:
-        boxes = hflip_boxes(boxes, nw)
-    boxes = rotate90_boxes(boxes, nw, nh, g.quarter_turns)
+    if rotated:
+        # One scale for w and h whatever θ: sx and sy differ only by the rounding
+        # of the resized size to whole pixels, which keeps the aspect ratio.
+        s = (sx + sy) / 2
+        boxes = torch.cat([targets[:, :4] * torch.tensor([sx, sy, s, s]), targets[:, 4:5]], dim=1)
+        if g.flip:
+            boxes = hflip_rotated(boxes, nw)
+        boxes = rotate90_rotated(boxes, nw, nh, g.quarter_turns)
+    else:
+        boxes = targets[:, :4] * torch.tensor([sx, sy, sx, sy])
+        if g.flip:
+            boxes = hflip_boxes(boxes, nw)
+        boxes = rotate90_boxes(boxes, nw, nh, g.quarter_turns)
     size = (nw, nh) if g.quarter_turns % 2 else (nh, nw)
-    return torch.cat([boxes, targets[:, 4:]], dim=1), size, (sx, sy)
+    return torch.cat([boxes, targets[:, -1:]], dim=1), size, (sx, sy)
 
 
 def transform_image(image: Tensor, g: Geometry, max_size: int) -> Tensor:
