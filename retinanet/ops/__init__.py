@@ -1,7 +1,8 @@
-"""decode() and nms(): the CUDA custom operators when built, the reference otherwise.
+"""decode(), nms() and their rotated forms, and rotated_iou(): the CUDA custom
+operators when built, the reference otherwise.
 
-Both paths have one behaviour (ops/reference.py documents it); the tests hold
-the custom operators to the reference.
+Both paths have one behaviour (ops/reference.py and docs/rotated.md document it);
+the tests hold the custom operators to the reference.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, rotated
 
 try:  # The compiled extension registers torch.ops.retinanet.decode / .nms.
     from retinanet import _C  # type: ignore[attr-defined]  # noqa: F401
@@ -19,8 +20,10 @@ except ImportError:  # pure-Python install, or torch without CUDA
     HAVE_EXTENSION = False
 
 
-def _use_extension(t: Tensor) -> bool:
-    return HAVE_EXTENSION and t.is_cuda
+def _use_extension(t: Tensor, op: str = "") -> bool:
+    """Whether to run the custom operator `op` on t: built, on CUDA, and (for ops newer
+    than the extension may be) registered by this build."""
+    return HAVE_EXTENSION and t.is_cuda and (not op or hasattr(torch.ops.retinanet, op))
 
 
 def decode(
@@ -49,3 +52,17 @@ def nms(
         extra = (box_offset,) if box_offset else ()
         return torch.ops.retinanet.nms(scores, boxes, classes, iou_threshold, detections, *extra)
     return reference.nms(scores, boxes, classes, iou_threshold, detections, box_offset)
+
+
+def rotated_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise IoU of rotated boxes: a [N, 5] x b [M, 5] -> [N, M] float32.
+
+    Boxes are (cx, cy, w, h, θ), θ in radians turning anti-clockwise on screen
+    (docs/rotated.md). The IoU is exact: the area of the convex intersection
+    polygon over the union. A box of zero area has IoU 0 with every box, itself
+    included; no input gives NaN. Runs the CUDA operator for CUDA tensors when the
+    extension has it, the float64 reference (ops/rotated.py) otherwise.
+    """
+    if _use_extension(a, "rotated_iou"):
+        return torch.ops.retinanet.rotated_iou(a, b.to(a.device))
+    return rotated.rotated_iou_reference(a, b)
