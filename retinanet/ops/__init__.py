@@ -66,3 +66,29 @@ def rotated_iou(a: Tensor, b: Tensor) -> Tensor:
     if _use_extension(a, "rotated_iou"):
         return torch.ops.retinanet.rotated_iou(a, b.to(a.device))
     return rotated.rotated_iou_reference(a, b)
+
+
+def decode_rotated(
+    cls_scores: Tensor,
+    box_deltas: Tensor,
+    anchors: Tensor,
+    stride: int,
+    score_threshold: float,
+    top_n: int,
+    box_clamp: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """decode() for a rotated-box head (docs/rotated.md): boxes [B, top_n, 5], not clipped."""
+    if _use_extension(cls_scores, "decode_rotated"):
+        anchors = anchors.to(cls_scores.device)
+        args = (stride, score_threshold, top_n, box_clamp)
+        return torch.ops.retinanet.decode_rotated(cls_scores, box_deltas, anchors, *args)
+    return reference.decode_rotated(cls_scores, box_deltas, anchors, stride, score_threshold, top_n, box_clamp)
+
+
+def nms_rotated(
+    scores: Tensor, boxes: Tensor, classes: Tensor, iou_threshold: float, detections: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """nms() for rotated boxes [B, N, 5]: suppression by rotated_iou, each box with its own angle."""
+    if _use_extension(scores, "nms_rotated"):
+        return torch.ops.retinanet.nms_rotated(scores, boxes, classes, iou_threshold, detections)
+    return reference.nms_rotated(scores, boxes, classes, iou_threshold, detections)
