@@ -158,6 +158,7 @@ def _rotated_objects(rng: random.Random) -> list[tuple[tuple[float, ...], int, n
 
 
 def _draw_rotated_image(rng: random.Random):
+    """The image and its objects ((cx, cy, w, h, θ), class, mask), in drawing order."""
     objects = _rotated_objects(rng)
     pixels = np.array(_background(rng))
     for _, cat, mask in objects:
@@ -165,7 +166,7 @@ def _draw_rotated_image(rng: random.Random):
         colour[cat] = rng.randrange(170, 256)
         pixels[mask] = colour
     img = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(0.6))
-    return img, [(box, cat) for box, cat, _ in objects]
+    return img, objects
 
 
 def _annotation(index: int, image_id: int, box, cat: int, rotated: bool) -> dict:
@@ -200,7 +201,7 @@ def _write_split(root: Path, split: str, n: int, seed: int, rotated: bool = Fals
         name = f"{split}_{i:05d}.jpg"
         img.save(img_dir / name, quality=92)
         images.append({"id": i + 1, "file_name": name, "width": SIZE, "height": SIZE})
-        for box, cat in objects:
+        for box, cat, *_ in objects:
             annotations.append(_annotation(len(annotations) + 1, i + 1, box, cat, rotated))
     doc = {"images": images, "annotations": annotations, "categories": ROTATED_CATEGORIES if rotated else CATEGORIES}
     tmp = root / f"{split}.json.tmp"
