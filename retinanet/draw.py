@@ -3,6 +3,8 @@
 `layout` decides where everything goes and `render` paints it, so a test (or a
 caller placing its own labels) can know exactly which pixels a drawing touches:
 the outline of each box (inside the box's corners) and each label's rectangle.
+Rotated boxes (cx, cy, w, h, θ; docs/rotated.md) are drawn as their polygon, the
+outline again inside its corners.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
+from .ops.rotated import corners
 
 DRAW_THRESHOLD = 0.3  # detections below this score are not drawn (infer --draw-threshold)
 
@@ -51,7 +54,10 @@ class Mark:
     label: tuple[int, int, int, int]  # the label's filled rectangle x1 y1 x2 y2
     text: str
     colour: tuple[int, int, int]
-    width: int  # outline width, drawn inwards from `box`
+    width: int  # outline width, drawn inwards from `box` (or from `polygon`)
+    # A rotated box's 4 corners (docs/rotated.md order), rounded, not clipped; `box` is
+    # then their extent clipped to the image. None for an axis-aligned box.
+    polygon: tuple[tuple[int, int], ...] | None = None
 
 
 def colour_of(category_id: int) -> tuple[int, int, int]:
@@ -74,28 +80,48 @@ def _sizes(height: int, width: int) -> tuple[int, int]:
 def layout(detections, height: int, width: int, threshold: float = DRAW_THRESHOLD) -> list[Mark]:
     """Where each detection scoring at least `threshold` is drawn on an image of that size.
 
-    The label sits on the box's top edge, above it where there is room, else just
-    inside; it is shifted left to stay inside the image. Boxes outside the image draw nothing."""
+    The label sits on the box's top edge (a rotated box's top-most corner), above it
+    where there is room, else just inside; it is shifted left to stay inside the
+    image. Boxes outside the image draw nothing."""
     line, size = _sizes(height, width)
     font = _font(size)
     names = getattr(detections, "names", None) or {}
     marks = []
-    boxes = detections.boxes.float().cpu().tolist()
-    for box, score, cat in zip(boxes, detections.scores.tolist(), detections.category_ids.tolist()):
+    rotated = detections.boxes.shape[-1] == 5
+    boxes = detections.boxes.float().cpu()
+    # A rotated box goes through ops.rotated.corners, the one corner formula, so the
+    # drawing turns the way matching and the output polygons do.
+    rows = (corners(boxes) if rotated else boxes).tolist()
+    for row, score, cat in zip(rows, detections.scores.tolist(), detections.category_ids.tolist()):
         if score < threshold:
             continue
-        x1, y1 = max(0, round(box[0])), max(0, round(box[1]))
-        x2, y2 = min(width - 1, round(box[2])), min(height - 1, round(box[3]))
+        polygon = None
+        if rotated:
+            polygon = tuple((round(x), round(y)) for x, y in row)
+            xs, ys = [x for x, _ in polygon], [y for _, y in polygon]
+            row = [min(xs), min(ys), max(xs), max(ys)]
+        x1, y1 = max(0, round(row[0])), max(0, round(row[1]))
+        x2, y2 = min(width - 1, round(row[2])), min(height - 1, round(row[3]))
         if x2 < x1 or y2 < y1:
             continue
+        anchor = (x1, y1)
+        if polygon is not None:  # the top-most corner, the left one of a level pair
+            top = min(polygon, key=lambda p: (p[1], p[0]))
+            anchor = (min(max(0, top[0]), width - 1), max(0, top[1]))
         text = f"{names.get(cat, str(cat))} {score:.2f}"
-        left, top, right, bottom = font.getbbox(text)
-        tw, th = right - left + 2 * line, bottom + line
-        ty = y1 - th if y1 - th >= 0 else y1
-        tx = max(0, min(x1, width - tw))
-        label = (tx, ty, min(width - 1, tx + tw - 1), min(height - 1, ty + th - 1))
-        marks.append(Mark((x1, y1, x2, y2), label, text, colour_of(cat), line))
+        label = _label(font, text, line, anchor, height, width)
+        marks.append(Mark((x1, y1, x2, y2), label, text, colour_of(cat), line, polygon))
     return marks
+
+
+def _label(font, text: str, line: int, anchor: tuple[int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """The label's rectangle for a box whose top edge starts at `anchor` (in the image)."""
+    x, y = anchor
+    left, top, right, bottom = font.getbbox(text)
+    tw, th = right - left + 2 * line, bottom + line
+    ty = y - th if y - th >= 0 else y
+    tx = max(0, min(x, width - tw))
+    return (tx, ty, min(width - 1, tx + tw - 1), min(height - 1, ty + th - 1))
 
 
 def render(rgb: np.ndarray, marks: list[Mark]) -> np.ndarray:
@@ -105,7 +131,10 @@ def render(rgb: np.ndarray, marks: list[Mark]) -> np.ndarray:
     image = Image.fromarray(rgb)
     pen = ImageDraw.Draw(image)
     for m in marks:
-        pen.rectangle(m.box, outline=m.colour, width=m.width)
+        if m.polygon is None:
+            pen.rectangle(m.box, outline=m.colour, width=m.width)
+        else:  # PIL draws a wide polygon outline inwards too, and drops what falls outside
+            pen.polygon(m.polygon, outline=m.colour, width=m.width)
     _, size = _sizes(rgb.shape[0], rgb.shape[1])
     font = _font(size)
     for m in marks:  # labels over every outline, so none is hidden by a neighbour's box
