@@ -16,6 +16,8 @@
 // Kernels return at once for images that are done, so the host never looks at
 // a count. The emit kernel ranks the (< top_n + bucket) collected keys: a key's
 // rank is its output slot. It decodes the top `count` boxes and pads the rest.
+// Rotated boxes (rotated.h) share all of it: only the emit kernel's box arithmetic,
+// a coder policy (AxisCoder, RotatedCoder), differs.
 #include "kernels/decode.h"
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "kernels/device_utils.cuh"
+#include "kernels/rotated.h"
 
 namespace retinanet {
 namespace {
@@ -343,14 +346,68 @@ __device__ __forceinline__ void decode_box(const float* __restrict__ anchor, flo
   box[3] = detail::clamp_max(detail::clamp_min0(__fsub_rn(__fadd_rn(pcy, half_h), offset)), ymax);
 }
 
+// What the emit kernel needs to decode one level's boxes.
+struct LevelGeometry {
+  int width, height;
+  float stride, box_clamp, box_offset;
+};
+
+// Axis-aligned boxes: anchors [A, 4] centred on (0, 0), deltas (dx, dy, dw, dh), boxes
+// (x1, y1, x2, y2) clipped to the level's extent.
+struct AxisCoder {
+  static constexpr int kAnchorValues = 4;
+  static constexpr int kDeltas = 4;
+  static constexpr int kValues = 4;
+
+  __device__ static void decode(const float* __restrict__ anchor, uint32_t x, uint32_t y, const float* d,
+                                const LevelGeometry& g, float box[kValues]) {
+    const float cx = __fmul_rn(__fadd_rn(static_cast<float>(x), 0.5f), g.stride);
+    const float cy = __fmul_rn(__fadd_rn(static_cast<float>(y), 0.5f), g.stride);
+    // The level's extent; with the +1 convention its last pixel starts at extent - 1.
+    const float xmax = __fsub_rn(__fmul_rn(static_cast<float>(g.width), g.stride), g.box_offset);
+    const float ymax = __fsub_rn(__fmul_rn(static_cast<float>(g.height), g.stride), g.box_offset);
+    decode_box(anchor, cx, cy, make_float4(d[0], d[1], d[2], d[3]), g.box_clamp, g.box_offset, xmax, ymax, box);
+  }
+};
+
+// Rotated boxes (docs/rotated.md): anchors [A, 5] (0, 0, w, h, α) relative to the cell
+// centre, deltas (tx, ty, tw, th, ts, tc), boxes (cx, cy, w, h, θ), not clipped. Float32
+// operations rounded one by one (no FMA contraction), in the order of the formulas.
+struct RotatedCoder {
+  static constexpr int kAnchorValues = 5;
+  static constexpr int kDeltas = 6;
+  static constexpr int kValues = 5;
+
+  __device__ static void decode(const float* __restrict__ anchor, uint32_t x, uint32_t y, const float* d,
+                                const LevelGeometry& g, float box[kValues]) {
+    constexpr float kPi = 3.14159265358979323846f;
+    // torch divides a CUDA tensor by a scalar as a product with the scalar's float32
+    // reciprocal; the reference's wrap does, so this does too.
+    constexpr float kInvPi = 1.f / kPi;
+    const float cx = __fmul_rn(__fadd_rn(static_cast<float>(x), 0.5f), g.stride);
+    const float cy = __fmul_rn(__fadd_rn(static_cast<float>(y), 0.5f), g.stride);
+    const float acx = __fadd_rn(cx, anchor[0]);
+    const float acy = __fadd_rn(cy, anchor[1]);
+    const float aw = anchor[2], ah = anchor[3];
+    box[0] = __fadd_rn(acx, __fmul_rn(d[0], aw));
+    box[1] = __fadd_rn(acy, __fmul_rn(d[1], ah));
+    box[2] = __fmul_rn(aw, expf(detail::clamp_max(d[2], g.box_clamp)));
+    box[3] = __fmul_rn(ah, expf(detail::clamp_max(d[3], g.box_clamp)));
+    // atan2(0, 0) = 0; the scale of (ts, tc) does not matter. A half turn is the same
+    // rectangle, so the angle wraps into (−π/2, π/2]: θ − π·ceil((θ − π/2) / π).
+    const float theta = __fadd_rn(anchor[4], __fmul_rn(atan2f(d[4], d[5]), 0.5f));
+    const float turns = ceilf(__fmul_rn(__fsub_rn(theta, 0.5f * kPi), kInvPi));
+    box[4] = __fsub_rn(theta, __fmul_rn(kPi, turns));
+  }
+};
+
 // Rank the collected keys (unique, so a key's rank is its output slot), decode
 // the top `count` of them and pad the rest of the image's top_n slots.
 // kRankSplit threads rank one key, each against a share of the keys.
-template <typename T>
+template <class Coder, typename T>
 __global__ void __launch_bounds__(kThreads)
     emit_kernel(const T* __restrict__ deltas, const float* __restrict__ anchors, int num_anchors, int num_classes,
-                int height, int width, float stride, float box_clamp, float box_offset, int top_n,
-                const DecodeState* __restrict__ states, const uint64_t* __restrict__ selected,
+                LevelGeometry level, int top_n, const DecodeState* __restrict__ states, const uint64_t* __restrict__ selected,
                 const uint64_t* __restrict__ bucket, T* __restrict__ out_scores, T* __restrict__ out_boxes,
                 int32_t* __restrict__ out_classes) {
   constexpr int kPerBlock = kThreads / kRankSplit;
@@ -389,41 +446,36 @@ __global__ void __launch_bounds__(kThreads)
   if (i < m && rank < count) {
     const uint32_t idx = 0xffffffffu - static_cast<uint32_t>(mine);
     const float score = detail::key_float(static_cast<uint32_t>(mine >> 32));
-    const uint32_t hw = static_cast<uint32_t>(height) * width;
+    constexpr int V = Coder::kValues;
+    const uint32_t hw = static_cast<uint32_t>(level.height) * level.width;
     const uint32_t a = idx / (static_cast<uint32_t>(num_classes) * hw);
     const uint32_t c = (idx / hw) % num_classes;
     const uint32_t cell = idx % hw;
-    const uint32_t y = cell / width;
-    const uint32_t x = cell % width;
-    const T* d = deltas + (static_cast<size_t>(b) * num_anchors + a) * 4 * hw + cell;
-    const float dx = detail::to_float(d[0]);
-    const float dy = detail::to_float(d[hw]);
-    const float dw = detail::to_float(d[2 * hw]);
-    const float dh = detail::to_float(d[3 * hw]);
-
-    const float cx = __fmul_rn(__fadd_rn(static_cast<float>(x), 0.5f), stride);
-    const float cy = __fmul_rn(__fadd_rn(static_cast<float>(y), 0.5f), stride);
-    // The level's extent; with the +1 convention its last pixel starts at extent - 1.
-    const float xmax = __fsub_rn(__fmul_rn(static_cast<float>(width), stride), box_offset);
-    const float ymax = __fsub_rn(__fmul_rn(static_cast<float>(height), stride), box_offset);
-    float box[4];
-    decode_box(anchors + 4 * a, cx, cy, make_float4(dx, dy, dw, dh), box_clamp, box_offset, xmax, ymax, box);
+    const uint32_t y = cell / level.width;
+    const uint32_t x = cell % level.width;
+    const T* dp = deltas + (static_cast<size_t>(b) * num_anchors + a) * Coder::kDeltas * hw + cell;
+    float d[Coder::kDeltas];
+#pragma unroll
+    for (int k = 0; k < Coder::kDeltas; ++k) d[k] = detail::to_float(dp[k * hw]);
+    float box[V];
+    Coder::decode(anchors + Coder::kAnchorValues * a, x, y, d, level, box);
     const size_t slot = out + rank;
     out_scores[slot] = detail::from_float<T>(score);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) out_boxes[slot * 4 + k] = detail::from_float<T>(box[k]);
+    for (int k = 0; k < V; ++k) out_boxes[slot * V + k] = detail::from_float<T>(box[k]);
     out_classes[slot] = static_cast<int32_t>(c);
   }
   if (i >= count && i < top_n) {
+    constexpr int V = Coder::kValues;
     const size_t slot = out + i;
     out_scores[slot] = detail::from_float<T>(0.f);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) out_boxes[slot * 4 + k] = detail::from_float<T>(0.f);
+    for (int k = 0; k < V; ++k) out_boxes[slot * V + k] = detail::from_float<T>(0.f);
     out_classes[slot] = -1;
   }
 }
 
-template <typename T>
+template <class Coder, typename T>
 cudaError_t launch(const DecodeArgs& a, const T* scores, const T* deltas, const float* anchors, T* out_scores,
                    T* out_boxes, int32_t* out_classes, char* ws, cudaStream_t stream) {
   const Layout l = layout(a);
@@ -462,37 +514,63 @@ cudaError_t launch(const DecodeArgs& a, const T* scores, const T* deltas, const 
     refine_kernel<T, 1><<<a.batch, kRefineThreads, 0, stream>>>(scores, per_image, a.score_threshold, a.top_n, states,
                                                                 coarse, hist, selected, bucket);
   const dim3 emit_grid(ceil_div(static_cast<long long>(a.top_n) + kBucketCapacity, kThreads / kRankSplit), a.batch);
-  emit_kernel<T><<<emit_grid, kThreads, 0, stream>>>(deltas, anchors, a.num_anchors, a.num_classes, a.height, a.width,
-                                                     static_cast<float>(a.stride), a.box_clamp, a.box_offset, a.top_n,
-                                                     states, selected, bucket, out_scores, out_boxes, out_classes);
+  const LevelGeometry level{a.width, a.height, static_cast<float>(a.stride), a.box_clamp, a.box_offset};
+  emit_kernel<Coder, T><<<emit_grid, kThreads, 0, stream>>>(deltas, anchors, a.num_anchors, a.num_classes, level,
+                                                            a.top_n, states, selected, bucket, out_scores, out_boxes,
+                                                            out_classes);
   return cudaGetLastError();
 }
 
-bool valid(const DecodeArgs& a) {
+// deltas: values per anchor in box_deltas (4 or 6).
+bool valid(const DecodeArgs& a, int deltas) {
   if (a.batch < 0 || a.batch > 65535 || a.num_anchors <= 0 || a.num_classes <= 0 || a.height < 0 || a.width < 0 ||
       a.top_n < 0 || a.stride <= 0 || !(std::isfinite(a.box_offset) && a.box_offset >= 0.f))
     return false;
   const size_t per_image = static_cast<size_t>(a.num_anchors) * a.num_classes * a.height * a.width;
   return per_image < (size_t(1) << 31) &&
-         static_cast<size_t>(a.num_anchors) * 4 * a.height * a.width < (size_t(1) << 31);
+         static_cast<size_t>(a.num_anchors) * deltas * a.height * a.width < (size_t(1) << 31);
 }
 
-}  // namespace
+// Rotated boxes have no +1 pixel convention.
+bool valid_for(const DecodeArgs& a, AxisCoder) { return valid(a, AxisCoder::kDeltas); }
+bool valid_for(const DecodeArgs& a, RotatedCoder) { return valid(a, RotatedCoder::kDeltas) && a.box_offset == 0.f; }
 
-size_t decode_workspace_size(const DecodeArgs& args) { return valid(args) ? layout(args).total : 0; }
-
-cudaError_t decode(const DecodeArgs& args, DType dtype, const void* cls_scores, const void* box_deltas,
-                   const float* anchors, void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace,
-                   size_t workspace_size, cudaStream_t stream) {
-  if (!valid(args)) return cudaErrorInvalidValue;
+// The entry points of both box kinds: argument checks, then launch<Coder>.
+template <class Coder>
+cudaError_t run(const DecodeArgs& args, DType dtype, const void* cls_scores, const void* box_deltas,
+                const float* anchors, void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace,
+                size_t workspace_size, cudaStream_t stream) {
+  if (!valid_for(args, Coder{})) return cudaErrorInvalidValue;
   if (args.batch == 0 || args.top_n == 0) return cudaSuccess;
   if (workspace == nullptr || workspace_size < layout(args).total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
   return detail::dispatch_float(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    return launch(args, static_cast<const T*>(cls_scores), static_cast<const T*>(box_deltas), anchors,
-                  static_cast<T*>(out_scores), static_cast<T*>(out_boxes), out_classes, ws, stream);
+    return launch<Coder>(args, static_cast<const T*>(cls_scores), static_cast<const T*>(box_deltas), anchors,
+                         static_cast<T*>(out_scores), static_cast<T*>(out_boxes), out_classes, ws, stream);
   });
+}
+
+}  // namespace
+
+size_t decode_workspace_size(const DecodeArgs& args) { return valid_for(args, AxisCoder{}) ? layout(args).total : 0; }
+
+cudaError_t decode(const DecodeArgs& args, DType dtype, const void* cls_scores, const void* box_deltas,
+                   const float* anchors, void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace,
+                   size_t workspace_size, cudaStream_t stream) {
+  return run<AxisCoder>(args, dtype, cls_scores, box_deltas, anchors, out_scores, out_boxes, out_classes, workspace,
+                        workspace_size, stream);
+}
+
+size_t decode_rotated_workspace_size(const DecodeArgs& args) {
+  return valid_for(args, RotatedCoder{}) ? layout(args).total : 0;
+}
+
+cudaError_t decode_rotated(const DecodeArgs& args, DType dtype, const void* cls_scores, const void* box_deltas,
+                           const float* anchors, void* out_scores, void* out_boxes, int32_t* out_classes,
+                           void* workspace, size_t workspace_size, cudaStream_t stream) {
+  return run<RotatedCoder>(args, dtype, cls_scores, box_deltas, anchors, out_scores, out_boxes, out_classes, workspace,
+                           workspace_size, stream);
 }
 
 }  // namespace retinanet

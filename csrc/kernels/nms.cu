@@ -14,6 +14,9 @@
 //    registers) suppresses the rest of this block, and once the block is done
 //    the kept rows are ORed into the later words. It stops after `detections`
 //    kept, then writes the kept candidates and the padding.
+// Axis-aligned and rotated boxes share all of it: a geometry policy (AxisGeometry,
+// RotatedGeometry) says how many values a box has, how a sorted box is stored and
+// prepared, and when two boxes overlap; nothing else differs.
 #include "kernels/nms.h"
 
 #include <algorithm>
@@ -23,6 +26,8 @@
 #include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "kernels/device_utils.cuh"
+#include "kernels/rotated.h"
+#include "kernels/rotated_geometry.cuh"
 
 namespace retinanet {
 namespace {
@@ -48,6 +53,7 @@ int words(int n) { return ceil_div(n, kBlock); }
 
 bool rank_sort(int n) { return n <= kRankMax; }
 
+template <class Geo>
 Layout layout(const NmsArgs& a) {
   Layout l{};
   size_t off = 0;
@@ -61,7 +67,7 @@ Layout layout(const NmsArgs& a) {
   const size_t nw = words(a.num_candidates);
   l.counts = take(batch * sizeof(int));
   l.order = take(items * sizeof(int));
-  l.boxes = take(items * sizeof(float4));
+  l.boxes = take(items * sizeof(typename Geo::Stored));
   l.classes = take(items * sizeof(int));
   l.removed = take(batch * nw * sizeof(unsigned long long));
   l.keep = take(batch * static_cast<size_t>(a.detections) * sizeof(int));
@@ -83,11 +89,71 @@ Layout layout(const NmsArgs& a) {
   return l;
 }
 
-template <typename T>
-__device__ __forceinline__ void gather_candidate(const T* boxes, const int32_t* classes, size_t src, float4* out_boxes,
-                                                 int* out_classes, size_t dst) {
-  out_boxes[dst] = make_float4(detail::to_float(boxes[4 * src + 0]), detail::to_float(boxes[4 * src + 1]),
-                               detail::to_float(boxes[4 * src + 2]), detail::to_float(boxes[4 * src + 3]));
+// Axis-aligned boxes (x1, y1, x2, y2): IoU with the float32 operations of ops/box.py box_iou.
+struct AxisGeometry {
+  static constexpr int kValues = 4;
+  using Stored = float4;
+  struct Box {
+    float x1, y1, x2, y2, area;
+  };
+
+  template <typename T>
+  __device__ static Stored load(const T* boxes, size_t i) {
+    return make_float4(detail::to_float(boxes[4 * i + 0]), detail::to_float(boxes[4 * i + 1]),
+                       detail::to_float(boxes[4 * i + 2]), detail::to_float(boxes[4 * i + 3]));
+  }
+
+  // `offset` is the box width convention (1: x2 - x1 + 1); with 0 it adds an exact zero.
+  __device__ static Box prepare(const Stored& v, float offset) {
+    Box r;
+    r.x1 = v.x;
+    r.y1 = v.y;
+    r.x2 = v.z;
+    r.y2 = v.w;
+    r.area = __fmul_rn(detail::clamp_min0(__fadd_rn(__fsub_rn(r.x2, r.x1), offset)),
+                       detail::clamp_min0(__fadd_rn(__fsub_rn(r.y2, r.y1), offset)));
+    return r;
+  }
+
+  // IoU > threshold, in the order of box_iou (areas from prepare() with the same offset).
+  __device__ static bool overlaps(const Box& a, const Box& b, float threshold, float offset) {
+    const float w = detail::clamp_min0(__fadd_rn(__fsub_rn(fminf(a.x2, b.x2), fmaxf(a.x1, b.x1)), offset));
+    const float h = detail::clamp_min0(__fadd_rn(__fsub_rn(fminf(a.y2, b.y2), fmaxf(a.y1, b.y1)), offset));
+    const float inter = __fmul_rn(w, h);
+    const float uni = __fsub_rn(__fadd_rn(a.area, b.area), inter);
+    return __fdiv_rn(inter, fmaxf(uni, FLT_MIN)) > threshold;
+  }
+};
+
+// Rotated boxes (cx, cy, w, h, θ): the IoU of rotated_geometry.cuh; a is the kept box.
+struct RotatedGeometry {
+  static constexpr int kValues = 5;
+  struct Stored {
+    float v[5];
+  };
+  using Box = rotated::Box;
+
+  template <typename T>
+  __device__ static Stored load(const T* boxes, size_t i) {
+    Stored s;
+#pragma unroll
+    for (int k = 0; k < 5; ++k) s.v[k] = detail::to_float(boxes[5 * i + k]);
+    return s;
+  }
+
+  __device__ static Box prepare(const Stored& s, float /*offset: always 0*/) {
+    return rotated::make_box(s.v[0], s.v[1], s.v[2], s.v[3], s.v[4]);
+  }
+
+  __device__ static bool overlaps(const Box& a, const Box& b, float threshold, float /*offset*/) {
+    return rotated::iou(a, b) > threshold;
+  }
+};
+
+template <class Geo, typename T>
+__device__ __forceinline__ void gather_candidate(const T* boxes, const int32_t* classes, size_t src,
+                                                 typename Geo::Stored* out_boxes, int* out_classes, size_t dst) {
+  out_boxes[dst] = Geo::template load<T>(boxes, src);
   out_classes[dst] = classes[src];
 }
 
@@ -101,11 +167,11 @@ __device__ __forceinline__ unsigned long long score_key(const T* scores, size_t 
 // n <= kRankMax. grid (n / 64, batch): kRankSplit threads count how many keys
 // of the image are above one candidate's key, which is its sorted position.
 // Block 0 also counts the candidates.
-template <typename T>
+template <class Geo, typename T>
 __global__ void __launch_bounds__(kRankThreads)
     rank_sort_kernel(const T* __restrict__ scores, const T* __restrict__ boxes, const int32_t* __restrict__ classes,
-                     int n, int* __restrict__ counts, int* __restrict__ order, float4* __restrict__ sorted_boxes,
-                     int* __restrict__ sorted_classes) {
+                     int n, int* __restrict__ counts, int* __restrict__ order,
+                     typename Geo::Stored* __restrict__ sorted_boxes, int* __restrict__ sorted_classes) {
   __shared__ unsigned long long tile[kRankTile];
   __shared__ int valid_total;
   const int b = blockIdx.y;
@@ -140,7 +206,7 @@ __global__ void __launch_bounds__(kRankThreads)
   }
   if (part == 0 && mine != 0) {
     order[base + rank] = i;
-    gather_candidate(boxes, classes, base + i, sorted_boxes, sorted_classes, base + rank);
+    gather_candidate<Geo>(boxes, classes, base + i, sorted_boxes, sorted_classes, base + rank);
   }
 }
 
@@ -165,53 +231,25 @@ __global__ void __launch_bounds__(kPrepareThreads)
     for (int k = threadIdx.x; k <= batch; k += kPrepareThreads) offsets[k] = k * n;
 }
 
-template <typename T>
+template <class Geo, typename T>
 __global__ void __launch_bounds__(kPrepareThreads)
     gather_kernel(const T* __restrict__ boxes, const int32_t* __restrict__ classes, int n,
-                  const int* __restrict__ counts, const int* __restrict__ order, float4* __restrict__ sorted_boxes,
-                  int* __restrict__ sorted_classes) {
+                  const int* __restrict__ counts, const int* __restrict__ order,
+                  typename Geo::Stored* __restrict__ sorted_boxes, int* __restrict__ sorted_classes) {
   const int b = blockIdx.y;
   const int i = blockIdx.x * kPrepareThreads + threadIdx.x;
   if (i >= counts[b]) return;
   const size_t base = static_cast<size_t>(b) * n;
-  gather_candidate(boxes, classes, base + order[base + i], sorted_boxes, sorted_classes, base + i);
-}
-
-struct Box {
-  float x1, y1, x2, y2, area;
-  int cls;
-};
-
-// `offset` is the box width convention (1: x2 - x1 + 1); with 0 it adds an exact zero.
-__device__ __forceinline__ Box load_box(const float4* boxes, const int* classes, size_t g, float offset) {
-  const float4 v = boxes[g];
-  Box r;
-  r.x1 = v.x;
-  r.y1 = v.y;
-  r.x2 = v.z;
-  r.y2 = v.w;
-  r.area = __fmul_rn(detail::clamp_min0(__fadd_rn(__fsub_rn(r.x2, r.x1), offset)),
-                     detail::clamp_min0(__fadd_rn(__fsub_rn(r.y2, r.y1), offset)));
-  r.cls = classes[g];
-  return r;
-}
-
-// IoU > threshold with the float32 operations of ops/box.py box_iou, in order (areas
-// from load_box with the same offset).
-__device__ __forceinline__ bool overlaps(const Box& a, const Box& b, float threshold, float offset) {
-  const float w = detail::clamp_min0(__fadd_rn(__fsub_rn(fminf(a.x2, b.x2), fmaxf(a.x1, b.x1)), offset));
-  const float h = detail::clamp_min0(__fadd_rn(__fsub_rn(fminf(a.y2, b.y2), fmaxf(a.y1, b.y1)), offset));
-  const float inter = __fmul_rn(w, h);
-  const float uni = __fsub_rn(__fadd_rn(a.area, b.area), inter);
-  return __fdiv_rn(inter, fmaxf(uni, FLT_MIN)) > threshold;
+  gather_candidate<Geo>(boxes, classes, base + order[base + i], sorted_boxes, sorted_classes, base + i);
 }
 
 // grid (block pair, image), kBlock threads: the pairs (row <= col) of the upper
 // triangle, row by row. Thread t owns sorted candidate row*64 + t and writes
 // its suppression word for the column block.
+template <class Geo>
 __global__ void __launch_bounds__(kBlock)
-    mask_kernel(const float4* __restrict__ boxes, const int* __restrict__ classes, int n, int nw, float threshold,
-                float offset, const int* __restrict__ counts, unsigned long long* __restrict__ mask) {
+    mask_kernel(const typename Geo::Stored* __restrict__ boxes, const int* __restrict__ classes, int n, int nw,
+                float threshold, float offset, const int* __restrict__ counts, unsigned long long* __restrict__ mask) {
   const int b = blockIdx.y;
   const int pair = blockIdx.x;
   // Row r starts at pair r*nw - r*(r-1)/2; estimate r, then settle it exactly.
@@ -224,34 +262,40 @@ __global__ void __launch_bounds__(kBlock)
   const int col = row + (pair - row_start(row));
   const int valid = counts[b];
   if (col * kBlock >= valid) return;  // row <= col, so the row block is in range too
-  __shared__ Box cols[kBlock];
+  __shared__ typename Geo::Box cols[kBlock];
+  __shared__ int col_classes[kBlock];
   const size_t base = static_cast<size_t>(b) * n;
   const int t = threadIdx.x;
   const int j = col * kBlock + t;
-  if (j < valid) cols[t] = load_box(boxes, classes, base + j, offset);
+  if (j < valid) {
+    cols[t] = Geo::prepare(boxes[base + j], offset);
+    col_classes[t] = classes[base + j];
+  }
   __syncthreads();
   const int i = row * kBlock + t;
   if (i >= valid) return;
-  const Box mine = load_box(boxes, classes, base + i, offset);
+  const typename Geo::Box mine = Geo::prepare(boxes[base + i], offset);
+  const int mine_class = classes[base + i];
   const int ncols = min(kBlock, valid - col * kBlock);
   const int first = row == col ? t + 1 : 0;  // only later candidates can be suppressed
   unsigned long long bits = 0;
   for (int k = first; k < ncols; ++k)
-    if (cols[k].cls == mine.cls && overlaps(mine, cols[k], threshold, offset)) bits |= 1ull << k;
+    if (col_classes[k] == mine_class && Geo::overlaps(mine, cols[k], threshold, offset)) bits |= 1ull << k;
   mask[(base + i) * nw + col] = bits;
 }
 
-template <typename T>
+template <int V, typename T>
 __device__ __forceinline__ void write_detection(const T* scores, const T* boxes, const int32_t* classes, size_t src,
                                                 T* out_scores, T* out_boxes, int32_t* out_classes, size_t dst) {
   out_scores[dst] = scores[src];
 #pragma unroll
-  for (int k = 0; k < 4; ++k) out_boxes[4 * dst + k] = boxes[4 * src + k];
+  for (int k = 0; k < V; ++k) out_boxes[V * dst + k] = boxes[V * src + k];
   out_classes[dst] = classes[src];
 }
 
 // One warp per image; `removed` (one bit per sorted candidate) is shared by the lanes.
-template <typename T>
+// V: values per box.
+template <int V, typename T>
 __global__ void __launch_bounds__(32)
     scan_kernel(const T* __restrict__ scores, const T* __restrict__ boxes, const int32_t* __restrict__ classes, int n,
                 int nw, int detections, const int* __restrict__ counts, const int* __restrict__ order,
@@ -327,24 +371,25 @@ __global__ void __launch_bounds__(32)
   }
   __syncwarp();
   for (int k = lane; k < kept; k += 32)
-    write_detection(scores, boxes, classes, base + order[base + keep[k]], out_scores, out_boxes, out_classes, out + k);
+    write_detection<V>(scores, boxes, classes, base + order[base + keep[k]], out_scores, out_boxes, out_classes,
+                       out + k);
   for (int k = kept + lane; k < detections; k += 32) {
     out_scores[out + k] = detail::from_float<T>(0.f);
 #pragma unroll
-    for (int c = 0; c < 4; ++c) out_boxes[4 * (out + k) + c] = detail::from_float<T>(0.f);
+    for (int c = 0; c < V; ++c) out_boxes[V * (out + k) + c] = detail::from_float<T>(0.f);
     out_classes[out + k] = -1;
   }
 }
 
-template <typename T>
+template <class Geo, typename T>
 cudaError_t launch(const NmsArgs& a, const T* scores, const T* boxes, const int32_t* classes, T* out_scores,
                    T* out_boxes, int32_t* out_classes, char* ws, cudaStream_t stream) {
-  const Layout l = layout(a);
+  const Layout l = layout<Geo>(a);
   const int n = a.num_candidates;
   const int nw = words(n);
   auto* counts = reinterpret_cast<int*>(ws + l.counts);
   auto* order = reinterpret_cast<int*>(ws + l.order);
-  auto* sorted_boxes = reinterpret_cast<float4*>(ws + l.boxes);
+  auto* sorted_boxes = reinterpret_cast<typename Geo::Stored*>(ws + l.boxes);
   auto* sorted_classes = reinterpret_cast<int*>(ws + l.classes);
   auto* removed = reinterpret_cast<unsigned long long*>(ws + l.removed);
   auto* mask = reinterpret_cast<unsigned long long*>(ws + l.mask);
@@ -355,7 +400,7 @@ cudaError_t launch(const NmsArgs& a, const T* scores, const T* boxes, const int3
       if ((err = cudaMemsetAsync(counts, 0, a.batch * sizeof(int), stream)) != cudaSuccess) return err;
     } else {
       const dim3 grid(ceil_div(n, kRankThreads / kRankSplit), a.batch);
-      rank_sort_kernel<T>
+      rank_sort_kernel<Geo, T>
           <<<grid, kRankThreads, 0, stream>>>(scores, boxes, classes, n, counts, order, sorted_boxes, sorted_classes);
     }
   } else {
@@ -371,17 +416,17 @@ cudaError_t launch(const NmsArgs& a, const T* scores, const T* boxes, const int3
     err = cub::DeviceSegmentedRadixSort::SortPairsDescending(ws + l.sort_temp, temp, keys_in, keys_out, order_in, order,
                                                              n * a.batch, a.batch, offsets, offsets + 1, 0, 31, stream);
     if (err != cudaSuccess) return err;
-    gather_kernel<T>
+    gather_kernel<Geo, T>
         <<<grid, kPrepareThreads, 0, stream>>>(boxes, classes, n, counts, order, sorted_boxes, sorted_classes);
   }
   if (n > 0)
-    mask_kernel<<<dim3(nw * (nw + 1) / 2, a.batch), kBlock, 0, stream>>>(sorted_boxes, sorted_classes, n, nw,
-                                                                         a.iou_threshold, a.box_offset, counts, mask);
+    mask_kernel<Geo><<<dim3(nw * (nw + 1) / 2, a.batch), kBlock, 0, stream>>>(
+        sorted_boxes, sorted_classes, n, nw, a.iou_threshold, a.box_offset, counts, mask);
   const size_t removed_bytes = static_cast<size_t>(nw) * sizeof(unsigned long long);
   const bool in_shared = removed_bytes <= kMaxSharedRemoved;
-  scan_kernel<T><<<a.batch, 32, in_shared ? removed_bytes : 0, stream>>>(scores, boxes, classes, n, nw, a.detections,
-                                                                         counts, order, mask, removed, in_shared, keep,
-                                                                         out_scores, out_boxes, out_classes);
+  scan_kernel<Geo::kValues, T><<<a.batch, 32, in_shared ? removed_bytes : 0, stream>>>(
+      scores, boxes, classes, n, nw, a.detections, counts, order, mask, removed, in_shared, keep, out_scores, out_boxes,
+      out_classes);
   return cudaGetLastError();
 }
 
@@ -392,22 +437,46 @@ bool valid(const NmsArgs& a) {
          static_cast<long long>(words(a.num_candidates)) * (words(a.num_candidates) + 1) / 2 < (1ll << 31);
 }
 
-}  // namespace
-
-size_t nms_workspace_size(const NmsArgs& args) { return valid(args) ? layout(args).total : 0; }
-
-cudaError_t nms(const NmsArgs& args, DType dtype, const void* scores, const void* boxes, const int32_t* classes,
+// The entry points of both geometries: argument checks, then launch<Geo>.
+template <class Geo>
+cudaError_t run(const NmsArgs& args, DType dtype, const void* scores, const void* boxes, const int32_t* classes,
                 void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace, size_t workspace_size,
                 cudaStream_t stream) {
   if (!valid(args)) return cudaErrorInvalidValue;
   if (args.batch == 0 || args.detections == 0) return cudaSuccess;
-  if (workspace == nullptr || workspace_size < layout(args).total) return cudaErrorInvalidValue;
+  if (workspace == nullptr || workspace_size < layout<Geo>(args).total) return cudaErrorInvalidValue;
   char* ws = static_cast<char*>(workspace);
   return detail::dispatch_float(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    return launch(args, static_cast<const T*>(scores), static_cast<const T*>(boxes), classes,
-                  static_cast<T*>(out_scores), static_cast<T*>(out_boxes), out_classes, ws, stream);
+    return launch<Geo>(args, static_cast<const T*>(scores), static_cast<const T*>(boxes), classes,
+                       static_cast<T*>(out_scores), static_cast<T*>(out_boxes), out_classes, ws, stream);
   });
+}
+
+// Rotated boxes have no +1 pixel convention.
+bool valid_rotated(const NmsArgs& a) { return valid(a) && a.box_offset == 0.f; }
+
+}  // namespace
+
+size_t nms_workspace_size(const NmsArgs& args) { return valid(args) ? layout<AxisGeometry>(args).total : 0; }
+
+cudaError_t nms(const NmsArgs& args, DType dtype, const void* scores, const void* boxes, const int32_t* classes,
+                void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace, size_t workspace_size,
+                cudaStream_t stream) {
+  return run<AxisGeometry>(args, dtype, scores, boxes, classes, out_scores, out_boxes, out_classes, workspace,
+                           workspace_size, stream);
+}
+
+size_t nms_rotated_workspace_size(const NmsArgs& args) {
+  return valid_rotated(args) ? layout<RotatedGeometry>(args).total : 0;
+}
+
+cudaError_t nms_rotated(const NmsArgs& args, DType dtype, const void* scores, const void* boxes, const int32_t* classes,
+                        void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace,
+                        size_t workspace_size, cudaStream_t stream) {
+  if (!valid_rotated(args)) return cudaErrorInvalidValue;
+  return run<RotatedGeometry>(args, dtype, scores, boxes, classes, out_scores, out_boxes, out_classes, workspace,
+                              workspace_size, stream);
 }
 
 }  // namespace retinanet
