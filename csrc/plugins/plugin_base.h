@@ -1,6 +1,7 @@
-// What RetinaNetDecode and RetinaNetNMS share as IPluginV3 classes, written once.
+// What RetinaNetDecode, RetinaNetNMS and their rotated forms share as IPluginV3 classes,
+// written once.
 //
-// Both plugins output (scores [B, K], boxes [B, K, 4], classes [B, K] INT32) in the
+// All plugins output (scores [B, K], boxes [B, K, V], classes [B, K] INT32) in the
 // scores' floating-point type, expose the three V3One capabilities, are configured
 // only by scalar / float-list fields, keep no per-context state, and turn their
 // input shapes into one kernel-argument struct that sizes the workspace and drives
@@ -10,6 +11,7 @@
 //   static constexpr char const* kInputs;      the inputs it takes, for error messages
 //   static constexpr int32_t kNbInputs;        number of inputs
 //   static constexpr int32_t kScoresRank;      rank of input 0 (scores)
+//   static constexpr int32_t kBoxValues;       V: 4 (x1, y1, x2, y2) or 5 (cx, cy, w, h, θ)
 //   static bool is_int_input(int32_t pos);     inputs that must be INT32
 //   int32_t output_length() const;             K
 //   using Args;                                the kernel's argument struct
@@ -144,10 +146,10 @@ class PluginBase : public nvinfer1::IPluginV3,
     outputs[0].nbDims = 2;  // scores [B, K]
     outputs[0].d[0] = batch;
     outputs[0].d[1] = length;
-    outputs[1].nbDims = 3;  // boxes [B, K, 4]
+    outputs[1].nbDims = 3;  // boxes [B, K, V]
     outputs[1].d[0] = batch;
     outputs[1].d[1] = length;
-    outputs[1].d[2] = exprBuilder.constant(4);
+    outputs[1].d[2] = exprBuilder.constant(Derived::kBoxValues);
     outputs[2] = outputs[0];  // classes [B, K]
     return 0;
   }

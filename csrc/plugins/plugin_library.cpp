@@ -74,8 +74,11 @@ nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
   try {  // the creators' constructors allocate their field lists
     static retinanet::plugins::DecodePluginCreator decode_creator;
     static retinanet::plugins::NmsPluginCreator nms_creator;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&decode_creator, &nms_creator};
-    nbCreators = 2;
+    static retinanet::plugins::DecodeRotatedPluginCreator decode_rotated_creator;
+    static retinanet::plugins::NmsRotatedPluginCreator nms_rotated_creator;
+    static nvinfer1::IPluginCreatorInterface* const creators[] = {&decode_creator, &nms_creator,
+                                                                  &decode_rotated_creator, &nms_rotated_creator};
+    nbCreators = 4;
     return creators;
   } catch (...) {
     retinanet::plugins::log_exception("getCreators");
@@ -90,7 +93,11 @@ namespace {
 // The macro pastes its argument into a variable name: plain identifiers only.
 using RetinaNetDecodeCreator = retinanet::plugins::DecodePluginCreator;
 using RetinaNetNMSCreator = retinanet::plugins::NmsPluginCreator;
+using RetinaNetDecodeRotatedCreator = retinanet::plugins::DecodeRotatedPluginCreator;
+using RetinaNetNMSRotatedCreator = retinanet::plugins::NmsRotatedPluginCreator;
 REGISTER_TENSORRT_PLUGIN(RetinaNetDecodeCreator);
 REGISTER_TENSORRT_PLUGIN(RetinaNetNMSCreator);
+REGISTER_TENSORRT_PLUGIN(RetinaNetDecodeRotatedCreator);
+REGISTER_TENSORRT_PLUGIN(RetinaNetNMSRotatedCreator);
 }  // namespace
 #endif

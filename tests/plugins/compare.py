@@ -1,8 +1,12 @@
 """Write plugin-harness cases and check the harness outputs against retinanet.ops.reference.
 
-python tests/plugins/compare.py write CASE_DIR      # inputs + cases.txt (+ reference outputs)
-build/check_plugins/plugin_harness CASE_DIR OUT_DIR  # on a GPU (scripts/check_plugins.sh builds it)
-python tests/plugins/compare.py check CASE_DIR OUT_DIR
+python tests/plugins/compare.py write CASE_DIR [--rotated]      # inputs + cases.txt (+ reference outputs)
+build/check_plugins/plugin_harness CASE_DIR OUT_DIR              # on a GPU (scripts/check_plugins.sh builds it)
+python tests/plugins/compare.py check CASE_DIR OUT_DIR [--rotated]
+
+--rotated: the cases of RetinaNetDecodeRotated and RetinaNetNMSRotated instead of the
+axis-aligned plugins' (a case set of its own, so that the axis-aligned cases.txt keeps
+its form).
 """
 
 import math
@@ -148,25 +152,140 @@ def cases():
     return out
 
 
+def rotated_anchors(sizes=(32.0, 48.0), ratios=(0.5, 1.0, 2.0), angles_deg=(-60.0, 0.0, 60.0)):
+    """[A, 5] (0, 0, w, h, α), the angle varying slowest as in docs/rotated.md."""
+    rows = []
+    for angle in angles_deg:
+        for ratio in ratios:
+            for size in sizes:
+                rows.append([0.0, 0.0, size / math.sqrt(ratio), size * math.sqrt(ratio), math.radians(angle)])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def random_rotated_boxes(g, batch, n, extent, size_lo, size_hi):
+    """[batch, n, 5] boxes with centres in [0, extent)^2, sides in [size_lo, size_hi), any angle."""
+    centres = torch.rand(batch, n, 2, generator=g) * extent
+    sizes = torch.rand(batch, n, 2, generator=g) * (size_hi - size_lo) + size_lo
+    angles = (torch.rand(batch, n, 1, generator=g) - 0.5) * math.pi
+    return torch.cat([centres, sizes, angles], 2)
+
+
+def rotated_cases():
+    """RetinaNetDecodeRotated and RetinaNetNMSRotated cases, f32 and f16: more and fewer
+    candidates than top_n, none at all, score ties; crowded NMS with ties and padding."""
+    g = torch.Generator().manual_seed(4)
+    out = []
+    anchors = rotated_anchors()
+    a = anchors.shape[0]
+    for dtype in ("f32", "f16"):
+        td = torch.float32 if dtype == "f32" else torch.float16
+        for name, (b, c, h, w, stride, thr, top_n) in {
+            "many": (3, 5, 12, 16, 8, 0.05, 100),
+            "few": (2, 4, 4, 4, 32, 0.5, 1000),
+            "none": (2, 2, 3, 3, 64, 0.99, 50),
+        }.items():
+            scores = torch.rand(b, a * c, h, w, generator=g)
+            if name == "many":  # ties
+                scores[:, :, :2] = 0.5
+            if name == "none":
+                scores *= 0.9
+            deltas = torch.randn(b, a * 6, h, w, generator=g) * 0.5
+            params = dict(stride=stride, score_threshold=thr, top_n=top_n, box_clamp=CLAMP)
+            inputs = dict(scores=scores.to(td), deltas=deltas.to(td), anchors=anchors)
+            out.append((f"rdecode_{name}_{dtype}", "decode_rotated", dtype, td, inputs, (b, a, c, h, w), params))
+        for name, (b, n, d, iou) in {"crowded": (3, 400, 100, 0.5), "sparse": (2, 30, 100, 0.3)}.items():
+            boxes = random_rotated_boxes(g, b, n, 100, 5, 45)
+            scores = torch.rand(b, n, generator=g)
+            scores[:, -5:] = 0  # padding never survives
+            scores[:, :10] = 0.75  # ties
+            classes = torch.randint(0, 4, (b, n), generator=g, dtype=torch.int32)
+            inputs = dict(scores=scores.to(td), boxes=boxes.to(td), classes=classes)
+            out.append((f"rnms_{name}_{dtype}", "nms_rotated", dtype, td, inputs, (b, n), dict(iou=iou, detections=d)))
+    return out
+
+
+# Rotated IoUs this close to the threshold may be decided either way: the kernels compute
+# the IoU in float32, the reference in float64.
+ROTATED_TIE_EPS = 1e-4
+
+
+def angle_difference(a, b):
+    """|a - b| for angles of rotated boxes, modulo a half turn (θ and θ ± π: one rectangle)."""
+    d = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) % math.pi
+    return np.minimum(d, math.pi - d)
+
+
+def rotated_boxes_close(got, ref, rtol, atol, angle_atol):
+    """Rotated boxes [..., 5] equal within tolerance, angles modulo a half turn."""
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    return np.allclose(got[..., :4], ref[..., :4], rtol=rtol, atol=atol) and bool(
+        (angle_difference(got[..., 4], ref[..., 4]) <= angle_atol).all()
+    )
+
+
+def rotated_nms_violation(scores, boxes, classes, out, threshold, eps=ROTATED_TIE_EPS):
+    """Why `out` (scores [D], boxes [D, 5], classes [D] of one image) is not a greedy
+    class-aware rotated NMS of the candidates, or None when it is one. A same-class IoU
+    within `eps` of the threshold may be decided either way; the check replays greedy
+    NMS on the kept boxes of `out`, so a tie's consequences are followed too."""
+    from retinanet.ops import rotated
+
+    out_s, out_b, out_c = (t.detach().float().cpu() if t.is_floating_point() else t.cpu() for t in out)
+    detections = out_s.shape[0]
+    kept = int((out_s > 0).sum())
+    if not (out_s[:kept] > 0).all():
+        return "padding before detections"
+    if (out_s[kept:] != 0).any() or (out_b[kept:] != 0).any() or (out_c[kept:] != -1).any():
+        return f"padding slots {kept}.. are not (score 0, box 0, class -1)"
+    s, b, c = scores.detach().float().cpu(), boxes.detach().float().cpu(), classes.cpu().long()
+    order = torch.sort(s, descending=True, stable=True).indices
+    suppressed = torch.zeros(s.shape[0], dtype=torch.bool)
+    tie = torch.zeros(s.shape[0], dtype=torch.bool)
+    slot = 0
+    for i in order[: int((s > 0).sum())].tolist():
+        if slot == detections:
+            break
+        same = (
+            slot < kept
+            and float(out_s[slot]) == float(s[i])
+            and int(out_c[slot]) == int(c[i])
+            and bool((out_b[slot] == b[i]).all())
+        )
+        if not same:
+            if not (suppressed[i] or tie[i]):
+                return f"slot {slot}: candidate {i} (score {float(s[i])}, class {int(c[i])}) is missing"
+            continue
+        if suppressed[i]:
+            return f"slot {slot}: keeps candidate {i}, which a kept box of its class suppresses"
+        iou = rotated.iou_pairs(b[i][None], b).float()
+        near = (iou - threshold).abs() <= eps
+        suppressed |= (c == c[i]) & (iou > threshold) & ~near
+        tie |= (c == c[i]) & near
+        slot += 1
+    if slot < kept:
+        return f"slot {slot}: {out_s[slot].item()} {out_c[slot].item()} is not the next candidate in score order"
+    return None
+
+
 def _save(t, path):
     t.contiguous().numpy().tofile(path)
 
 
-def write(case_dir):
+def write(case_dir, rotated=False):
     os.makedirs(case_dir, exist_ok=True)
     lines = []
-    for name, kind, dtype, _, inputs, shape, p in cases():
+    for name, kind, dtype, _, inputs, shape, p in rotated_cases() if rotated else cases():
         for k, t in inputs.items():
             _save(t, os.path.join(case_dir, f"{name}.{k}.bin"))
-        if kind == "decode":
+        if kind in ("decode", "decode_rotated"):
             b, a, c, h, w = shape
             line = (
-                f"{name} decode {dtype} {b} {a} {c} {h} {w} {p['stride']} {p['score_threshold']!r} "
+                f"{name} {kind} {dtype} {b} {a} {c} {h} {w} {p['stride']} {p['score_threshold']!r} "
                 f"{p['top_n']} {p['box_clamp']!r}"
             )
         else:
             b, n = shape
-            line = f"{name} nms {dtype} {b} {n} {p['iou']!r} {p['detections']}"
+            line = f"{name} {kind} {dtype} {b} {n} {p['iou']!r} {p['detections']}"
         # box_offset is an optional plugin field: cases without it run the plugins as files
         # written before it existed do (the harness then leaves the field out).
         lines.append(line + (f" {p['box_offset']!r}" if "box_offset" in p else ""))
@@ -174,7 +293,68 @@ def write(case_dir):
         f.write("\n".join(lines) + "\n")
 
 
-def check(case_dir, out_dir):
+def check_rotated(out_dir):
+    """The rotated cases' outputs: decode's scores and classes equal to the reference and
+    its boxes close (angles modulo a half turn); NMS a greedy NMS of its input that only
+    decides IoU ties (within ROTATED_TIE_EPS) otherwise than the reference."""
+    bad = 0
+    for name, kind, dtype, _, inputs, shape, p in rotated_cases():
+        np_dtype = np.float32 if dtype == "f32" else np.float16
+        if kind == "decode_rotated":
+            ref = reference.decode_rotated(
+                inputs["scores"],
+                inputs["deltas"],
+                inputs["anchors"],
+                p["stride"],
+                float(np.float32(p["score_threshold"])),
+                p["top_n"],
+                float(np.float32(p["box_clamp"])),
+            )
+            b, k = shape[0], p["top_n"]
+        else:
+            ref = reference.nms_rotated(
+                inputs["scores"], inputs["boxes"], inputs["classes"], float(np.float32(p["iou"])), p["detections"]
+            )
+            b, k = shape[0], p["detections"]
+        got = (
+            torch.from_numpy(np.fromfile(os.path.join(out_dir, f"{name}.scores.bin"), np_dtype).reshape(b, k)),
+            torch.from_numpy(np.fromfile(os.path.join(out_dir, f"{name}.boxes.bin"), np_dtype).reshape(b, k, 5)),
+            torch.from_numpy(np.fromfile(os.path.join(out_dir, f"{name}.classes.bin"), np.int32).reshape(b, k)),
+        )
+        why = None
+        if kind == "decode_rotated":
+            if not (torch.equal(got[2], ref[2]) and torch.equal(got[0], ref[0])):
+                why = "scores or classes (selection, order) differ"
+            elif not rotated_boxes_close(
+                got[1].float().numpy(),
+                ref[1].float().numpy(),
+                rtol=1e-5 if dtype == "f32" else 2e-3,
+                atol=1e-3 if dtype == "f32" else 0.05,
+                angle_atol=1e-5 if dtype == "f32" else 2e-3,
+            ):
+                why = "boxes differ"
+        else:
+            threshold = float(np.float32(p["iou"]))
+            for i in range(b):
+                if all(torch.equal(x[i], y[i]) for x, y in zip(got, ref)):
+                    continue
+                why = rotated_nms_violation(
+                    inputs["scores"][i], inputs["boxes"][i], inputs["classes"][i], tuple(t[i] for t in got), threshold
+                )
+                if why is not None:
+                    why = f"image {i}: {why}"
+                    break
+        kept = int((ref[0] > 0).sum())
+        print(f"{name}: {'equal to reference' if why is None else 'DIFFERS from reference'} ({kept} detections)")
+        if why is not None:
+            bad += 1
+            print(f"  {why}")
+    return bad
+
+
+def check(case_dir, out_dir, rotated=False):
+    if rotated:
+        return check_rotated(out_dir)
     bad = 0
     for name, kind, dtype, td, inputs, shape, p in cases():
         offset = float(np.float32(p.get("box_offset", 0.0)))  # absent: the plugins' default
@@ -227,7 +407,9 @@ def check(case_dir, out_dir):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "write":
-        write(sys.argv[2])
+    args = [a for a in sys.argv[1:] if a != "--rotated"]
+    rotated_only = "--rotated" in sys.argv[1:]
+    if args[0] == "write":
+        write(args[1], rotated=rotated_only)
     else:
-        sys.exit(1 if check(sys.argv[2], sys.argv[3]) else 0)
+        sys.exit(1 if check(args[1], args[2], rotated=rotated_only) else 0)

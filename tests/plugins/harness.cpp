@@ -1,13 +1,17 @@
-// Plugin harness: drives RetinaNetDecode / RetinaNetNMS through TensorRT's plugin
-// interfaces the way the builder and runtime do, with no TensorRT library.
+// Plugin harness: drives RetinaNetDecode / RetinaNetNMS and their rotated forms
+// (RetinaNetDecodeRotated / RetinaNetNMSRotated) through TensorRT's plugin interfaces
+// the way the builder and runtime do, with no TensorRT library.
 //
 //   plugin_harness CASE_DIR OUT_DIR
 //
 // CASE_DIR/cases.txt has one case per line:
-//   NAME decode f32|f16 B A C H W stride score_threshold top_n box_clamp [box_offset]
-//   NAME nms    f32|f16 B N nms_iou detections [box_offset]
-// box_offset is an optional field: a line without it creates the plugin without the
-// field, as from an ONNX file or engine written before the field existed.
+//   NAME decode         f32|f16 B A C H W stride score_threshold top_n box_clamp [box_offset]
+//   NAME nms            f32|f16 B N nms_iou detections [box_offset]
+//   NAME decode_rotated f32|f16 B A C H W stride score_threshold top_n box_clamp
+//   NAME nms_rotated    f32|f16 B N nms_iou detections
+// box_offset is an optional field of the axis-aligned plugins: a line without it creates
+// the plugin without the field, as from an ONNX file or engine written before the field
+// existed. The rotated plugins have no such field.
 // Inputs are raw little-endian files CASE_DIR/NAME.<tensor>.bin (decode: scores,
 // deltas in the case's type, anchors f32; nms: scores, boxes in the case's type,
 // classes i32). Outputs go to OUT_DIR/NAME.{scores,boxes,classes}.bin.
@@ -229,9 +233,10 @@ float serialized_float(nvinfer1::IPluginV3* plugin, char const* name) {
 }
 
 // The creator's fields: their names in order, each required one refused when missing; the
-// optional one taken when absent (as 0, serialised like the others) and refused when bad.
+// optional one (if the plugin has it) taken when absent (as 0, serialised like the others)
+// and refused when bad.
 void check_fields(nvinfer1::IPluginCreatorV3One* creator, char const* plugin, std::vector<PluginField> const& fields,
-                  std::vector<std::string> const& expected_fields) {
+                  std::vector<std::string> const& expected_fields, bool has_optional) {
   nvinfer1::PluginFieldCollection const* names = creator->getFieldNames();
   check(names->nbFields == static_cast<int32_t>(expected_fields.size()), "getFieldNames count");
   for (int32_t i = 0; i < names->nbFields && i < static_cast<int32_t>(expected_fields.size()); ++i) {
@@ -240,6 +245,12 @@ void check_fields(nvinfer1::IPluginCreatorV3One* creator, char const* plugin, st
   for (std::string const& name : expected_fields) {
     if (name == kOptionalField) continue;
     check(create(creator, plugin, without(fields, name)) == nullptr, "createPlugin refuses missing field " + name);
+  }
+  if (!has_optional) {
+    PluginPtr const plain = create(creator, plugin, fields);
+    check(plain != nullptr && std::isnan(serialized_float(plain.get(), kOptionalField)),
+          std::string("no ") + kOptionalField + " field serialised");
+    return;
   }
   std::vector<PluginField> const legacy = without(fields, kOptionalField);
   PluginPtr const plain = create(creator, plugin, legacy);
@@ -377,7 +388,8 @@ void run_on_device(nvinfer1::IPluginV3OneRuntime* rt, std::vector<Tensor> const&
 }
 
 // Runs one plugin case end to end. `expected_fields` are the creator's field names in order;
-// `box_offset` is the value the case's fields give (0 when they leave it out).
+// `box_offset` is the value the case's fields give (0 when they leave it out), NaN for the
+// rotated plugins, which have no such field.
 void run_case(std::string const& name, char const* plugin, std::vector<PluginField> const& fields,
               std::vector<std::string> const& expected_fields, float box_offset, std::vector<Tensor> const& ins,
               std::vector<Tensor> const& outs, std::vector<std::vector<char>> const& host_inputs,
@@ -385,12 +397,13 @@ void run_case(std::string const& name, char const* plugin, std::vector<PluginFie
   nvinfer1::IPluginCreatorV3One* creator = find_creator(plugin);
   check(creator != nullptr, std::string("creator ") + plugin + " from getCreators()");
   if (creator == nullptr) return;
-  check_fields(creator, plugin, fields, expected_fields);
+  bool const has_optional = !std::isnan(box_offset);
+  check_fields(creator, plugin, fields, expected_fields, has_optional);
 
   PluginPtr const built = create(creator, plugin, fields);
   check(built != nullptr, "createPlugin(kBUILD)");
   if (!built) return;
-  check(serialized_float(built.get(), kOptionalField) == box_offset, "box_offset field as given");
+  if (has_optional) check(serialized_float(built.get(), kOptionalField) == box_offset, "box_offset field as given");
   auto* core =
       static_cast<nvinfer1::IPluginV3OneCore*>(built->getCapabilityInterface(nvinfer1::PluginCapabilityType::kCORE));
   auto* build =
@@ -474,6 +487,51 @@ void nms_case(std::istringstream& in, std::string const& name, DataType t, std::
            out_dir + "/" + name);
 }
 
+// The rotated plugins: 5 anchor values, 6 deltas and 5 box values; no box_offset field.
+void decode_rotated_case(std::istringstream& in, std::string const& name, DataType t, std::string const& prefix,
+                         std::string const& out_dir) {
+  int64_t b, a, c, h, w;
+  int32_t stride, top_n;
+  float threshold, clamp;
+  in >> b >> a >> c >> h >> w >> stride >> threshold >> top_n >> clamp;
+  std::vector<char> anchors = read_file(prefix + ".anchors.bin");
+  std::vector<PluginField> const fields = {
+      PluginField("score_threshold", &threshold, PluginFieldType::kFLOAT32, 1),
+      PluginField("top_n", &top_n, PluginFieldType::kINT32, 1),
+      PluginField("box_clamp", &clamp, PluginFieldType::kFLOAT32, 1),
+      PluginField("stride", &stride, PluginFieldType::kINT32, 1),
+      PluginField("plugin_version", "1", PluginFieldType::kCHAR, 1),  // the parser may pass it: ignored
+      PluginField("anchors", anchors.data(), PluginFieldType::kFLOAT32, static_cast<int32_t>(a * 5)),
+  };
+  char const* const plugin = "RetinaNetDecodeRotated";
+  if (nvinfer1::IPluginCreatorV3One* creator = find_creator(plugin)) {  // a table of A*4 floats is not A*5
+    std::vector<PluginField> four = without(fields, "anchors");
+    four.emplace_back("anchors", anchors.data(), PluginFieldType::kFLOAT32, 4);
+    check(create(creator, plugin, four) == nullptr, "createPlugin refuses 4 anchor floats");
+  }
+  run_case(name, plugin, fields, {"score_threshold", "top_n", "box_clamp", "stride", "anchors"}, std::nanf(""),
+           {{{b, a * c, h, w}, t}, {{b, a * 6, h, w}, t}},
+           {{{b, top_n}, t}, {{b, top_n, 5}, t}, {{b, top_n}, DataType::kINT32}},
+           {read_file(prefix + ".scores.bin"), read_file(prefix + ".deltas.bin")}, out_dir + "/" + name);
+}
+
+void nms_rotated_case(std::istringstream& in, std::string const& name, DataType t, std::string const& prefix,
+                      std::string const& out_dir) {
+  int64_t b, n;
+  float iou;
+  int32_t detections;
+  in >> b >> n >> iou >> detections;
+  std::vector<PluginField> const fields = {
+      PluginField("nms_iou", &iou, PluginFieldType::kFLOAT32, 1),
+      PluginField("detections", &detections, PluginFieldType::kINT32, 1),
+  };
+  run_case(name, "RetinaNetNMSRotated", fields, {"nms_iou", "detections"}, std::nanf(""),
+           {{{b, n}, t}, {{b, n, 5}, t}, {{b, n}, DataType::kINT32}},
+           {{{b, detections}, t}, {{b, detections, 5}, t}, {{b, detections}, DataType::kINT32}},
+           {read_file(prefix + ".scores.bin"), read_file(prefix + ".boxes.bin"), read_file(prefix + ".classes.bin")},
+           out_dir + "/" + name);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -502,6 +560,10 @@ int main(int argc, char** argv) {
         decode_case(in, name, t, prefix, out_dir);
       } else if (kind == "nms") {
         nms_case(in, name, t, prefix, out_dir);
+      } else if (kind == "decode_rotated") {
+        decode_rotated_case(in, name, t, prefix, out_dir);
+      } else if (kind == "nms_rotated") {
+        nms_rotated_case(in, name, t, prefix, out_dir);
       } else {
         throw std::runtime_error("unknown kind " + kind);
       }
