@@ -10,8 +10,9 @@
 #   SKIP_TESTS=1 (no pytest), SKIP_TRAINING_TESTS=1 (no slow tests: the demo training and what uses it),
 #   DALI_DEMO=1 (train and infer the demo with --with-dali, then infer without it: the mAPs of both
 #   loaders on one model),
-#   TENSORRT_INCLUDE=DIR (TensorRT headers, carried: build the plugins and run their harness
-#   against retinanet.ops.reference; no TensorRT library needed).
+#   TENSORRT_INCLUDE=DIR[:DIR...] (TensorRT headers, carried: for each folder (say TensorRT 10's
+#   and 11's) build the plugins and run their harness, axis-aligned and rotated cases, against
+#   retinanet.ops.reference; no TensorRT library needed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -60,12 +61,22 @@ dali_demo() {
    python3 -m retinanet infer demo.pth --images "$demo/val" --annotations "$demo/val.json" --output torch.json)
 }
 
-plugin_harness() {
-  local cases=$OUT/plugin_cases
-  bash scripts/check_plugins.sh build/check_plugins &&
-  python3 tests/plugins/compare.py write "$cases" &&
-  mkdir -p "$cases/out" && build/check_plugins/plugin_harness "$cases" "$cases/out" &&
-  python3 tests/plugins/compare.py check "$cases" "$cases/out" && rm -rf "$cases"
+plugin_harness() {  # every header folder of TENSORRT_INCLUDE, each with both case sets
+  local include build set cases flag n=0
+  for include in ${TENSORRT_INCLUDE//:/ }; do
+    n=$((n + 1))
+    build=build/check_plugins_$n
+    TENSORRT_INCLUDE=$include bash scripts/check_plugins.sh "$build" || return 1
+    for set in axis rotated; do
+      cases=$OUT/plugin_cases_$set
+      flag=$([ "$set" = rotated ] && echo --rotated)
+      echo "--- harness ($include, $set cases)"
+      # shellcheck disable=SC2086
+      python3 tests/plugins/compare.py write "$cases" $flag &&
+      mkdir -p "$cases/out" && "$build/plugin_harness" "$cases" "$cases/out" &&
+      python3 tests/plugins/compare.py check "$cases" "$cases/out" $flag && rm -rf "$cases" || return 1
+    done
+  done
 }
 
 if step build build.log python3 setup.py build_ext --inplace; then
