@@ -62,18 +62,26 @@ dali_demo() {
 }
 
 plugin_harness() {  # every header folder of TENSORRT_INCLUDE, each with both case sets
-  local include build set cases flag n=0
-  for include in ${TENSORRT_INCLUDE//:/ }; do
+  local include build set cases flag n=0 builds=()
+  for include in ${TENSORRT_INCLUDE//:/ }; do  # the builds side by side: each compiles serially
     n=$((n + 1))
-    build=build/check_plugins_$n
-    TENSORRT_INCLUDE=$include bash scripts/check_plugins.sh "$build" || return 1
+    builds+=("build/check_plugins_$n")
+    TENSORRT_INCLUDE=$include bash scripts/check_plugins.sh "build/check_plugins_$n" > "$OUT/check_plugins_$n.log" 2>&1 &
+  done
+  wait
+  n=0
+  for include in ${TENSORRT_INCLUDE//:/ }; do
+    build=${builds[$n]}
+    n=$((n + 1))
+    cat "$OUT/check_plugins_$n.log"
+    [ -x "$build/plugin_harness" ] || return 1
     for set in axis rotated; do
       cases=$OUT/plugin_cases_$set
       flag=$([ "$set" = rotated ] && echo --rotated)
       echo "--- harness ($include, $set cases)"
       # shellcheck disable=SC2086
       python3 tests/plugins/compare.py write "$cases" $flag &&
-      mkdir -p "$cases/out" && "$build/plugin_harness" "$cases" "$cases/out" &&
+      mkdir -p "$cases/out" && "$build/plugin_harness" "$cases" "$cases/out" | grep -E "FAIL|failed checks|^plugin_harness" &&
       python3 tests/plugins/compare.py check "$cases" "$cases/out" $flag && rm -rf "$cases" || return 1
     done
   done
