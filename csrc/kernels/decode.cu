@@ -407,9 +407,9 @@ struct RotatedCoder {
 template <class Coder, typename T>
 __global__ void __launch_bounds__(kThreads)
     emit_kernel(const T* __restrict__ deltas, const float* __restrict__ anchors, int num_anchors, int num_classes,
-                LevelGeometry level, int top_n, const DecodeState* __restrict__ states, const uint64_t* __restrict__ selected,
-                const uint64_t* __restrict__ bucket, T* __restrict__ out_scores, T* __restrict__ out_boxes,
-                int32_t* __restrict__ out_classes) {
+                LevelGeometry level, int top_n, const DecodeState* __restrict__ states,
+                const uint64_t* __restrict__ selected, const uint64_t* __restrict__ bucket, T* __restrict__ out_scores,
+                T* __restrict__ out_boxes, int32_t* __restrict__ out_classes) {
   constexpr int kPerBlock = kThreads / kRankSplit;
   __shared__ uint64_t tile[kRankTile];
   const int b = blockIdx.y;

@@ -472,8 +472,8 @@ size_t nms_rotated_workspace_size(const NmsArgs& args) {
 }
 
 cudaError_t nms_rotated(const NmsArgs& args, DType dtype, const void* scores, const void* boxes, const int32_t* classes,
-                        void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace,
-                        size_t workspace_size, cudaStream_t stream) {
+                        void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace, size_t workspace_size,
+                        cudaStream_t stream) {
   if (!valid_rotated(args)) return cudaErrorInvalidValue;
   return run<RotatedGeometry>(args, dtype, scores, boxes, classes, out_scores, out_boxes, out_classes, workspace,
                               workspace_size, stream);

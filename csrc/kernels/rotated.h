@@ -44,7 +44,7 @@ cudaError_t decode_rotated(const DecodeArgs& args, DType dtype, const void* cls_
 // args.box_offset must be 0.
 size_t nms_rotated_workspace_size(const NmsArgs& args);
 cudaError_t nms_rotated(const NmsArgs& args, DType dtype, const void* scores, const void* boxes, const int32_t* classes,
-                        void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace,
-                        size_t workspace_size, cudaStream_t stream);
+                        void* out_scores, void* out_boxes, int32_t* out_classes, void* workspace, size_t workspace_size,
+                        cudaStream_t stream);
 
 }  // namespace retinanet

@@ -37,8 +37,8 @@ __device__ __forceinline__ Box make_box(float cx, float cy, float w, float h, fl
   sincosf(theta, &b.sin_t, &b.cos_t);
   // Zero, negative or non-finite extents and non-finite angles or centres: no area,
   // which makes every IoU with the box 0 below.
-  const bool usable = w > 0.f && h > 0.f && w <= FLT_MAX && h <= FLT_MAX && isfinite(b.cos_t) &&
-                      isfinite(b.sin_t) && isfinite(cx) && isfinite(cy);
+  const bool usable = w > 0.f && h > 0.f && w <= FLT_MAX && h <= FLT_MAX && isfinite(b.cos_t) && isfinite(b.sin_t) &&
+                      isfinite(cx) && isfinite(cy);
   b.area = usable ? w * h : 0.f;
   b.radius = 0.5f * sqrtf(w * w + h * h);
   return b;

@@ -17,8 +17,8 @@ __device__ __forceinline__ rotated::Box load(const float* boxes, int64_t i) {
   return rotated::make_box(p[0], p[1], p[2], p[3], p[4]);
 }
 
-__global__ void __launch_bounds__(kTileX* kTileY)
-    iou_kernel(int64_t n, int64_t m, const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out) {
+__global__ void __launch_bounds__(kTileX* kTileY) iou_kernel(int64_t n, int64_t m, const float* __restrict__ a,
+                                                             const float* __restrict__ b, float* __restrict__ out) {
   __shared__ rotated::Box rows[kTileY];
   __shared__ rotated::Box cols[kTileX];
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileX;

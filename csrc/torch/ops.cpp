@@ -58,8 +58,15 @@ struct BoxKind {
   size_t (*nms_workspace)(const retinanet::NmsArgs&);
   decltype(&retinanet::nms) nms_kernel;
 };
-constexpr BoxKind kAxis{"decode",         "nms", 4, 4, 4, &retinanet::decode_workspace_size, &retinanet::decode,
-                        &retinanet::nms_workspace_size, &retinanet::nms};
+constexpr BoxKind kAxis{"decode",
+                        "nms",
+                        4,
+                        4,
+                        4,
+                        &retinanet::decode_workspace_size,
+                        &retinanet::decode,
+                        &retinanet::nms_workspace_size,
+                        &retinanet::nms};
 constexpr BoxKind kRotated{"decode_rotated",
                            "nms_rotated",
                            5,
@@ -94,8 +101,7 @@ void check_nms_shapes(const at::Tensor& scores, const at::Tensor& boxes, const a
   TORCH_CHECK(boxes.dim() == 3 && boxes.size(0) == scores.size(0) && boxes.size(1) == scores.size(1) &&
                   boxes.size(2) == kind.values,
               "retinanet::", op, ": boxes must be [B, N, ", kind.values, "], got ", boxes.sizes());
-  TORCH_CHECK(classes.sizes() == scores.sizes(), "retinanet::", op, ": classes must be [B, N], got ",
-              classes.sizes());
+  TORCH_CHECK(classes.sizes() == scores.sizes(), "retinanet::", op, ": classes must be [B, N], got ", classes.sizes());
   TORCH_CHECK(at::isFloatingType(scores.scalar_type()) && at::isFloatingType(boxes.scalar_type()), "retinanet::", op,
               ": scores and boxes must be floating point");
   TORCH_CHECK(!at::isFloatingType(classes.scalar_type()) && classes.scalar_type() != at::kBool, "retinanet::", op,
@@ -141,10 +147,10 @@ Outputs decode_with(const BoxKind& kind, const at::Tensor& cls_scores, const at:
   TORCH_CHECK(ws_bytes > 0 || args.batch == 0, "retinanet::", op, ": unsupported sizes ", scores.sizes(),
               " (at most 65535 images and 2^31 scores per image)");
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, scores.options().dtype(at::kByte));
-  const cudaError_t err = kind.decode_kernel(args, to_dtype(dtype), scores.data_ptr(), deltas.data_ptr(),
-                                             anchor_table.data_ptr<float>(), out_scores.data_ptr(),
-                                             out_boxes.data_ptr(), out_classes.data_ptr<int32_t>(),
-                                             workspace.data_ptr(), ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err =
+      kind.decode_kernel(args, to_dtype(dtype), scores.data_ptr(), deltas.data_ptr(), anchor_table.data_ptr<float>(),
+                         out_scores.data_ptr(), out_boxes.data_ptr(), out_classes.data_ptr<int32_t>(),
+                         workspace.data_ptr(), ws_bytes, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "retinanet::", op, ": ", cudaGetErrorString(err));
   if (dtype != out_dtype) return {out_scores.to(out_dtype), out_boxes.to(out_dtype), out_classes};
   return {out_scores, out_boxes, out_classes};
