@@ -174,6 +174,20 @@ def _train_run_flags(t: Parser) -> None:
         nargs="+",
         help=f"anchor sizes in strides {dm('anchor_scales')}",
     )
+    t.add_argument(
+        "--rotated-bbox",
+        dest="rotated",
+        action="store_true",
+        default=None,
+        help="boxes with an angle: COCO bbox [x, y, w, h, θ] (radians, anti-clockwise); rotated mAP",
+    )
+    t.add_argument(
+        "--anchor-angles",
+        type=float,
+        nargs="+",
+        metavar="DEG",
+        help=f"rotated anchors' angles in degrees {dm('anchor_angles')}",
+    )
     t.add_argument("--seed", type=non_negative, help=f"random seed {dt('seed')}")
     t.add_argument(
         "--workers", type=non_negative, help=f"data loader processes; with --with-dali its CPU threads {dt('workers')}"

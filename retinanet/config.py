@@ -38,6 +38,10 @@ class ModelConfig:
     # converted weights detect what they did there. Either way it only changes the
     # per-level anchor tables (model.anchors), which every implementation takes as data.
     anchor_placement: str = "centre"
+    # Rotated boxes (docs/rotated.md): boxes (cx, cy, w, h, θ), each axis-aligned anchor
+    # repeated at these angles (degrees, anti-clockwise on screen), six box values per anchor.
+    rotated: bool = False
+    anchor_angles: list[float] = field(default_factory=lambda: [-30.0, 0.0, 30.0])
     # 1 for the "+1 pixel" box convention of converted ODTK checkpoints: a box's
     # width is x2 - x1 + 1, in decoding, clipping, IoU and the output width.
     box_offset: float = 0.0
@@ -96,7 +100,18 @@ class ModelConfig:
 
     @property
     def num_anchors(self) -> int:
-        return len(self.anchor_ratios) * len(self.anchor_scales)
+        angles = len(self.anchor_angles) if self.rotated else 1
+        return len(self.anchor_ratios) * len(self.anchor_scales) * angles
+
+    @property
+    def box_deltas(self) -> int:
+        """Box-head outputs per anchor: dx dy dw dh, and for rotated boxes the angle's sin and cos."""
+        return 6 if self.rotated else 4
+
+    @property
+    def box_values(self) -> int:
+        """Values per detected box: x1 y1 x2 y2, or cx cy w h θ."""
+        return 5 if self.rotated else 4
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +134,18 @@ class ModelConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if self.box_offset not in (0.0, 1.0):
             raise ValueError(f"box_offset must be 0 or 1, not {self.box_offset!r}")
+        if self.rotated:
+            self._check_rotated()
+
+    def _check_rotated(self) -> None:
+        # The rotated ops know one convention: continuous widths, anchors on cell centres,
+        # and no clipping (clipping the unrotated extents would move a turned box).
+        if self.anchor_placement != "centre" or self.box_offset or self.clip_to_image:
+            raise ValueError("rotated models take anchor_placement centre, box_offset 0 and no clip_to_image")
+        if not self.anchor_angles or not all(-180 < a <= 180 for a in self.anchor_angles):
+            raise ValueError(f"anchor_angles must be degrees in (-180, 180], got {self.anchor_angles}")
+        if len(set(self.anchor_angles)) != len(self.anchor_angles):
+            raise ValueError(f"anchor_angles must differ, got {self.anchor_angles}")
 
 
 # Target rows are (x1, y1, x2, y2, label); these labels mark the non-objects.

@@ -35,10 +35,16 @@ def _coco_classes():
         return COCO, COCOeval
 
 
-def coco_stats(annotations_file: str, detections: list[dict], image_ids: list[int] | None = None) -> list[float]:
+def coco_stats(
+    annotations_file: str, detections: list[dict], image_ids: list[int] | None = None, rotated: bool = False
+) -> list[float]:
     """The 12 COCO bbox stats of `detections` (COCO result records) against the file.
 
-    With no detections at all every stat is 0 (pycocotools cannot load an empty list).
+    rotated: the records carry their boxes' corners as `segmentation` (infer.rotated_records);
+    COCO's segm evaluation scores those polygons against the ground truth's, made from the
+    annotations' [x, y, w, h, θ] boxes the same way (docs/rotated.md), whatever
+    segmentation the file holds. With no detections at all every stat is 0 (pycocotools
+    cannot load an empty list).
     """
     if not detections:
         return [0.0] * 12
@@ -49,12 +55,14 @@ def coco_stats(annotations_file: str, detections: list[dict], image_ids: list[in
     for a in doc["annotations"]:
         a.setdefault("iscrowd", 0)
         a.setdefault("area", a["bbox"][2] * a["bbox"][3])
+    if rotated:
+        _rotated_ground_truth(doc["annotations"])
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = doc
         gt.createIndex()
         dt = gt.loadRes(detections)
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, dt, "segm" if rotated else "bbox")
         if image_ids is not None:
             ev.params.imgIds = sorted(image_ids)
         ev.evaluate()
@@ -63,8 +71,23 @@ def coco_stats(annotations_file: str, detections: list[dict], image_ids: list[in
     return [float(s) for s in ev.stats[:12]]
 
 
-def format_stats(stats: list[float]) -> str:
+def _rotated_ground_truth(annotations: list[dict]) -> None:
+    import torch
+
+    from .ops import rotated
+
+    for a in annotations:
+        x, y, w, h, *theta = (float(v) for v in a["bbox"])
+        box = torch.tensor([[x + w / 2, y + h / 2, w, h, theta[0] if theta else 0.0]], dtype=torch.float64)
+        a["segmentation"] = [rotated.polygons(box)[0].tolist()]
+        a["area"] = w * h
+        a["bbox"] = [x, y, w, h]  # COCO's loader reads 4 values; the polygon carries the turn
+
+
+def format_stats(stats: list[float], rotated: bool = False) -> str:
     lines = ["metric  IoU        area    maxDets  value", "-" * 40]
+    if rotated:
+        lines.insert(0, "rotated boxes: COCO segm AP of the boxes' polygons")
     for (kind, iou, area, dets), v in zip(STAT_NAMES, stats):
         lines.append(f"{kind:<7} {iou:<10} {area:<7} {dets:>7}  {v:6.3f}")
     return "\n".join(lines)

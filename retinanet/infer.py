@@ -13,12 +13,13 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed, evaluate, infer_video, runtime
 from .data.batch import Collate
-from .data.coco import CocoAnnotations, DetectionDataset, folder_records
+from .data.coco import CocoAnnotations, DetectionDataset, check_box_form, folder_records
 from .data.gpu import GpuBatches
 from .draw import DRAW_THRESHOLD, draw
 from .errors import UserError
 from .files import atomic_write, check_output
 from .images import CorruptImage, mean_pixel, read_image
+from .ops import rotated as rotated_ops
 from .runtime import Detections, Detector
 from .video import VIDEO_TIMEOUT
 
@@ -65,8 +66,10 @@ def batch_records(detector: Detector, batch, outputs, event) -> list[dict]:
     """COCO result records of one batch's outputs (scores, boxes, classes), once they arrived."""
     if event is not None:
         event.synchronize()
-    records = []
     dets = detector.to_original(*outputs, batch.scales, batch.sizes)
+    if detector.config.rotated:
+        return [r for image_id, d in zip(batch.image_ids, dets) for r in rotated_records(image_id, d)]
+    records = []
     offset = detector.config.box_offset  # 1: x2 is the last pixel inside, the width counts it
     for image_id, d in zip(batch.image_ids, dets):
         xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2] + offset], dim=1)
@@ -75,6 +78,23 @@ def batch_records(detector: Detector, batch, outputs, event) -> list[dict]:
                 {"image_id": image_id, "category_id": cat, "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
             )
     return records
+
+
+def rotated_records(image_id: int, d: Detections) -> list[dict]:
+    """Records of rotated detections: bbox [x, y, w, h, θ] (the unrotated rectangle and its
+    turn), and the corners as a COCO polygon, which COCO's segm evaluation scores."""
+    xywha = rotated_ops.to_xywha(d.boxes).tolist()
+    corners = rotated_ops.polygons(d.boxes).tolist()
+    return [
+        {
+            "image_id": image_id,
+            "category_id": cat,
+            "bbox": [round(v, 2) for v in box[:4]] + [round(box[4], 5)],
+            "segmentation": [[round(v, 2) for v in polygon]],
+            "score": round(score, 5),
+        }
+        for box, polygon, score, cat in zip(xywha, corners, d.scores.tolist(), d.category_ids.tolist())
+    ]
 
 
 def choose_loader(device: torch.device, with_dali: bool) -> str:
@@ -298,6 +318,7 @@ def infer(
     coco = None
     if annotations is not None:
         coco = CocoAnnotations(annotations, category_ids=None)
+        check_box_form(coco, detector.config.rotated)
         # A model may know more categories than a dataset has (torchvision's COCO models
         # keep its 91-slot label space); evaluation covers the dataset's.
         unknown = sorted(set(coco.category_ids) - set(detector.category_ids.tolist()))
@@ -335,9 +356,10 @@ def infer(
         print(speed_line(timing, process_start()), file=sys.stderr)
     if coco is None:
         return None
-    stats = evaluate.coco_stats(annotations, records, [r.id for r in coco.images])
+    rotated = detector.config.rotated
+    stats = evaluate.coco_stats(annotations, records, [r.id for r in coco.images], rotated)
     if not quiet:
-        print(evaluate.format_stats(stats))
+        print(evaluate.format_stats(stats, rotated))
     return stats
 
 
@@ -398,10 +420,14 @@ def draw_images(records, images: str, coco: CocoAnnotations | None, folder: str,
 
 
 def _detections(records: list[dict], detector) -> Detections:
-    """Records (x, y, w, h) back to boxes (x1, y1, x2, y2)."""
-    offset = detector.config.box_offset
-    xywh = torch.tensor([r["bbox"] for r in records], dtype=torch.float32).reshape(-1, 4)
-    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:] - offset], dim=1)
+    """Records (x, y, w, h) back to boxes (x1, y1, x2, y2), or (cx, cy, w, h, θ) when rotated."""
+    if detector.config.rotated:
+        xywha = torch.tensor([r["bbox"] for r in records], dtype=torch.float32).reshape(-1, 5)
+        boxes = torch.cat([xywha[:, :2] + xywha[:, 2:4] / 2, xywha[:, 2:]], dim=1)
+    else:
+        offset = detector.config.box_offset
+        xywh = torch.tensor([r["bbox"] for r in records], dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:] - offset], dim=1)
     scores = torch.tensor([r["score"] for r in records], dtype=torch.float32)
     ids = torch.tensor([r["category_id"] for r in records], dtype=torch.long)
     return Detections(boxes, scores, ids, detector.category_names)

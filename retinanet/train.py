@@ -23,7 +23,7 @@ from . import checkpoint, distributed, evaluate
 from .config import LABEL_PAD, ModelConfig, TrainConfig
 from .data import transforms as T
 from .data.batch import Collate
-from .data.coco import CocoAnnotations, DetectionDataset
+from .data.coco import CocoAnnotations, DetectionDataset, check_box_form
 from .errors import Interrupted, UserError
 from .images import mean_pixel
 from .infer import sharded_records
@@ -71,6 +71,8 @@ MODEL_FLAGS = (
     "anchor_ious",
     "anchor_ratios",
     "anchor_scales",
+    "rotated",
+    "anchor_angles",
 )
 TRAIN_FLAGS = (
     "clip_grad",
@@ -112,13 +114,14 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
         raise UserError(f"--jitter {train_kw['jitter'][0]} {train_kw['jitter'][1]}: MIN is larger than MAX")
     if "anchor_ious" in model_kw and model_kw["anchor_ious"][0] > model_kw["anchor_ious"][1]:
         raise UserError("--anchor-ious BG FG: BG must not exceed FG")
+    check_rotated_flags(given)
     demo_mode = "annotations" not in given
     if demo_mode:
         if "val_annotations" in given or "val_images" in given:
             raise UserError("--val-annotations/--val-images need --annotations (without it the demo data is used)")
         model_kw = {**DEMO_MODEL, **model_kw}
         train_kw = {**DEMO_TRAIN, **train_kw}
-        paths = DataPaths(**demo.paths())
+        paths = DataPaths(**demo.paths(rotated=model_kw.get("rotated", False)))
         pretrained = False
         if "backbone_weights" in given:
             model_kw["freeze_bn"] = True
@@ -139,6 +142,7 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
         # class count (from the annotations) and explicit flags change.
         source = checkpoint.load(given["fine_tune"])["config"].to_dict()
         source.pop("classes")
+        check_fine_tune_form(given["fine_tune"], source, model_kw)
         if "backbone" in model_kw and model_kw["backbone"] != source["backbone"]:
             raise UserError(
                 f"{given['fine_tune']}: --fine-tune checkpoint is a {source['backbone']}, not a {model_kw['backbone']}"
@@ -150,6 +154,38 @@ def resolve_settings(given: dict) -> tuple[ModelConfig, TrainConfig, DataPaths, 
     if "classes" not in model_kw:
         model_kw["classes"] = CocoAnnotations(paths.annotations).classes
     return ModelConfig(**model_kw), TrainConfig(**train_kw), paths, pretrained
+
+
+def check_rotated_flags(given: dict) -> None:
+    """Flags that rotated boxes cannot honour, refused before any work."""
+    if "anchor_angles" in given and not given.get("rotated") and "fine_tune" not in given:
+        raise UserError("--anchor-angles needs --rotated-bbox")
+    if not given.get("rotated"):
+        return
+    if given.get("augment_crop"):
+        raise UserError("--augment-crop cannot keep rotated boxes exact (a cut box is no rectangle); drop it")
+    if given.get("with_dali"):
+        raise UserError("--with-dali has no rotated-box augmentations; train rotated models without it")
+    angles = given.get("anchor_angles")
+    if angles is not None and (len(set(angles)) != len(angles) or not all(-180 < a <= 180 for a in angles)):
+        raise UserError(f"--anchor-angles {' '.join(map(str, angles))}: give distinct degrees in (-180, 180]")
+
+
+def check_fine_tune_form(path: str, source: dict, model_kw: dict) -> None:
+    """--rotated-bbox and --anchor-angles must agree with the checkpoint being fine-tuned:
+    its box head has one set of outputs per anchor and angle."""
+    if model_kw.get("rotated") and not source.get("rotated"):
+        raise UserError(
+            f"{path}: --fine-tune checkpoint detects axis-aligned boxes; --rotated-bbox needs a rotated "
+            "checkpoint (or train without --fine-tune)"
+        )
+    angles = model_kw.get("anchor_angles")
+    if angles is not None and source.get("rotated") and list(angles) != list(source["anchor_angles"]):
+        raise UserError(
+            f"{path}: --fine-tune checkpoint has anchor angles {source['anchor_angles']}, not {list(angles)}"
+        )
+    if angles is not None and not source.get("rotated") and not model_kw.get("rotated"):
+        raise UserError("--anchor-angles needs --rotated-bbox")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -413,7 +449,7 @@ def resume_settings(
             f"({coco.category_ids}); pass --override to start fresh or --fine-tune"
         )
     saved = resume["config"]
-    for name in ("backbone", "classes"):
+    for name in ("backbone", "classes", "rotated", "anchor_angles"):
         if name in explicit and getattr(model_cfg, name) != getattr(saved, name):
             raise UserError(
                 f"{model_path}: checkpoint is {name} {getattr(saved, name)}, "
@@ -455,10 +491,12 @@ def prepare(
     """Every check that can fail on the user's input, before any model is built."""
     coco = CocoAnnotations(paths.annotations)
     resume, model_cfg, cfg = resume_settings(model_path, model_cfg, cfg, coco, override, explicit)
+    check_box_form(coco, model_cfg.rotated)
     check_world(cfg.batch, world)
     check_images(paths.images, coco, "--images", cfg.batch // world)
     if paths.val_annotations:
         val = CocoAnnotations(paths.val_annotations, category_ids=coco.category_ids)
+        check_box_form(val, model_cfg.rotated)
         check_images(paths.val_images, val, "--val-images")
     return Setup(model_path, model_cfg, cfg, paths, coco, resume)
 
@@ -524,6 +562,7 @@ class Trainer:
             augment=self.augment,
             seed=self.cfg.seed,
             fill=mean_pixel(s.model_cfg.mean),
+            rotated=s.model_cfg.rotated,
         )
         self.per_rank = self.cfg.batch // world
         self.sampler = EpochSampler(len(self.dataset), self.cfg.seed, rank, world)
@@ -606,8 +645,8 @@ class Trainer:
         # would hold one value per channel, which BatchNorm cannot train on.
         m = -(-128 // self.collate.multiple) * self.collate.multiple
         batch.images = torch.zeros(1, 3, m, m, dtype=torch.uint8)
-        batch.targets = torch.zeros(1, 1, 5)
-        batch.targets[..., 4] = LABEL_PAD
+        batch.targets = torch.zeros(1, 1, self.s.model_cfg.box_values + 1)
+        batch.targets[..., -1] = LABEL_PAD
         batch.valid = torch.tensor([[m, m]], dtype=torch.int32)
 
     def step(self, batch, stop: int) -> dict:
@@ -719,7 +758,8 @@ class Trainer:
             with_dali=self.cfg.with_dali,
         )
         self.net.train()
-        return evaluate.coco_stats(self.s.paths.val_annotations, records, [r.id for r in coco.images])
+        image_ids = [r.id for r in coco.images]
+        return evaluate.coco_stats(self.s.paths.val_annotations, records, image_ids, m.rotated)
 
 
 def run(t: Trainer, stop: StopRequest, writer, log: bool) -> list[float] | None:
@@ -753,7 +793,7 @@ def run(t: Trainer, stop: StopRequest, writer, log: bool) -> list[float] | None:
                 t.save(position)
             if t.s.paths.val_annotations and (t.iteration % t.cfg.val_iters == 0 or last):
                 stats = t.validate()
-                report_validation(writer, t.iteration, stats, log)
+                report_validation(writer, t.iteration, stats, log, t.s.model_cfg.rotated)
             if last:
                 return stats
         if steps == 0 and (position > resumed_at or resumed_at == 0):  # else: resumed at the epoch's end
@@ -788,9 +828,9 @@ def log_scalars(writer, iteration: int, out: dict, lr: float, rate: float) -> No
     writer.add_scalar("train/img_per_s", rate, iteration)
 
 
-def report_validation(writer, iteration: int, stats: list[float], log: bool) -> None:
+def report_validation(writer, iteration: int, stats: list[float], log: bool, rotated: bool = False) -> None:
     if log:
-        print(f"validation at iteration {iteration}:\n{evaluate.format_stats(stats)}", flush=True)
+        print(f"validation at iteration {iteration}:\n{evaluate.format_stats(stats, rotated)}", flush=True)
     if writer is not None:
         for (kind, iou, area, dets), v in zip(evaluate.STAT_NAMES, stats):
             writer.add_scalar(f"val/{kind}@{iou}/{area}/{dets}", v, iteration)

@@ -79,6 +79,10 @@ from .options import PRECISIONS, SUPPORTED_OPSETS, ExportOptions
 PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_VERSION = "1"
 EXAMPLE_BATCH = 2  # traced batch; the exported axis is dynamic
+ROTATED_PORTABLE = (
+    "{model}: a rotated-box model exports in the TensorRT form only (--plugin-form, or an engine): "
+    "standard ONNX has no rotated-box NMS for the portable form"
+)
 MAX_BATCH = 4096
 
 
@@ -262,20 +266,25 @@ def _output_shapes(proto) -> dict[str, list]:
 
 
 def _plugin_tail(config: ModelConfig, base_anchors, net):
-    """RetinaNetDecode per level -> Concat -> RetinaNetNMS, as a bare graph (nodes, outputs, value_info)."""
-    from onnx import TensorProto, helper
+    """RetinaNetDecode per level -> Concat -> RetinaNetNMS, as a bare graph (nodes, outputs, value_info).
+    Rotated models: RetinaNetDecodeRotated and RetinaNetNMSRotated, boxes of 5 values, no clipping."""
+    from onnx import helper
 
     batch = net.graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
+    suffix, values = ("Rotated", 5) if config.rotated else ("", 4)
+    # The +1 convention's field: always written for axis-aligned models, though the plugins read an
+    # absent one as 0, so that the graph says which box convention it was exported for.
+    offset = {} if config.rotated else {"box_offset": float(config.box_offset)}
     nodes, infos = [], []
     parts: dict[str, list[str]] = {"scores": [], "boxes": [], "classes": []}
     for i, (stride, anchors) in enumerate(zip(config.strides, base_anchors)):
         outs = [f"decode_{k}_{i}" for k in ("scores", "boxes", "classes")]
         nodes.append(
             helper.make_node(
-                "RetinaNetDecode",
+                f"RetinaNetDecode{suffix}",
                 [f"scores_{i}", f"deltas_{i}"],
                 outs,
-                name=f"RetinaNetDecode_{i}",
+                name=f"RetinaNetDecode{suffix}_{i}",
                 domain=PLUGIN_DOMAIN,
                 plugin_version=PLUGIN_VERSION,
                 plugin_namespace="",
@@ -284,19 +293,13 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
                 box_clamp=float(config.box_clamp),
                 stride=int(stride),
                 anchors=[float(v) for v in anchors.flatten().tolist()],
-                # Always written, though the plugins read an absent one as 0: the graph says
-                # which box convention it was exported for.
-                box_offset=float(config.box_offset),
+                **offset,
             )
         )
-        infos += [
-            helper.make_tensor_value_info(outs[0], TensorProto.FLOAT, [batch, config.top_n]),
-            helper.make_tensor_value_info(outs[1], TensorProto.FLOAT, [batch, config.top_n, 4]),
-            helper.make_tensor_value_info(outs[2], TensorProto.INT32, [batch, config.top_n]),
-        ]
+        infos += _candidate_infos(outs, batch, config.top_n, values)
         for k, name in zip(parts, outs):
             parts[k].append(name)
-    clip = len(net.graph.input) > 1  # image_sizes: config.takes_image_sizes
+    clip = len(net.graph.input) > 1 and not config.rotated  # image_sizes: config.takes_image_sizes
     for k, names in parts.items():
         out = "candidate_boxes_unclipped" if clip and k == "boxes" else f"candidate_{k}"
         nodes.append(helper.make_node("Concat", names, [out], name=f"Concat_{k}", axis=1))
@@ -304,25 +307,31 @@ def _plugin_tail(config: ModelConfig, base_anchors, net):
         nodes += _clip_nodes(net.graph.input[1].name, "candidate_boxes_unclipped", "candidate_boxes")
     nodes.append(
         helper.make_node(
-            "RetinaNetNMS",
+            f"RetinaNetNMS{suffix}",
             [f"candidate_{k}" for k in parts],
             ["scores", "boxes", "classes"],
-            name="RetinaNetNMS",
+            name=f"RetinaNetNMS{suffix}",
             domain=PLUGIN_DOMAIN,
             plugin_version=PLUGIN_VERSION,
             plugin_namespace="",
             nms_iou=float(config.nms_iou),
             detections=int(config.detections),
-            box_offset=float(config.box_offset),
+            **offset,
         )
     )
-    d = config.detections
-    outputs = [
-        helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, d]),
-        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [batch, d, 4]),
-        helper.make_tensor_value_info("classes", TensorProto.INT32, [batch, d]),
-    ]
+    outputs = _candidate_infos(["scores", "boxes", "classes"], batch, config.detections, values)
     return nodes, outputs, infos
+
+
+def _candidate_infos(names: list[str], batch, count: int, values: int) -> list:
+    """Value infos of scores [B, count], boxes [B, count, values], classes [B, count] (int32)."""
+    from onnx import TensorProto, helper
+
+    return [
+        helper.make_tensor_value_info(names[0], TensorProto.FLOAT, [batch, count]),
+        helper.make_tensor_value_info(names[1], TensorProto.FLOAT, [batch, count, values]),
+        helper.make_tensor_value_info(names[2], TensorProto.INT32, [batch, count]),
+    ]
 
 
 def _clip_nodes(sizes: str, boxes: str, out: str) -> list:
@@ -476,6 +485,8 @@ def export_onnx(model_path: str, output: str, options: ExportOptions, log=print)
     if calibrating(options):
         check_output(quantize.table_path(output), True, "calibration table")
     model, state = checkpoint.load_model(model_path)
+    if model.config.rotated and not options.plugin_form:
+        raise UserError(ROTATED_PORTABLE.format(model=model_path))
     size = parse_size(options.size, model.config)
     digest = model_hash(state)
     result: dict = {"output": output, "table": None, "calibration_s": None, "input": describe(size)}

@@ -57,7 +57,12 @@ class RetinaNet(nn.Module):
             config.head_conv_bias,
         )
         self.box_head = box_head(
-            config.num_anchors, config.channels, config.head_depth, config.head_norm, config.head_conv_bias
+            config.num_anchors,
+            config.channels,
+            config.head_depth,
+            config.head_norm,
+            config.head_conv_bias,
+            config.box_deltas,
         )
         self._anchor_cache: dict = {}
         self._register_constants()
@@ -85,7 +90,8 @@ class RetinaNet(nn.Module):
         return [getattr(self, f"base_anchors_{i}") for i in range(len(self.config.strides))]
 
     def forward(self, images: Tensor, sizes: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
-        """Raw head outputs per level: class logits [B, A*C, h, w], box deltas [B, A*4, h, w]."""
+        """Raw head outputs per level: class logits [B, A*C, h, w], box deltas [B, A*4, h, w]
+        ([B, A*6, h, w] for rotated models)."""
         mean, std = cast(Tensor, self.pixel_mean), cast(Tensor, self.pixel_std)
         x = (images.to(mean.dtype) - mean) / std
         features = self.fpn(self.backbone(x))
@@ -126,8 +132,11 @@ class RetinaNet(nn.Module):
     def postprocess(
         self, cls_heads: list[Tensor], box_heads: list[Tensor], sizes: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Sigmoid, per-level decode, class-aware NMS: scores [B, D], boxes [B, D, 4], classes [B, D]."""
+        """Sigmoid, per-level decode, class-aware NMS: scores [B, D], boxes [B, D, 4], classes [B, D]
+        (boxes [B, D, 5], (cx, cy, w, h, θ), for rotated models: never clipped, docs/rotated.md)."""
         c = self.config
+        if c.rotated:
+            return self._postprocess_rotated(cls_heads, box_heads, sizes)
         decoded = [
             ops.decode(scores, box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp, c.box_offset)
             for scores, box, anchors, stride in zip(
@@ -138,6 +147,19 @@ class RetinaNet(nn.Module):
         if sizes is not None and c.takes_image_sizes:
             boxes = clip_boxes(boxes, sizes)
         return ops.nms(scores, boxes, classes, c.nms_iou, c.detections, c.box_offset)
+
+    def _postprocess_rotated(
+        self, cls_heads: list[Tensor], box_heads: list[Tensor], sizes: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.config
+        decoded = [
+            ops.decode_rotated(scores, box, anchors, stride, c.score_threshold, c.top_n, c.box_clamp)
+            for scores, box, anchors, stride in zip(
+                self.scores(cls_heads, sizes), box_heads, self.base_anchors(), c.strides
+            )
+        ]
+        scores, boxes, classes = (torch.cat(parts, dim=1) for parts in zip(*decoded))
+        return ops.nms_rotated(scores, boxes, classes, c.nms_iou, c.detections)
 
     @torch.no_grad()
     def detect(self, images: Tensor, sizes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -111,5 +111,9 @@ def classification_head(
     return Head(num_anchors * classes, channels, depth, bias_init=bias_init, norm=norm, bias=bias)
 
 
-def box_head(num_anchors: int, channels: int, depth: int, norm: bool = False, bias: bool = True) -> Head:
-    return Head(num_anchors * 4, channels, depth, norm=norm, bias=bias)
+def box_head(
+    num_anchors: int, channels: int, depth: int, norm: bool = False, bias: bool = True, values: int = 4
+) -> Head:
+    # Bias 0: every box starts as its anchor (a rotated one at its anchor's angle, since
+    # sin, cos = 0, 0 decodes to no turn), not shrunk by a prior meant for scores.
+    return Head(num_anchors * values, channels, depth, norm=norm, bias=bias)

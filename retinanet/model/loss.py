@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import ops
 from ..config import LABEL_CROWD, ModelConfig
 from ..ops import box as box_ops
+from ..ops import rotated as rotated_ops
 
 IGNORE = -1  # per-anchor label of the ignored IoU band and crowd regions
 BACKGROUND = -2
@@ -48,6 +50,52 @@ def match(anchors: Tensor, targets: Tensor, ious: tuple[float, float], offset: f
         in_crowd = ((inside > 0.5) & is_crowd[:, None, :]).any(dim=2)
         labels = torch.where((labels == BACKGROUND) & in_crowd, IGNORE, labels)
     return labels, matched
+
+
+def match_rotated(anchors: Tensor, targets: Tensor, ious: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """match() for rotated boxes: anchors [N, 5], targets [B, M, 6] rows (cx, cy, w, h, θ, label);
+    rotated IoU (the CUDA op on the GPU, the reference on the CPU). Returns labels [B, N] and
+    matched boxes [B, N, 5]."""
+    bg_iou, fg_iou = ious
+    batch, m = targets.shape[:2]
+    n = anchors.shape[0]
+    labels = torch.full((batch, n), BACKGROUND, dtype=torch.long, device=anchors.device)
+    if m == 0:
+        return labels, torch.zeros(batch, n, 5, device=anchors.device)
+    boxes = targets[..., :5].float()
+    cls = targets[..., 5].long()
+    raw = _anchor_ious(anchors, boxes.reshape(-1, 5), cls.reshape(-1), bg_iou)
+    raw = raw.reshape(n, batch, m).permute(1, 0, 2)  # [B, N, M]
+    iou = torch.where(cls[:, None, :] >= 0, raw, torch.full_like(raw, -1.0))
+    best_iou, best = iou.max(dim=2)
+    labels = torch.where(best_iou >= fg_iou, cls.gather(1, best), labels)
+    labels = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), IGNORE, labels)
+    matched = boxes.gather(1, best[..., None].expand(-1, -1, 5))
+    is_crowd = cls == LABEL_CROWD
+    if bool(is_crowd.any()):
+        # As in match(): background anchors mostly inside a crowd region are ignored. The
+        # intersection follows from the IoU: I = IoU (A + B) / (1 + IoU).
+        anchor_area = anchors[:, 2] * anchors[:, 3]
+        crowd_iou = raw
+        inter = crowd_iou * (anchor_area[None, :, None] + (boxes[..., 2] * boxes[..., 3])[:, None, :])
+        inside = inter / (1 + crowd_iou) / anchor_area[None, :, None]
+        in_crowd = ((inside > 0.5) & is_crowd[:, None, :]).any(dim=2)
+        labels = torch.where((labels == BACKGROUND) & in_crowd, IGNORE, labels)
+    return labels, matched
+
+
+def _anchor_ious(anchors: Tensor, boxes: Tensor, cls: Tensor, bg_iou: float) -> Tensor:
+    """Rotated IoU of anchors [N, 5] x boxes [M, 5]: the CUDA op on the GPU. The CPU reference
+    computes the pairs that can decide a label only: IoU <= smaller area / larger area, so a
+    pair whose areas differ more than bg_iou allows stays background whatever its IoU (0 here);
+    crowd regions keep every pair (the anchor's share inside them counts)."""
+    if anchors.is_cuda:
+        return ops.rotated_iou(anchors, boxes)
+    area_a = (anchors[:, 2] * anchors[:, 3])[:, None]
+    area_b = (boxes[:, 2] * boxes[:, 3])[None, :]
+    bound = torch.minimum(area_a, area_b) / torch.maximum(area_a, area_b).clamp(min=1e-12)
+    wanted = (bound >= bg_iou) | (cls == LABEL_CROWD)[None, :]
+    return rotated_ops.masked_iou_pairs(anchors[:, None, :], boxes[None, :, :], wanted)
 
 
 def inclusive_ends(targets: Tensor, offset: float) -> Tensor:
@@ -92,10 +140,13 @@ def detection_loss(
     ranks' losses add up to the loss of the whole global batch.
     """
     cls_logits = flatten_heads(cls_heads, config.classes).float()
-    deltas = flatten_heads(box_heads, 4).float()
+    deltas = flatten_heads(box_heads, config.box_deltas).float()
     with torch.no_grad():
         bg, fg = config.anchor_ious
-        labels, matched = match(anchors, inclusive_ends(targets, config.box_offset), (bg, fg), config.box_offset)
+        if config.rotated:
+            labels, matched = match_rotated(anchors, targets, (bg, fg))
+        else:
+            labels, matched = match(anchors, inclusive_ends(targets, config.box_offset), (bg, fg), config.box_offset)
         foreground = labels >= 0
         num_fg = foreground.sum().float()
         if count_foreground is not None:
@@ -106,6 +157,9 @@ def detection_loss(
     counted = labels != IGNORE
     cls_loss = focal_loss(cls_logits[counted], onehot[counted], config.focal_alpha, config.focal_gamma).sum()
     anchors_b = anchors[None].expand(labels.shape[0], -1, -1)
-    box_targets = box_ops.encode(matched[foreground], anchors_b[foreground], config.box_offset)
+    if config.rotated:
+        box_targets = rotated_ops.encode(matched[foreground], anchors_b[foreground])
+    else:
+        box_targets = box_ops.encode(matched[foreground], anchors_b[foreground], config.box_offset)
     box_loss = F.smooth_l1_loss(deltas[foreground], box_targets, beta=config.smooth_l1_beta, reduction="sum")
     return {"cls_loss": cls_loss / num_fg, "box_loss": box_loss / num_fg}

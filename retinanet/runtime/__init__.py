@@ -24,7 +24,7 @@ from ..images import CorruptImage, mean_pixel, pad_images, padded_size
 
 @dataclass
 class Detections:
-    boxes: Tensor  # [N, 4] x1 y1 x2 y2 in the image's pixels
+    boxes: Tensor  # [N, 4] x1 y1 x2 y2 in the image's pixels; rotated models: [N, 5] cx cy w h θ
     scores: Tensor  # [N]
     category_ids: Tensor  # [N] original category ids
     names: dict[int, str] | None = None  # category id -> class name (what retinanet.draw shows)
@@ -71,7 +71,8 @@ class Detector:
     def to_original(
         self, scores: Tensor, boxes: Tensor, classes: Tensor, scales: Tensor, sizes: list[tuple[int, int]]
     ) -> list[Detections]:
-        """Per image: drop padding, undo the resize, clip to the image, map category ids."""
+        """Per image: drop padding, undo the resize, clip to the image (not rotated boxes:
+        docs/rotated.md), map category ids."""
         scores, boxes, classes, scales = (
             t.float().cpu() if t.is_floating_point() else t.cpu() for t in (scores, boxes, classes, scales)
         )
@@ -79,8 +80,11 @@ class Detector:
         last = self.config.box_offset  # the +1 convention's boxes end on the last pixel, w - 1
         for i, (h, w) in enumerate(sizes):
             keep = scores[i] > 0
-            b = boxes[i][keep] / scales[i].repeat(2)
-            b = torch.minimum(b.clamp(min=0), torch.tensor([w - last, h - last] * 2, dtype=b.dtype))
+            if self.config.rotated:
+                b = _rotated_to_original(boxes[i][keep], scales[i])
+            else:
+                b = boxes[i][keep] / scales[i].repeat(2)
+                b = torch.minimum(b.clamp(min=0), torch.tensor([w - last, h - last] * 2, dtype=b.dtype))
             out.append(Detections(b, scores[i][keep], self.category_ids[classes[i][keep].long()], self.category_names))
         return out
 
@@ -162,6 +166,14 @@ class Detector:
             event.synchronize()
         for frame, dets in zip(frames, self.to_original(*outputs, scales, sizes)):
             yield frame.index, frame.time, frame.image, dets
+
+
+def _rotated_to_original(boxes: Tensor, scale: Tensor) -> Tensor:
+    """(cx, cy, w, h, θ) in input pixels -> original pixels. The x and y scales differ by the
+    resize's rounding only: the size takes their mean, the angle stays."""
+    sx, sy = scale.tolist()
+    mean = (sx + sy) / 2
+    return boxes / torch.tensor([sx, sy, mean, mean, 1.0], dtype=boxes.dtype)
 
 
 def _as_chw_uint8(item, device: torch.device) -> Tensor:
