@@ -180,9 +180,10 @@ def _greedy_nms(
     classes: Tensor,
     iou_threshold: float,
     detections: int,
-    iou: Callable[[Tensor, Tensor], Tensor],
+    iou: Callable[[Tensor, Tensor, Tensor], Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """nms() with any box kind: boxes [B, N, V], iou(kept [B, V], boxes [B, N, V]) -> [B, N]."""
+    """nms() with any box kind: boxes [B, N, V], iou(kept [B, V], boxes [B, N, V], wanted [B, N])
+    -> [B, N], right where `wanted` (alive, of the kept box's class) and arbitrary elsewhere."""
     batch, n = scores.shape
     values = boxes.shape[-1]
     out_dtype = scores.dtype
@@ -212,7 +213,8 @@ def _greedy_nms(
         out_scores[:, k] = torch.where(has, s[rows, first], 0.0)
         out_boxes[:, k] = torch.where(has[:, None], kb, 0.0)
         out_classes[:, k] = torch.where(has, kc.to(torch.int32), -1)
-        alive &= ~((iou(kb, b) > iou_threshold) & (c == kc[:, None]))
+        same = c == kc[:, None]
+        alive &= ~((iou(kb, b, alive & same) > iou_threshold) & same)
         alive[rows, first] = False
     return out_scores.to(out_dtype), out_boxes.to(out_dtype), out_classes
 
@@ -232,7 +234,7 @@ def nms(
     padded: scores [B, D], boxes [B, D, 4], classes [B, D] (int32).
     """
 
-    def iou(kept: Tensor, b: Tensor) -> Tensor:
+    def iou(kept: Tensor, b: Tensor, wanted: Tensor) -> Tensor:
         return box_ops.box_iou(kept[:, None, :], b, box_offset)[:, 0]
 
     return _greedy_nms(scores, boxes, classes, iou_threshold, detections, iou)
@@ -246,7 +248,8 @@ def nms_rotated(
     Returns scores [B, D], boxes [B, D, 5], classes [B, D] (int32).
     """
 
-    def iou(kept: Tensor, b: Tensor) -> Tensor:
-        return rotated_ops.iou_pairs(kept[:, None, :], b).float()
+    def iou(kept: Tensor, b: Tensor, wanted: Tensor) -> Tensor:
+        # Only the pairs that matter: the polygon work is most of the reference's time.
+        return rotated_ops.masked_iou_pairs(kept[:, None, :], b, wanted)
 
     return _greedy_nms(scores, boxes, classes, iou_threshold, detections, iou)

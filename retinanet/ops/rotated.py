@@ -129,11 +129,29 @@ def iou_pairs(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(proper, (inter / union).clamp(0, 1), torch.zeros_like(inter))
 
 
+def may_overlap(a: Tensor, b: Tensor) -> Tensor:
+    """Whether boxes a [..., 5] and b [..., 5] (broadcast) can intersect: their circumscribed
+    circles meet. Pairs outside it have IoU 0, so the polygon work is spent on the others."""
+    reach = (torch.hypot(a[..., 2], a[..., 3]) + torch.hypot(b[..., 2], b[..., 3])) / 2
+    return torch.hypot(a[..., 0] - b[..., 0], a[..., 1] - b[..., 1]) <= reach * (1 + 1e-6)
+
+
+def masked_iou_pairs(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """iou_pairs(a, b) (float32) where `mask` and may_overlap hold, 0 elsewhere."""
+    a, b = torch.broadcast_tensors(a, b)
+    out = torch.zeros(a.shape[:-1], dtype=torch.float32, device=a.device)
+    where = (mask & may_overlap(a, b)).nonzero(as_tuple=True)
+    if where[0].numel():
+        out[where] = iou_pairs(a[where], b[where]).float()
+    return out
+
+
 def rotated_iou_reference(a: Tensor, b: Tensor) -> Tensor:
     """Pairwise IoU of rotated boxes a [N, 5] x b [M, 5] -> [N, M] float32 (docs/rotated.md).
 
     Exact convex-polygon intersection in float64, in chunks of rows so that N x M
-    may be large (all anchors against all ground truth).
+    may be large (all anchors against all ground truth); only pairs that may_overlap
+    are computed.
     """
     n, m = a.shape[0], b.shape[0]
     out = torch.zeros(n, m, dtype=torch.float32, device=a.device)
@@ -142,8 +160,8 @@ def rotated_iou_reference(a: Tensor, b: Tensor) -> Tensor:
     rows = max(1, _PAIRS_PER_CHUNK // m)
     b = b.to(a.device)
     for start in range(0, n, rows):
-        chunk = a[start : start + rows]
-        out[start : start + rows] = iou_pairs(chunk[:, None, :], b[None, :, :]).float()
+        chunk = a[start : start + rows, None, :]
+        out[start : start + rows] = masked_iou_pairs(chunk, b[None], torch.ones((), dtype=torch.bool))
     return out
 
 
