@@ -40,7 +40,7 @@ def coco_stats(
 ) -> list[float]:
     """The 12 COCO bbox stats of `detections` (COCO result records) against the file.
 
-    rotated: the records carry their boxes' corners as `segmentation` (infer.rotated_records);
+    rotated: the records carry their boxes' corners as `segmentation` (runtime.Detections.records);
     COCO's segm evaluation scores those polygons against the ground truth's, made from the
     annotations' [x, y, w, h, θ] boxes the same way (docs/rotated.md), whatever
     segmentation the file holds. With no detections at all every stat is 0 (pycocotools

@@ -19,7 +19,6 @@ from .draw import DRAW_THRESHOLD, draw
 from .errors import UserError
 from .files import atomic_write, check_output
 from .images import CorruptImage, mean_pixel, read_image
-from .ops import rotated as rotated_ops
 from .runtime import Detections, Detector
 from .video import VIDEO_TIMEOUT
 
@@ -67,34 +66,8 @@ def batch_records(detector: Detector, batch, outputs, event) -> list[dict]:
     if event is not None:
         event.synchronize()
     dets = detector.to_original(*outputs, batch.scales, batch.sizes)
-    if detector.config.rotated:
-        return [r for image_id, d in zip(batch.image_ids, dets) for r in rotated_records(image_id, d)]
-    records = []
-    offset = detector.config.box_offset  # 1: x2 is the last pixel inside, the width counts it
-    for image_id, d in zip(batch.image_ids, dets):
-        xywh = torch.cat([d.boxes[:, :2], d.boxes[:, 2:] - d.boxes[:, :2] + offset], dim=1)
-        for box, score, cat in zip(xywh.tolist(), d.scores.tolist(), d.category_ids.tolist()):
-            records.append(
-                {"image_id": image_id, "category_id": cat, "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
-            )
-    return records
-
-
-def rotated_records(image_id: int, d: Detections) -> list[dict]:
-    """Records of rotated detections: bbox [x, y, w, h, θ] (the unrotated rectangle and its
-    turn), and the corners as a COCO polygon, which COCO's segm evaluation scores."""
-    xywha = rotated_ops.to_xywha(d.boxes).tolist()
-    corners = rotated_ops.polygons(d.boxes).tolist()
-    return [
-        {
-            "image_id": image_id,
-            "category_id": cat,
-            "bbox": [round(v, 2) for v in box[:4]] + [round(box[4], 5)],
-            "segmentation": [[round(v, 2) for v in polygon]],
-            "score": round(score, 5),
-        }
-        for box, polygon, score, cat in zip(xywha, corners, d.scores.tolist(), d.category_ids.tolist())
-    ]
+    offset = detector.config.box_offset
+    return [r for image_id, d in zip(batch.image_ids, dets) for r in d.records(image_id, offset)]
 
 
 def choose_loader(device: torch.device, with_dali: bool) -> str:

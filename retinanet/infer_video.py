@@ -19,18 +19,9 @@ from .video import VideoWriter
 
 def frame_records(index: int, timestamp: float, dets: Detections, box_offset: float) -> list[dict]:
     """COCO-style result records of one frame: image_id is the frame index."""
-    xywh = dets.boxes.clone()
-    xywh[:, 2:] -= xywh[:, :2] - box_offset
     return [
-        {
-            "image_id": index,
-            "frame": index,
-            "timestamp": round(timestamp, 6),
-            "category_id": cat,
-            "bbox": [round(v, 2) for v in box],
-            "score": round(score, 5),
-        }
-        for box, score, cat in zip(xywh.tolist(), dets.scores.tolist(), dets.category_ids.tolist())
+        {"image_id": index, "frame": index, "timestamp": round(timestamp, 6), **r}
+        for r in dets.records(index, box_offset)
     ]
 
 

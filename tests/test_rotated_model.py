@@ -180,11 +180,10 @@ def _ground_truth(tmp_path):
 
 def test_result_records_carry_the_input_convention_and_score_map_one_on_the_truth(tmp_path):
     from retinanet import evaluate
-    from retinanet.infer import rotated_records
 
     path, boxes = _ground_truth(tmp_path)
     dets = Detections(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([4, 4, 4]))
-    records = rotated_records(1, dets)
+    records = dets.records(1)
     doc = json.loads(path.read_text())
     for r, a, box in zip(records, doc["annotations"], boxes.tolist()):
         assert r["bbox"] == pytest.approx(a["bbox"], abs=0.006)
@@ -196,7 +195,7 @@ def test_result_records_carry_the_input_convention_and_score_map_one_on_the_trut
         )
     assert evaluate.coco_stats(str(path), records, rotated=True)[0] == pytest.approx(1.0)
     # Polygons turned the other way (clockwise for positive θ) are other boxes.
-    mirrored = rotated_records(1, Detections(boxes * torch.tensor([1, 1, 1, 1, -1.0]), dets.scores, dets.category_ids))
+    mirrored = Detections(boxes * torch.tensor([1, 1, 1, 1, -1.0]), dets.scores, dets.category_ids).records(1)
     assert evaluate.coco_stats(str(path), mirrored, rotated=True)[0] < 0.5
 
 

@@ -20,6 +20,7 @@ from ..data import transforms as T
 from ..data.gpu import decode_file
 from ..errors import UserError
 from ..images import CorruptImage, mean_pixel, pad_images, padded_size
+from ..ops import rotated as rotated_ops
 
 
 @dataclass
@@ -28,6 +29,29 @@ class Detections:
     scores: Tensor  # [N]
     category_ids: Tensor  # [N] original category ids
     names: dict[int, str] | None = None  # category id -> class name (what retinanet.draw shows)
+
+    def records(self, image_id: int, box_offset: float = 0.0) -> list[dict]:
+        """COCO result records: bbox [x, y, w, h] (box_offset 1: the width counts both end
+        pixels). Rotated boxes: bbox [x, y, w, h, θ], the unrotated rectangle and its turn,
+        and their corners as a `segmentation` polygon, which COCO's segm evaluation scores."""
+        scores, ids = self.scores.tolist(), self.category_ids.tolist()
+        if self.boxes.shape[-1] == 5:
+            xywha, corners = rotated_ops.to_xywha(self.boxes).tolist(), rotated_ops.polygons(self.boxes).tolist()
+            return [
+                {
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "bbox": [round(v, 2) for v in box[:4]] + [round(box[4], 5)],
+                    "segmentation": [[round(v, 2) for v in polygon]],
+                    "score": round(score, 5),
+                }
+                for box, polygon, score, cat in zip(xywha, corners, scores, ids)
+            ]
+        xywh = torch.cat([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2] + box_offset], dim=1)
+        return [
+            {"image_id": image_id, "category_id": cat, "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
+            for box, score, cat in zip(xywh.tolist(), scores, ids)
+        ]
 
 
 class Backend(Protocol):
