@@ -449,6 +449,9 @@ def resume_settings(
             f"({coco.category_ids}); pass --override to start fresh or --fine-tune"
         )
     saved = resume["config"]
+    if saved.rotated and not model_cfg.rotated:
+        # Without the flag the demo would resume on the axis-aligned demo data.
+        raise UserError(f"{model_path}: checkpoint detects rotated boxes; resume it with --rotated-bbox")
     for name in ("backbone", "classes", "rotated", "anchor_angles"):
         if name in explicit and getattr(model_cfg, name) != getattr(saved, name):
             raise UserError(

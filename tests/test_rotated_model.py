@@ -387,3 +387,14 @@ def test_rotated_plugin_form_holds_the_rotated_plugins_and_its_network_matches_p
     torch.testing.assert_close(ort_scores, want_scores, atol=1e-4, rtol=0)
     torch.testing.assert_close(ort_boxes, want_boxes, atol=2e-2, rtol=1e-4)
     assert torch.equal(ort_classes, want_classes)
+
+
+def test_a_rotated_checkpoint_resumes_only_with_rotated_bbox(tmp_path):
+    """Without the flag the demo data would be the axis-aligned one: refused, the checkpoint kept."""
+    images, ann = _rotated_dataset(tmp_path)
+    args = ["--images", str(images), "--annotations", str(ann), *TINY_TRAIN, "--batch", "2", "--iters", "1"]
+    run_cli("train", "m.pth", "--rotated-bbox", *args, cwd=tmp_path)
+    before = (tmp_path / "m.pth").read_bytes()
+    proc = run_cli("train", "m.pth", *args[:-1], "2", cwd=tmp_path, check=False)
+    assert_user_error(proc, "m.pth", "rotated", "--rotated-bbox")
+    assert (tmp_path / "m.pth").read_bytes() == before
