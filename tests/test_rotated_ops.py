@@ -359,7 +359,7 @@ def test_encode_then_decode_gives_back_the_rectangle():
     gen = torch.Generator().manual_seed(8)
     gt, anchors = random_targets(gen, 2000)
     targets = rotated.encode(gt, anchors)
-    assert (targets[:, 5] >= 0).all()  # the form nearest the anchor: |relative angle| <= π/4
+    assert (targets[:, 2] >= targets[:, 3] + torch.log(anchors[:, 3] / anchors[:, 2]) - 1e-9).all()  # long side first
     back = rotated.decode(targets, anchors, box_clamp=1e9)
     # The same rectangle, maybe in its other form: the same four corners, IoU 1.
     want, got = rotated.corners(gt), rotated.corners(back)
@@ -385,8 +385,33 @@ def test_encode_by_hand():
     targets = rotated.encode(torch.tensor([[12.0, 19.0, 16.0, 4.0, 0.2 + 0.3]], dtype=torch.float64), anchor)
     want = [0.25, -0.25, math.log(2), 0.0, math.sin(0.6), math.cos(0.6)]
     assert targets[0].tolist() == pytest.approx(want)
-    # 1.2 from the anchor's angle: written as (h, w, θ − π/2), 1.2 − π/2 from it.
+    # 1.2 from the anchor's angle, long side first already: twice 1.2 from it.
     targets = rotated.encode(torch.tensor([[10.0, 20.0, 16.0, 4.0, 0.2 + 1.2]], dtype=torch.float64), anchor)
-    want = [0.0, 0.0, math.log(4 / 8), math.log(16 / 4), math.sin(2.4 - PI), math.cos(2.4 - PI)]
+    want = [0.0, 0.0, math.log(16 / 8), math.log(4 / 4), math.sin(2.4), math.cos(2.4)]
+    assert targets[0].tolist() == pytest.approx(want)
+    # Written short side first: as (16, 4, θ + π/2), 0.5 + π/2 from the anchor.
+    targets = rotated.encode(torch.tensor([[10.0, 20.0, 4.0, 16.0, 0.2 + 0.5]], dtype=torch.float64), anchor)
+    want = [0.0, 0.0, math.log(16 / 8), math.log(4 / 4), math.sin(1.0 + PI), math.cos(1.0 + PI)]
     assert targets[0].tolist() == pytest.approx(want)
     assert rotated.encode(anchor, anchor)[0].tolist() == pytest.approx([0, 0, 0, 0, 0, 1])
+
+
+def test_encode_moves_continuously_as_a_rectangle_turns():
+    """A 16 x 4 rectangle turning through every angle against a square anchor (which matches it at
+    any angle): no jump in any target (writing it in the form nearest the anchor's angle jumps at
+    ±π/4, sin from +1 to -1 and w, h swapped)."""
+    angles = torch.linspace(-PI, PI, 3601, dtype=torch.float64)
+    gt = torch.stack(
+        [
+            torch.full_like(angles, 10),
+            torch.full_like(angles, 20),
+            torch.full_like(angles, 16),
+            torch.full_like(angles, 4),
+            angles,
+        ],
+        dim=1,
+    )
+    anchor = torch.tensor([[10.0, 20.0, 8.0, 8.0, 0.3]], dtype=torch.float64).expand(len(angles), -1)
+    for form in (gt, gt[:, [0, 1, 3, 2, 4]] + torch.tensor([0, 0, 0, 0, PI / 2], dtype=torch.float64)):
+        targets = rotated.encode(form, anchor)
+        assert (targets[1:] - targets[:-1]).abs().max() < 0.01

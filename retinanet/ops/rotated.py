@@ -168,21 +168,21 @@ def rotated_iou_reference(a: Tensor, b: Tensor) -> Tensor:
 def encode(gt: Tensor, anchors: Tensor) -> Tensor:
     """Regression targets (tx, ty, tw, th, ts, tc) [K, 6] of boxes gt [K, 5] against anchors [K, 5].
 
-    The target is first written in whichever of its forms (w, h, θ) / (h, w, θ + π/2)
-    has its angle within π/4 of the anchor's, so one rectangle gets one target and tc >= 0.
+    The target is first written long side first: of its forms (w, h, θ) / (h, w, θ + π/2), the
+    one with w >= h. One rectangle then gets one target, and the target moves continuously as
+    the rectangle turns (sin, cos of twice the angle to the anchor); it jumps only where w and
+    h are about equal, where the turn of a rectangle is ambiguous anyway. (Choosing the form
+    nearest the anchor's angle instead jumps at ±π/4 from every anchor, which square anchors
+    match at any angle.)
     """
     acx, acy, aw, ah, alpha = anchors.unbind(-1)
     cx, cy, w, h, theta = gt.unbind(-1)
-    d = wrap_half_turn(theta - alpha)  # (−π/2, π/2]
-    # The canonical relative angle is in (−π/4, π/4]: the half-open end keeps the
-    # two forms of a box at exactly ±π/4 to the anchor on one target.
-    up = d <= -math.pi / 4
-    down = d > math.pi / 4
-    swap = up | down
-    d = d + math.pi / 2 * up.to(d.dtype) - math.pi / 2 * down.to(d.dtype)
+    swap = h > w
+    theta = theta + math.pi / 2 * swap.to(theta.dtype)
     w, h = torch.where(swap, h, w), torch.where(swap, w, h)
+    d = 2 * (theta - alpha)
     return torch.stack(
-        [(cx - acx) / aw, (cy - acy) / ah, torch.log(w / aw), torch.log(h / ah), torch.sin(2 * d), torch.cos(2 * d)],
+        [(cx - acx) / aw, (cy - acy) / ah, torch.log(w / aw), torch.log(h / ah), torch.sin(d), torch.cos(d)],
         dim=-1,
     )
 
