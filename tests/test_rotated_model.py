@@ -398,3 +398,29 @@ def test_a_rotated_checkpoint_resumes_only_with_rotated_bbox(tmp_path):
     proc = run_cli("train", "m.pth", *args[:-1], "2", cwd=tmp_path, check=False)
     assert_user_error(proc, "m.pth", "rotated", "--rotated-bbox")
     assert (tmp_path / "m.pth").read_bytes() == before
+
+
+def test_rotated_int8_plugin_form_quantises_the_network_as_for_axis_aligned_models(rotated_pth, tmp_path):
+    """INT8: Q/DQ on every conv's input and weight, the rotated plugins after the network."""
+    import onnx
+    from PIL import Image
+
+    from retinanet.export import ExportOptions, export_onnx
+
+    images = tmp_path / "calibration"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((128, 128, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "rot_int8.onnx"
+    options = ExportOptions((128, 128), "int8", plugin_form=True, calibration_images=str(images), calibration_batches=1)
+    export_onnx(str(rotated_pth), str(out), options)
+    proto = onnx.load(str(out))
+    produced_by = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(convs) > 20
+    for conv in convs:
+        assert all(produced_by[i].op_type == "DequantizeLinear" for i in conv.input[:2]), conv.name
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("RetinaNetDecodeRotated") == 5 and ops.count("RetinaNetNMSRotated") == 1
+    assert json.loads((tmp_path / "rot_int8.calibration.json").read_text())["format"] == "retinanet-calibration"
