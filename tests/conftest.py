@@ -88,6 +88,22 @@ def assert_user_error(proc, *words):
         assert w in lines[0], lines[0]
 
 
+def in_process(capsys, *args):
+    """`retinanet ARGS` in this process (a subprocess costs seconds of imports): exit code, stderr lines."""
+    from retinanet.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_one_line_error(result, *words):
+    """in_process's result for a user error: exit 2 and one line holding every word."""
+    code, lines = result
+    assert code == 2 and len(lines) == 1, (code, lines)
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
 def run_cli(*args, cwd, env=None, check=True, timeout=600):
     """`python -m retinanet ARGS` in `cwd`; AssertionError with its output when check fails."""
     run_env = {**os.environ, **(env or {})}

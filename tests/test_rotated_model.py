@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import shapely
 import torch
-from conftest import BUSY, TINY_TRAIN, assert_user_error, run_cli, save_model, tiny_model
+from conftest import BUSY, TINY_TRAIN, assert_one_line_error, in_process, run_cli, save_model, tiny_model
 
 from retinanet.config import LABEL_CROWD, ModelConfig
 from retinanet.model import RetinaNet
@@ -244,73 +244,45 @@ def _rotated_dataset(tmp_path, theta=0.3):
     return images, tmp_path / "ann.json"
 
 
-def test_rotated_annotations_are_refused_for_an_axis_aligned_model(tmp_path):
+def test_rotated_annotations_are_refused_for_an_axis_aligned_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     images, ann = _rotated_dataset(tmp_path)
-    proc = run_cli(
-        "train",
-        "m.pth",
-        "--images",
-        str(images),
-        "--annotations",
-        str(ann),
-        *TINY_TRAIN,
-        "--iters",
-        "1",
-        cwd=tmp_path,
-        check=False,
+    data = ["--images", str(images), "--annotations", str(ann)]
+    assert_one_line_error(
+        in_process(capsys, "train", "m.pth", *data, *TINY_TRAIN, "--iters", "1"), "ann.json", "id 11", "--rotated-bbox"
     )
-    assert_user_error(proc, "ann.json", "id 11", "--rotated-bbox")
     save_model(tiny_model(classes=2), tmp_path / "axis.pth", ids=[1, 2])
-    proc = run_cli("infer", "axis.pth", "--images", str(images), "--annotations", str(ann), cwd=tmp_path, check=False)
-    assert_user_error(proc, "ann.json", "id 11")
+    assert_one_line_error(in_process(capsys, "infer", "axis.pth", *data), "ann.json", "id 11")
     assert not (tmp_path / "m.pth").exists() and not (tmp_path / "detections.json").exists()
 
 
 @pytest.mark.parametrize(
     "flags, words",
     [
-        (["--augment-crop"], ["--augment-crop", "rotated"]),
-        (["--with-dali"], ["--with-dali", "rotated"]),
-        (["--anchor-angles", "0", "0"], ["--anchor-angles", "distinct"]),
+        (["--rotated-bbox", "--augment-crop"], ["--augment-crop", "rotated"]),
+        (["--rotated-bbox", "--with-dali"], ["--with-dali", "rotated"]),
+        (["--rotated-bbox", "--anchor-angles", "0", "0"], ["--anchor-angles", "distinct"]),
+        (["--anchor-angles", "0", "45"], ["--anchor-angles", "--rotated-bbox"]),
     ],
 )
-def test_rotated_training_refuses_what_it_cannot_honour(tmp_path, flags, words):
-    images, ann = _rotated_dataset(tmp_path)
-    args = ["--images", str(images), "--annotations", str(ann), *TINY_TRAIN, "--iters", "1"]
-    proc = run_cli("train", "m.pth", "--rotated-bbox", *args, *flags, cwd=tmp_path, check=False)
-    assert_user_error(proc, *words)
-
-
-def test_anchor_angles_need_rotated_boxes(tmp_path):
+def test_rotated_training_refuses_what_it_cannot_honour(tmp_path, capsys, monkeypatch, flags, words):
+    monkeypatch.chdir(tmp_path)
     images, ann = _rotated_dataset(tmp_path, theta=0.0)
-    proc = run_cli(
-        "train",
-        "m.pth",
-        "--images",
-        str(images),
-        "--annotations",
-        str(ann),
-        *TINY_TRAIN,
-        "--anchor-angles",
-        "0",
-        "45",
-        cwd=tmp_path,
-        check=False,
-    )
-    assert_user_error(proc, "--anchor-angles", "--rotated-bbox")
+    args = ["--images", str(images), "--annotations", str(ann), *TINY_TRAIN, "--iters", "1"]
+    assert_one_line_error(in_process(capsys, "train", "m.pth", *args, *flags), *words)
+    assert not (tmp_path / "m.pth").exists()
 
 
-def test_rotated_fine_tune_refuses_an_incompatible_checkpoint(tmp_path):
+def test_rotated_fine_tune_refuses_an_incompatible_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     images, ann = _rotated_dataset(tmp_path)
     save_model(tiny_model(classes=2), tmp_path / "axis.pth", ids=[1, 2])
     save_model(tiny_model(classes=2, **ROTATED), tmp_path / "rot.pth", ids=[1, 2])
     args = ["--images", str(images), "--annotations", str(ann), *TINY_TRAIN, "--iters", "1"]
-    proc = run_cli("train", "m.pth", "--rotated-bbox", "--fine-tune", "axis.pth", *args, cwd=tmp_path, check=False)
-    assert_user_error(proc, "axis.pth", "axis-aligned", "--rotated-bbox")
-    proc = run_cli(
-        "train", "m.pth", "--fine-tune", "rot.pth", "--anchor-angles", "-45", "45", *args, cwd=tmp_path, check=False
-    )
-    assert_user_error(proc, "rot.pth", "anchor angles")
+    result = in_process(capsys, "train", "m.pth", "--rotated-bbox", "--fine-tune", "axis.pth", *args)
+    assert_one_line_error(result, "axis.pth", "axis-aligned", "--rotated-bbox")
+    result = in_process(capsys, "train", "m.pth", "--fine-tune", "rot.pth", "--anchor-angles", "-45", "45", *args)
+    assert_one_line_error(result, "rot.pth", "anchor angles")
     assert not (tmp_path / "m.pth").exists()
 
 
@@ -323,9 +295,11 @@ def rotated_pth(tmp_path_factory):
     return save_model(tiny_model(busy=BUSY, **ROTATED), folder / "rot.pth")
 
 
-def test_rotated_portable_export_is_refused_in_one_line(rotated_pth, tmp_path):
-    proc = run_cli("export", str(rotated_pth), "rot.onnx", cwd=tmp_path, check=False)
-    assert_user_error(proc, str(rotated_pth), "rotated", "--plugin-form")
+def test_rotated_portable_export_is_refused_in_one_line(rotated_pth, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(
+        in_process(capsys, "export", str(rotated_pth), "rot.onnx"), str(rotated_pth), "rotated", "--plugin-form"
+    )
     assert not (tmp_path / "rot.onnx").exists()
 
 
@@ -389,14 +363,14 @@ def test_rotated_plugin_form_holds_the_rotated_plugins_and_its_network_matches_p
     assert torch.equal(ort_classes, want_classes)
 
 
-def test_a_rotated_checkpoint_resumes_only_with_rotated_bbox(tmp_path):
+def test_a_rotated_checkpoint_resumes_only_with_rotated_bbox(tmp_path, capsys, monkeypatch):
     """Without the flag the demo data would be the axis-aligned one: refused, the checkpoint kept."""
     images, ann = _rotated_dataset(tmp_path)
     args = ["--images", str(images), "--annotations", str(ann), *TINY_TRAIN, "--batch", "2", "--iters", "1"]
     run_cli("train", "m.pth", "--rotated-bbox", *args, cwd=tmp_path)
     before = (tmp_path / "m.pth").read_bytes()
-    proc = run_cli("train", "m.pth", *args[:-1], "2", cwd=tmp_path, check=False)
-    assert_user_error(proc, "m.pth", "rotated", "--rotated-bbox")
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(in_process(capsys, "train", "m.pth", *args[:-1], "2"), "m.pth", "rotated", "--rotated-bbox")
     assert (tmp_path / "m.pth").read_bytes() == before
 
 

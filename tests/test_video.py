@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import BUSY, assert_user_error, run_cli, save_model, tiny_model
+from conftest import BUSY, assert_user_error, in_process, run_cli, save_model, tiny_model
 from matching import assert_same_detections
 from video_clips import decoded_frames, frame, make_clip
 
@@ -280,14 +280,6 @@ def test_a_source_that_never_answers_times_out(tiny, tmp_path):
     assert_user_error(proc, url, "no answer within 1 s", "--video-timeout")
     assert took < 30
     assert not (tmp_path / "d.json").exists()
-
-
-def in_process(capsys, *args):
-    """`retinanet ARGS` in this process (a subprocess costs seconds of imports): exit code, stderr lines."""
-    from retinanet.cli import main
-
-    code = main(list(args))
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def test_video_errors(tiny, clip, tmp_path, capsys, monkeypatch):
