@@ -25,61 +25,65 @@ def match(anchors: Tensor, targets: Tensor, ious: tuple[float, float], offset: f
     for padding. Returns labels [B, N] and matched boxes [B, N, 4]. offset: the
     box convention (ops.box); the targets' x2, y2 are then the last pixels inside.
     """
-    bg_iou, fg_iou = ious
     batch, m = targets.shape[:2]
-    n = anchors.shape[0]
-    labels = torch.full((batch, n), BACKGROUND, dtype=torch.long, device=anchors.device)
-    matched = torch.zeros(batch, n, 4, device=anchors.device)
     if m == 0:
-        return labels, matched
+        return _unmatched(anchors, batch, 4)
     boxes = targets[..., :4].float()
-    cls = targets[..., 4].long()
-    is_object = cls >= 0
     iou = box_ops.box_iou(anchors[None], boxes, offset)  # [B, N, M]
-    iou = torch.where(is_object[:, None, :], iou, torch.full_like(iou, -1.0))
-    best_iou, best = iou.max(dim=2)
-    labels = torch.where(best_iou >= fg_iou, cls.gather(1, best), labels)
-    labels = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), IGNORE, labels)
-    matched = boxes.gather(1, best[..., None].expand(-1, -1, 4))
 
-    is_crowd = cls == LABEL_CROWD
-    if bool(is_crowd.any()):
-        # A background anchor mostly inside a crowd region may cover unlabelled
-        # objects: ignore it rather than teach "background" there.
-        inside = box_ops.intersection(anchors[None], boxes, offset) / box_ops.area(anchors, offset)[None, :, None]
-        in_crowd = ((inside > 0.5) & is_crowd[:, None, :]).any(dim=2)
-        labels = torch.where((labels == BACKGROUND) & in_crowd, IGNORE, labels)
-    return labels, matched
+    def inside() -> Tensor:
+        return box_ops.intersection(anchors[None], boxes, offset) / box_ops.area(anchors, offset)[None, :, None]
+
+    return _assign(iou, boxes, targets[..., 4].long(), ious, inside)
 
 
 def match_rotated(anchors: Tensor, targets: Tensor, ious: tuple[float, float]) -> tuple[Tensor, Tensor]:
     """match() for rotated boxes: anchors [N, 5], targets [B, M, 6] rows (cx, cy, w, h, θ, label);
     rotated IoU (the CUDA op on the GPU, the reference on the CPU). Returns labels [B, N] and
     matched boxes [B, N, 5]."""
-    bg_iou, fg_iou = ious
     batch, m = targets.shape[:2]
-    n = anchors.shape[0]
-    labels = torch.full((batch, n), BACKGROUND, dtype=torch.long, device=anchors.device)
     if m == 0:
-        return labels, torch.zeros(batch, n, 5, device=anchors.device)
+        return _unmatched(anchors, batch, 5)
+    n = anchors.shape[0]
     boxes = targets[..., :5].float()
     cls = targets[..., 5].long()
-    raw = _anchor_ious(anchors, boxes.reshape(-1, 5), cls.reshape(-1), bg_iou)
-    raw = raw.reshape(n, batch, m).permute(1, 0, 2)  # [B, N, M]
-    iou = torch.where(cls[:, None, :] >= 0, raw, torch.full_like(raw, -1.0))
-    best_iou, best = iou.max(dim=2)
+    iou = _anchor_ious(anchors, boxes.reshape(-1, 5), cls.reshape(-1), ious[0])
+    iou = iou.reshape(n, batch, m).permute(1, 0, 2)  # [B, N, M]
+
+    def inside() -> Tensor:
+        # The intersection follows from the IoU: I = IoU (A + B) / (1 + IoU).
+        anchor_area = (anchors[:, 2] * anchors[:, 3])[None, :, None]
+        inter = iou * (anchor_area + (boxes[..., 2] * boxes[..., 3])[:, None, :])
+        return inter / (1 + iou) / anchor_area
+
+    return _assign(iou, boxes, cls, ious, inside)
+
+
+def _unmatched(anchors: Tensor, batch: int, values: int) -> tuple[Tensor, Tensor]:
+    """Every anchor BACKGROUND, no box: an image batch without targets."""
+    n = anchors.shape[0]
+    labels = torch.full((batch, n), BACKGROUND, dtype=torch.long, device=anchors.device)
+    return labels, torch.zeros(batch, n, values, device=anchors.device)
+
+
+def _assign(
+    iou: Tensor, boxes: Tensor, cls: Tensor, ious: tuple[float, float], inside: Callable[[], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Labels [B, N] and matched boxes [B, N, V] from the IoUs [B, N, M] of anchors with boxes
+    [B, M, V] of labels cls [B, M]; inside() gives each anchor's share inside each box, asked
+    for only when there are crowd regions."""
+    bg_iou, fg_iou = ious
+    objects = torch.where((cls >= 0)[:, None, :], iou, torch.full_like(iou, -1.0))
+    best_iou, best = objects.max(dim=2)
+    labels = torch.full(best.shape, BACKGROUND, dtype=torch.long, device=iou.device)
     labels = torch.where(best_iou >= fg_iou, cls.gather(1, best), labels)
     labels = torch.where((best_iou >= bg_iou) & (best_iou < fg_iou), IGNORE, labels)
-    matched = boxes.gather(1, best[..., None].expand(-1, -1, 5))
+    matched = boxes.gather(1, best[..., None].expand(-1, -1, boxes.shape[-1]))
     is_crowd = cls == LABEL_CROWD
     if bool(is_crowd.any()):
-        # As in match(): background anchors mostly inside a crowd region are ignored. The
-        # intersection follows from the IoU: I = IoU (A + B) / (1 + IoU).
-        anchor_area = anchors[:, 2] * anchors[:, 3]
-        crowd_iou = raw
-        inter = crowd_iou * (anchor_area[None, :, None] + (boxes[..., 2] * boxes[..., 3])[:, None, :])
-        inside = inter / (1 + crowd_iou) / anchor_area[None, :, None]
-        in_crowd = ((inside > 0.5) & is_crowd[:, None, :]).any(dim=2)
+        # A background anchor mostly inside a crowd region may cover unlabelled
+        # objects: ignore it rather than teach "background" there.
+        in_crowd = ((inside() > 0.5) & is_crowd[:, None, :]).any(dim=2)
         labels = torch.where((labels == BACKGROUND) & in_crowd, IGNORE, labels)
     return labels, matched
 
