@@ -46,6 +46,16 @@ def cuda_arch_list():
     return ";".join(entries)
 
 
+def cxx_runtime():
+    """The path of the shared libstdc++ this process runs with (torch imported), else None."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
+    except OSError:  # not Linux
+        return None
+    return min(paths) if paths else None
+
+
 def cuda_extension():
     """The torch extension for csrc/ (retinanet._C), or None with a one-line notice.
 
@@ -81,6 +91,12 @@ def cuda_extension():
             "cxx": ["-O3", "-Wall"],
             "nvcc": ["-O3", "-lineinfo"],
         },
+        # Link the C++ runtime torch runs with as a shared library, even with a g++ that links
+        # its own statically (-static-libstdc++ by default, -lstdc++ included): with a second,
+        # static copy in _C, building an op's error message (an ostream with its own locale)
+        # crashed the process instead of raising. The library named by its path comes before
+        # the driver's own, so the linker takes the C++ symbols from it.
+        extra_link_args=[cxx_runtime()] if cxx_runtime() else [],
     )
 
 

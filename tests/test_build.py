@@ -178,3 +178,24 @@ def test_check_plugins_compiles_everything(tensorrt_headers, tmp_path):
     out = check_plugins(str(tmp_path), env=env)
     assert "all compiled without warnings" in out
     assert (tmp_path / "libretinanet_plugins.so").is_file() and (tmp_path / "plugin_harness").is_file()
+
+
+def test_extension_uses_the_shared_cxx_runtime():
+    """retinanet._C links libstdc++ as a shared library and holds no copy of it: with a static
+    copy (a g++ that links its own statically), the ops crashed while building an error message
+    instead of raising it."""
+    from retinanet import ops
+
+    if not ops.HAVE_EXTENSION:
+        pytest.skip("retinanet._C is not built (no CUDA toolkit or a CPU-only torch)")
+    if shutil.which("readelf") is None or shutil.which("nm") is None:
+        pytest.skip("binutils (readelf, nm) not found")
+    import retinanet._C as ext
+
+    dynamic = subprocess.run(["readelf", "-d", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert "[libstdc++.so.6]" in dynamic, dynamic
+    defined = subprocess.run(
+        ["nm", "-D", "--defined-only", ext.__file__], capture_output=True, text=True, check=True
+    ).stdout.split()
+    copied = [name for name in defined if name.startswith(("_ZNSo", "_ZNSt6locale", "_ZNSt8ios_base"))]
+    assert not copied, f"libstdc++ symbols defined inside retinanet._C: {copied[:5]}"
