@@ -10,37 +10,30 @@ ties otherwise. GPU tests are marked `gpu` and skipped without a CUDA device or
 without the built extension.
 """
 
+import functools
 import math
 import os
 import re
-import subprocess
 import sys
 
+import cuda_cases
 import numpy as np
 import pytest
 import torch
+from cuda_cases import CLAMP, DECODE_MODES, STRIDES, assert_same_candidates, candidates, detect, gpu, make_scores
 
 from retinanet.ops import reference, rotated
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "plugins"))
 import compare  # noqa: E402
 
-try:
-    from retinanet import _C  # noqa: F401
-
-    EXTENSION_ERROR = None
-    if not hasattr(torch.ops.retinanet, "decode_rotated"):
-        EXTENSION_ERROR = "retinanet._C predates the rotated operators: rebuild it"
-except ImportError as e:  # not built, or built for another torch
-    EXTENSION_ERROR = str(e)
-
-CLAMP = math.log(1000 / 16)
-gpu = pytest.mark.gpu
-needs_extension = pytest.mark.skipif(
-    EXTENSION_ERROR is not None or not torch.cuda.is_available(),
-    reason="no CUDA device" if not torch.cuda.is_available() else f"retinanet._C not usable: {EXTENSION_ERROR}",
+EXTENSION_ERROR = cuda_cases.extension_error(
+    "decode_rotated", stale="retinanet._C predates the rotated operators: rebuild it"
 )
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_extension = cuda_cases.needs_extension(EXTENSION_ERROR, unusable="not usable")
+# The rotated kind of cuda_cases' inputs: 6 deltas an anchor, rotated boxes.
+make_deltas = functools.partial(cuda_cases.make_deltas, rotated=True)
+make_nms_inputs = functools.partial(cuda_cases.make_nms_inputs, rotated=True)
 
 
 # --------------------------------------------------------------------------- schema / tracing (any machine)
@@ -50,21 +43,8 @@ def test_rotated_ops_meta_shapes_and_schemas():
     if EXTENSION_ERROR is not None:
         pytest.skip(f"retinanet._C not usable: {EXTENSION_ERROR}")
     for dtype in (torch.float32, torch.float16):
-        cls = torch.empty(3, 18 * 5, 7, 11, device="meta", dtype=dtype)
-        deltas = torch.empty(3, 18 * 6, 7, 11, device="meta", dtype=dtype)
-        anchors = torch.empty(18, 5, device="meta")
-        s, b, c = torch.ops.retinanet.decode_rotated(cls, deltas, anchors, 8, 0.05, 123, CLAMP)
-        assert (s.shape, b.shape, c.shape) == ((3, 123), (3, 123, 5), (3, 123))
-        assert s.dtype == b.dtype == dtype and c.dtype == torch.int32
-        s, b, c = torch.ops.retinanet.nms_rotated(
-            torch.empty(3, 500, device="meta", dtype=dtype),
-            torch.empty(3, 500, 5, device="meta", dtype=dtype),
-            torch.empty(3, 500, device="meta", dtype=torch.int32),
-            0.5,
-            100,
-        )
-        assert (s.shape, b.shape, c.shape) == ((3, 100), (3, 100, 5), (3, 100))
-        assert s.dtype == b.dtype == dtype and c.dtype == torch.int32
+        rotated_ops = (torch.ops.retinanet.decode_rotated, torch.ops.retinanet.nms_rotated)
+        cuda_cases.assert_meta_shapes(*rotated_ops, dtype, 18, rotated=True)
         iou = torch.ops.retinanet.rotated_iou(torch.empty(4, 5, device="meta", dtype=dtype), torch.empty(7, 5))
         assert iou.shape == (4, 7) and iou.dtype == torch.float32
     names = {
@@ -88,38 +68,6 @@ def rotated_anchors(stride, angles=(-60.0, 0.0, 60.0)):
                 size = stride * scale
                 rows.append([0.0, 0.0, size / math.sqrt(ratio), size * math.sqrt(ratio), math.radians(angle)])
     return torch.tensor(rows)
-
-
-def make_scores(gen, shape, mode, threshold):
-    """Sigmoid-like scores [B, A*C, H, W] (float32, CPU) of a given kind."""
-    u = torch.rand(shape, generator=gen)
-    if mode == "uniform":
-        return u
-    if mode == "sparse":  # a few % above the threshold
-        hot = torch.rand(shape, generator=gen) < 0.03
-        return torch.where(hot, threshold + (1 - threshold) * u**3, u * threshold)
-    if mode == "ties":  # few distinct values, the threshold itself among them
-        return torch.where(u < 0.2, torch.full_like(u, threshold), (u * 8).floor() / 8)
-    if mode == "empty":  # nothing strictly above the threshold
-        return torch.where(u < 0.3, torch.full_like(u, threshold), u * threshold)
-    if mode == "equal":  # one value everywhere: the order is the flat index alone
-        return torch.full(shape, 0.5)
-    out = torch.empty(shape)  # "mixed": images with very different candidate counts
-    for i in range(shape[0]):
-        hot = torch.rand(shape[1:], generator=gen) < [0.0, 1.0, 0.002, 0.2][i % 4]
-        out[i] = torch.where(hot, threshold + (1 - threshold) * u[i], u[i] * threshold)
-    return out
-
-
-def make_deltas(gen, shape):
-    d = torch.randn(shape, generator=gen) * 0.5
-    wild = torch.rand(shape, generator=gen) < 0.01  # some beyond the tw/th clamp, some angle deltas (0, 0)
-    d = torch.where(wild, d * 20, d)
-    zero = torch.rand(shape, generator=gen) < 0.01
-    return torch.where(zero, torch.zeros_like(d), d)
-
-
-DECODE_MODES = ["uniform", "sparse", "ties", "empty", "equal", "mixed"]
 
 
 def decode_case(case):
@@ -147,12 +95,8 @@ def decode_case(case):
 
 
 def assert_decode_equal(ours, ref):
-    s, b, c = ours
-    rs, rb, rc = ref
-    assert s.dtype == rs.dtype and b.dtype == rb.dtype and c.dtype == torch.int32
-    assert s.shape == rs.shape and b.shape == rb.shape and c.shape == rc.shape
-    assert torch.equal(c, rc), "classes (selection or order) differ"
-    assert torch.equal(s, rs), "scores (selection or order) differ"
+    assert_same_candidates(ours, ref)
+    b, rb = ours[1], ref[1]
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(b.dtype, 1e-5)
     got, want = b.float().cpu(), rb.float().cpu()
     torch.testing.assert_close(got[..., :4], want[..., :4], rtol=tol, atol=tol * 10)
@@ -216,22 +160,20 @@ def test_decode_rotated_degenerate_sizes_and_angles():
     assert bool(((theta > -math.pi / 2 - 1e-6) & (theta <= math.pi / 2 + 1e-6)).all())
 
 
-ROTATED_REFUSAL = """
+ROTATED_REFUSAL = (
+    """
 import torch
 import retinanet._C
 scores, anchors = torch.rand(1, 27, 4, 4, device="cuda"), torch.zeros(27, 5, device="cuda")
 four, six = torch.zeros(1, 108, 4, 4, device="cuda"), torch.zeros(1, 162, 4, 4, device="cuda")
-for call in (
+calls = (
     lambda: torch.ops.retinanet.decode_rotated(scores, four, anchors, 8, 0.05, 5, 4),
     lambda: torch.ops.retinanet.decode_rotated(scores, six, anchors[:, :4], 8, 0, 5, 4),
     lambda: torch.ops.retinanet.rotated_iou(anchors[:, :4], anchors),
-):
-    try:
-        call()
-        print("accepted")
-    except RuntimeError as e:
-        print(str(e).splitlines()[0])
+)
 """
+    + cuda_cases.CALL_EACH
+)
 
 
 @gpu
@@ -240,9 +182,7 @@ def test_rotated_ops_refuse_axis_aligned_shapes():
     """Axis-aligned shapes (4 deltas or 4 anchor values per anchor) are refused with a message.
     In a child process, as in test_cuda_ops.py: an error thrown inside the extension has been
     seen to crash the process instead of raising; a crash must fail this test only."""
-    proc = subprocess.run([sys.executable, "-c", ROTATED_REFUSAL], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"the ops crashed (exit {proc.returncode}) instead of raising: {proc.stderr[-500:]}"
-    lines = proc.stdout.strip().splitlines()
+    lines = cuda_cases.child_lines(ROTATED_REFUSAL)
     assert len(lines) == 3, lines
     assert re.search(r"box_deltas must be \[B, A\*6, H, W\]", lines[0]), lines
     assert re.search(r"anchors must be \[A, 5\]", lines[1]), lines
@@ -252,52 +192,10 @@ def test_rotated_ops_refuse_axis_aligned_shapes():
 # --------------------------------------------------------------------------- NMS
 
 
-def make_nms_inputs(gen, batch, n, classes, mode):
-    """Clustered rotated boxes (many overlaps), scores with ties, padding and non-positive scores.
-    'grid': integer boxes at quarter-turn angles (exact IoUs such as 0.5 are common);
-    'copies': clusters of identical and half-turned copies (IoU 1)."""
-    clusters = max(1, n // 8)
-    centre = torch.rand(batch, clusters, 2, generator=gen) * 400
-    pick = torch.randint(0, clusters, (batch, n), generator=gen)
-    c = torch.gather(centre, 1, pick[..., None].expand(-1, -1, 2)) + torch.randn(batch, n, 2, generator=gen) * 6
-    wh = torch.rand(batch, n, 2, generator=gen) * 60 + 4
-    theta = (torch.rand(batch, n, 1, generator=gen) - 0.5) * math.pi
-    if mode == "grid":
-        c, wh = c.round(), wh.round()
-        theta = torch.randint(-1, 2, (batch, n, 1), generator=gen).float() * (math.pi / 2)
-    boxes = torch.cat([c, wh, theta], dim=-1)
-    if mode == "copies":
-        twin = torch.rand(batch, n, generator=gen) < 0.3
-        prev = boxes.roll(1, dims=1)
-        flipped = prev + torch.tensor([0, 0, 0, 0, math.pi]) * (torch.rand(batch, n, 1, generator=gen) < 0.5)
-        boxes = torch.where(twin[..., None], flipped, boxes)
-    scores = torch.rand(batch, n, generator=gen)
-    if mode in ("ties", "grid", "copies"):
-        scores = (scores * 6).floor() / 6
-    cls = torch.randint(0, classes, (batch, n), generator=gen, dtype=torch.int32)
-    for i in range(batch):  # images with very different counts: trailing padding
-        keep = int(torch.randint(0, n + 1, (1,), generator=gen)) if i % 2 else n
-        scores[i, keep:] = 0
-        boxes[i, keep:] = 0
-        cls[i, keep:] = -1
-    neg = torch.rand(batch, n, generator=gen) < 0.05
-    scores[neg] = -scores[neg]
-    return scores, boxes, cls
-
-
 def assert_nms_equal(ours, ref, inputs, threshold):
     """Equal to the reference image by image; an image that differs must be a greedy NMS of
     its own candidates that decided only IoU ties (compare.ROTATED_TIE_EPS) otherwise."""
-    s, b, c = ours
-    rs, rb, rc = ref
-    assert s.dtype == rs.dtype and b.dtype == rb.dtype and c.dtype == torch.int32
-    assert s.shape == rs.shape and b.shape == rb.shape and c.shape == rc.shape
-    scores, boxes, cls = inputs
-    for i in range(s.shape[0]):
-        if torch.equal(s[i], rs[i]) and torch.equal(b[i], rb[i]) and torch.equal(c[i], rc[i]):
-            continue
-        why = compare.rotated_nms_violation(scores[i], boxes[i], cls[i], (s[i], b[i], c[i]), threshold)
-        assert why is None, f"image {i} differs from the reference: {why}"
+    cuda_cases.assert_nms_equal(ours, ref, inputs, threshold, compare.rotated_nms_violation)
 
 
 def test_nms_check_catches_altered_outputs():
@@ -465,11 +363,9 @@ def test_ops_dispatch_to_the_extension():
     scores = make_scores(g, (2, 27 * 3, 20, 25), "sparse", 0.05).cuda()
     deltas = make_deltas(g, (2, 27 * 6, 20, 25)).cuda()
     anchors = rotated_anchors(16)  # ops.decode_rotated moves it to the device
-    ours = ops.decode_rotated(scores, deltas, anchors, 16, 0.05, 1000, CLAMP)
-    direct = torch.ops.retinanet.decode_rotated(scores, deltas, anchors.cuda(), 16, 0.05, 1000, CLAMP)
-    assert all(torch.equal(x, y) for x, y in zip(ours, direct))
-    kept = ops.nms_rotated(*ours, 0.5, 100)
-    assert all(torch.equal(x, y) for x, y in zip(kept, torch.ops.retinanet.nms_rotated(*direct, 0.5, 100)))
+    direct_ops = (torch.ops.retinanet.decode_rotated, torch.ops.retinanet.nms_rotated)
+    ours_ops = (ops.decode_rotated, ops.nms_rotated)
+    direct = cuda_cases.assert_dispatch_to_extension(ours_ops, direct_ops, scores, deltas, anchors, 16)
     a = direct[1][0, :50].float()
     assert torch.equal(ops.rotated_iou(a, a), torch.ops.retinanet.rotated_iou(a, a))
 
@@ -477,22 +373,7 @@ def test_ops_dispatch_to_the_extension():
 # --------------------------------------------------------------------------- detect step, CUDA graph
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21), (7, 11)]
-STRIDES = [8, 16, 32, 64, 128]
-
-
-def detect_inputs(gen, batch, dtype, classes=20):
-    out = []
-    for h, w in LEVELS:
-        scores = make_scores(gen, (batch, 27 * classes, h, w), "sparse", 0.05)
-        deltas = make_deltas(gen, (batch, 27 * 6, h, w))
-        out.append((scores.to("cuda", dtype), deltas.to("cuda", dtype)))
-    return out
-
-
-def detect(levels, anchors, decode, nms):
-    decoded = [decode(s, d, a, st, 0.05, 1000, CLAMP) for (s, d), a, st in zip(levels, anchors, STRIDES)]
-    scores, boxes, classes = (torch.cat([o[k] for o in decoded], dim=1) for k in range(3))
-    return nms(scores, boxes, classes, 0.5, 100)
+detect_inputs = functools.partial(cuda_cases.detect_inputs, levels=LEVELS, classes=20, rotated=True)
 
 
 @gpu
@@ -504,12 +385,9 @@ def test_detect_step_equals_reference(dtype):
     levels = detect_inputs(g, 2, dtype)
     ops = (torch.ops.retinanet.decode_rotated, torch.ops.retinanet.nms_rotated)
     ours = detect(levels, anchors, *ops)
-    decoded = [
-        reference.decode_rotated(s, d, a, st, 0.05, 1000, CLAMP) for (s, d), a, st in zip(levels, anchors, STRIDES)
-    ]
-    candidates = tuple(torch.cat([o[k] for o in decoded], dim=1) for k in range(3))
-    ref = reference.nms_rotated(*candidates, 0.5, 100)
-    assert_nms_equal(ours, ref, candidates, 0.5)
+    inputs = candidates(levels, anchors, reference.decode_rotated)
+    ref = reference.nms_rotated(*inputs, 0.5, 100)
+    assert_nms_equal(ours, ref, inputs, 0.5)
     assert (ours[0][:, :10] > 0).all()
 
 
@@ -523,25 +401,4 @@ def test_detect_step_cuda_graph(dtype):
     anchors = [rotated_anchors(s).cuda() for s in STRIDES]
     static = detect_inputs(g, 2, dtype)
     ops = (torch.ops.retinanet.decode_rotated, torch.ops.retinanet.nms_rotated)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            detect(static, anchors, *ops)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = detect(static, anchors, *ops)
-    for trial in range(3):
-        fresh = detect_inputs(g, 2, dtype)
-        if trial == 2:  # an image with nothing above the threshold
-            for scores, _ in fresh:
-                scores[1].mul_(0.01)
-        for (s, d), (fs, fd) in zip(static, fresh):
-            s.copy_(fs)
-            d.copy_(fd)
-        graph.replay()
-        eager = detect(fresh, anchors, *ops)
-        torch.cuda.synchronize()
-        for x, y in zip(captured, eager):
-            assert torch.equal(x, y), f"graph replay {trial} differs from eager"
+    cuda_cases.assert_graph_replays_equal_eager(static, anchors, ops, lambda: detect_inputs(g, 2, dtype))

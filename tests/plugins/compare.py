@@ -223,13 +223,16 @@ def rotated_boxes_close(got, ref, rtol, atol, angle_atol):
     )
 
 
-def rotated_nms_violation(scores, boxes, classes, out, threshold, eps=ROTATED_TIE_EPS):
-    """Why `out` (scores [D], boxes [D, 5], classes [D] of one image) is not a greedy
-    class-aware rotated NMS of the candidates, or None when it is one. A same-class IoU
-    within `eps` of the threshold may be decided either way; the check replays greedy
-    NMS on the kept boxes of `out`, so a tie's consequences are followed too."""
-    from retinanet.ops import rotated
+def greedy_nms_violation(scores, boxes, classes, out, threshold, iou, eps):
+    """Why `out` (scores [D], boxes [D, V], classes [D] of one image) is not a greedy
+    class-aware NMS of the candidates, or None when it is one; iou(box [1, V], boxes [N, V])
+    gives the N overlaps (float32).
 
+    A same-class IoU within `eps` of the threshold may be decided either way; every other
+    decision must be the reference's. Each tie decided the other way changes which boxes
+    later candidates meet (and, with full outputs, which fall off the end), so the check
+    replays greedy NMS on the kept boxes of `out` rather than comparing slot by slot.
+    """
     out_s, out_b, out_c = (t.detach().float().cpu() if t.is_floating_point() else t.cpu() for t in out)
     detections = out_s.shape[0]
     kept = int((out_s > 0).sum())
@@ -239,8 +242,8 @@ def rotated_nms_violation(scores, boxes, classes, out, threshold, eps=ROTATED_TI
         return f"padding slots {kept}.. are not (score 0, box 0, class -1)"
     s, b, c = scores.detach().float().cpu(), boxes.detach().float().cpu(), classes.cpu().long()
     order = torch.sort(s, descending=True, stable=True).indices
-    suppressed = torch.zeros(s.shape[0], dtype=torch.bool)
-    tie = torch.zeros(s.shape[0], dtype=torch.bool)
+    suppressed = torch.zeros(s.shape[0], dtype=torch.bool)  # IoU > threshold + eps with a kept box
+    tie = torch.zeros(s.shape[0], dtype=torch.bool)  # IoU within eps of the threshold with a kept box
     slot = 0
     for i in order[: int((s > 0).sum())].tolist():
         if slot == detections:
@@ -253,18 +256,34 @@ def rotated_nms_violation(scores, boxes, classes, out, threshold, eps=ROTATED_TI
         )
         if not same:
             if not (suppressed[i] or tie[i]):
-                return f"slot {slot}: candidate {i} (score {float(s[i])}, class {int(c[i])}) is missing"
+                return (
+                    f"slot {slot}: candidate {i} (score {float(s[i])}, class {int(c[i])}) is missing "
+                    f"and no kept box suppresses it"
+                )
             continue
         if suppressed[i]:
             return f"slot {slot}: keeps candidate {i}, which a kept box of its class suppresses"
-        iou = rotated.iou_pairs(b[i][None], b).float()
-        near = (iou - threshold).abs() <= eps
-        suppressed |= (c == c[i]) & (iou > threshold) & ~near
+        overlaps = iou(b[i][None], b)
+        near = (overlaps - threshold).abs() <= eps
+        suppressed |= (c == c[i]) & (overlaps > threshold) & ~near
         tie |= (c == c[i]) & near
         slot += 1
     if slot < kept:
-        return f"slot {slot}: {out_s[slot].item()} {out_c[slot].item()} is not the next candidate in score order"
+        return (
+            f"slot {slot}: {out_s[slot].item()} {out_c[slot].item()} {out_b[slot].tolist()} is not the next "
+            f"candidate in score order"
+        )
     return None
+
+
+def rotated_nms_violation(scores, boxes, classes, out, threshold, eps=ROTATED_TIE_EPS):
+    """greedy_nms_violation for rotated boxes [., 5]: their IoU in float64, compared in float32."""
+    from retinanet.ops import rotated
+
+    def iou(box, boxes):
+        return rotated.iou_pairs(box, boxes).float()
+
+    return greedy_nms_violation(scores, boxes, classes, out, threshold, iou, eps)
 
 
 def _save(t, path):
