@@ -535,7 +535,8 @@ calls = (
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
 def test_box_offset_refused_unless_finite_and_non_negative(bad):
     """In a child process: an error thrown inside the extension has been seen to crash the
-    process (SIGSEGV) instead of raising, on the lent H200 with torch 2.11 built by gcc 13;
+    process (SIGSEGV) instead of raising, where g++ linked a static libstdc++ copy into _C (setup.py
+    now links the shared one; test_build.py checks);
     a crash must fail this test, not end the whole run."""
     lines = cuda_cases.child_lines(REFUSAL, str(bad))
     assert len(lines) == 2 and all("box_offset must be finite and >= 0" in line for line in lines), lines
