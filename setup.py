@@ -83,6 +83,7 @@ def cuda_extension():
         )
         return None
     os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+    runtime = cxx_runtime()
     return CUDAExtension(
         "retinanet._C",
         sources,
@@ -96,7 +97,7 @@ def cuda_extension():
         # static copy in _C, building an op's error message (an ostream with its own locale)
         # crashed the process instead of raising. The library named by its path comes before
         # the driver's own, so the linker takes the C++ symbols from it.
-        extra_link_args=[cxx_runtime()] if cxx_runtime() else [],
+        extra_link_args=[runtime] if runtime else [],
     )
 
 
